@@ -1,0 +1,18 @@
+"""Exact samples of an analytic teacher, served as training batches."""
+
+from __future__ import annotations
+
+from fdistill.denoisers import GaussianMixtureDenoiser
+from fdistill.objectives import Batch
+
+
+class TeacherSamples:
+    """An endless stream of batches carrying exact mixture samples (the "real data" of toy runs)."""
+
+    def __init__(self, teacher: GaussianMixtureDenoiser, batch_size: int, with_real: bool = True):
+        self.teacher, self.batch_size, self.with_real = teacher, batch_size, with_real
+
+    def __iter__(self):
+        while True:
+            real = self.teacher.sample(self.batch_size)[0] if self.with_real else None
+            yield Batch(size=self.batch_size, real=real)

@@ -1,0 +1,180 @@
+"""Denoisers: every network in a distillation run predicts x0 from ``(x_t, t, cond)``.
+
+``Denoiser.forward`` returns the x0-prediction; ``forward_with_features`` also returns the intermediate
+features that discriminator heads read (ALGORITHMS.md 2.4). Adapters:
+
+* :class:`UNetDenoiser` for diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (epsilon, v_prediction or
+  sample), with features taken from the mid block by a forward hook;
+* :class:`GaussianMixtureDenoiser`, the exact posterior mean ``E[x0 | x_t]`` of a diagonal Gaussian mixture
+  under any schedule: an analytic teacher with exact scores, log-densities and samples;
+* :class:`MLPDenoiser`, a small EDM-preconditioned MLP for low-dimensional data (toy student / fake score).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fdistill.schedules import Schedule, broadcast_to, to_x0
+
+DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+class Denoiser(nn.Module):
+    """x0-prediction ``D(x_t, t, cond)`` under ``self.schedule``; ``t`` is a ``[B]`` tensor of schedule times."""
+
+    schedule: Schedule
+    sample_shape: tuple[int, ...]
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.forward_with_features(x_t, t, cond)[0]
+
+    def forward_with_features(self, x_t, t, cond=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def noise_level_features(self, t: torch.Tensor) -> torch.Tensor:
+        """``c_noise = log(sigma/alpha)/4`` per sample (EDM's noise conditioning, any schedule), float32."""
+        return (torch.log(self.schedule.sigma(t) / self.schedule.alpha(t)) / 4).float()
+
+
+class UNetDenoiser(Denoiser):
+    """A diffusers UNet read as an x0-denoiser; the schedule is the UNet's own (usually discrete VP).
+
+    ``cond`` is ``class_labels`` for a class-conditional ``UNet2DModel`` and ``encoder_hidden_states`` for a
+    ``UNet2DConditionModel``. ``prediction_type`` is the diffusers name (epsilon, v_prediction, sample).
+    """
+
+    def __init__(self, unet: nn.Module, schedule: Schedule, prediction_type: str = "epsilon"):
+        super().__init__()
+        if prediction_type not in DIFFUSERS_PREDICTION:
+            raise ValueError(
+                f"unsupported prediction_type {prediction_type!r}; use one of {sorted(DIFFUSERS_PREDICTION)}"
+            )
+        self.unet, self.schedule, self.prediction_type = unet, schedule, prediction_type
+        cfg = unet.config
+        self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.text_conditioned = hasattr(cfg, "cross_attention_dim") and cfg.cross_attention_dim is not None
+        self._features: list[torch.Tensor] = []
+        unet.mid_block.register_forward_hook(lambda _m, _i, out: self._features.append(out))
+
+    def forward_with_features(self, x_t, t, cond=None):
+        self._features.clear()
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        timestep = t.to(x_t.dtype)
+        if self.text_conditioned:
+            out = self.unet(x_t, timestep, encoder_hidden_states=cond).sample
+        else:
+            out = self.unet(x_t, timestep, class_labels=cond).sample
+        alpha, sigma = self.schedule.coefficients(t, x_t)
+        x0 = to_x0(out, DIFFUSERS_PREDICTION[self.prediction_type], x_t, alpha, sigma).to(x_t.dtype)
+        features, self._features = list(self._features), []
+        return x0, features
+
+
+class GaussianMixtureDenoiser(Denoiser):
+    """Exact ``E[x0 | x_t]`` of ``sum_k w_k N(mu_k, diag(var_k))`` diffused by ``schedule`` (float64 inside).
+
+    Component ``k`` diffuses to ``N(alpha mu_k, alpha^2 var_k + sigma^2)``; its posterior mean is
+    ``mu_k + alpha var_k / (alpha^2 var_k + sigma^2) (x_t - alpha mu_k)``, mixed by the responsibilities.
+    Gradients flow through ``x_t``, so it can stand in for a frozen teacher in every objective.
+    """
+
+    def __init__(self, weights, means, variances, schedule: Schedule):
+        super().__init__()
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        self.register_buffer("weights", w / w.sum())
+        self.register_buffer("means", torch.as_tensor(means, dtype=torch.float64))
+        var = torch.as_tensor(variances, dtype=torch.float64)
+        self.register_buffer("variances", var.expand_as(self.means).clone())
+        self.schedule = schedule
+        self.sample_shape = (self.means.shape[1],)
+
+    @property
+    def num_modes(self) -> int:
+        return len(self.weights)
+
+    def _component_terms(self, x_t, t):
+        alpha, sigma = self.schedule.coefficients(t, x_t)  # [B, 1]
+        x = x_t.double()[:, None, :]  # [B, 1, D]
+        a, s2 = alpha[:, :, None], (sigma**2)[:, :, None]
+        var_t = a**2 * self.variances + s2  # [B, K, D]
+        diff = x - a * self.means
+        log_comp = torch.log(self.weights) - 0.5 * ((diff**2 / var_t) + torch.log(2 * math.pi * var_t)).sum(-1)
+        return a, var_t, diff, log_comp  # log_comp: [B, K]
+
+    def log_prob(self, x_t, t) -> torch.Tensor:
+        """``log p_t(x_t)`` in float64."""
+        return torch.logsumexp(self._component_terms(x_t, t)[3], dim=1)
+
+    def score(self, x_t, t) -> torch.Tensor:
+        """``grad_x log p_t(x_t)`` in float64."""
+        _, var_t, diff, log_comp = self._component_terms(x_t, t)
+        resp = torch.softmax(log_comp, dim=1)[:, :, None]
+        return (resp * (-diff / var_t)).sum(1)
+
+    def forward_with_features(self, x_t, t, cond=None):
+        a, var_t, diff, log_comp = self._component_terms(x_t, t)
+        resp = torch.softmax(log_comp, dim=1)[:, :, None]
+        post_mean = self.means + a * self.variances / var_t * diff
+        x0 = (resp * post_mean).sum(1).to(x_t.dtype)
+        return x0, [torch.cat([x_t, self.noise_level_features(t)[:, None].to(x_t)], dim=1)]
+
+    def sample(self, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact samples and their mode indices."""
+        modes = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        x = self.means[modes] + self.variances[modes].sqrt() * eps
+        return x.float(), modes
+
+
+def ring_mixture(num_modes=8, radius=2.0, std=0.1, weights=None) -> dict:
+    """Parameters of a 2-D ring of Gaussians (angles ``2 pi k / K``), for :class:`GaussianMixtureDenoiser`."""
+    angles = torch.arange(num_modes, dtype=torch.float64) * 2 * math.pi / num_modes
+    means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    weights = torch.full((num_modes,), 1.0 / num_modes) if weights is None else torch.as_tensor(weights)
+    if len(weights) != num_modes:
+        raise ValueError(f"ring has {num_modes} modes but {len(weights)} weights were given")
+    return {"weights": weights, "means": means, "variances": torch.full_like(means, std**2)}
+
+
+class MLPDenoiser(Denoiser):
+    """EDM-preconditioned MLP (Karras et al. 2022, eq. 7, written for any ``alpha, sigma``).
+
+    ``D(x) = c_skip x + c_out F([c_in x, c_noise])`` with ``c_in = 1/sqrt(alpha^2 s_d^2 + sigma^2)``,
+    ``c_skip = alpha s_d^2 c_in^2``, ``c_out = sigma s_d c_in`` and ``c_noise = log(sigma/alpha)/4``:
+    unit-variance input and target at every noise level.
+    """
+
+    def __init__(self, dim: int, schedule: Schedule, hidden: int = 128, depth: int = 3, sigma_data: float = 1.0):
+        super().__init__()
+        self.schedule, self.sigma_data, self.sample_shape = schedule, sigma_data, (dim,)
+        layers, width = [], dim + 1
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, dim)
+
+    def forward_with_features(self, x_t, t, cond=None):
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        alpha, sigma = self.schedule.coefficients(t, x_t)
+        sd = self.sigma_data
+        c_in = 1 / torch.sqrt(alpha**2 * sd**2 + sigma**2)
+        c_skip, c_out = alpha * sd**2 * c_in**2, sigma * sd * c_in
+        h = self.body(torch.cat([(c_in * x_t).to(x_t.dtype), self.noise_level_features(t)[:, None].to(x_t)], 1))
+        x0 = c_skip * x_t.double() + c_out * self.head(h).double()
+        return x0.to(x_t.dtype), [h]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Frozen network: eval mode, no parameter gradients (gradients may still flow through its input)."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Shorthand used by objectives: a ``[B]`` coefficient broadcast against ``like``."""
+    return broadcast_to(coef, like).to(like.dtype)

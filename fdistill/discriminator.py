@@ -1,0 +1,76 @@
+"""Discriminator heads on a frozen network's features (ALGORITHMS.md 2.4).
+
+The discriminator reads the features the teacher returns from ``forward_with_features`` on a noisy sample
+``x_t`` and outputs logits ``[B, n_heads]``. Trained with real = teacher/data as the positive class, its
+optimal logit is ``log p_t(x)/q_t(x)``, so ``exp(logit)`` estimates the density ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _groups(channels: int) -> int:
+    return max(g for g in range(1, 33) if channels % g == 0)
+
+
+def _down(channels: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(channels, channels, kernel, stride, padding), nn.GroupNorm(_groups(channels), channels), nn.SiLU()]
+
+
+class ConvHead(nn.Module):
+    """FastGen's head: ``[Conv4x4 s2 -> GN -> SiLU]`` down to 8x8, then 8->4, 4->1 and a 1x1 conv to one logit.
+
+    Feature maps smaller than 8x8 go straight to the 4->1 stage after a 2x nearest upsample to 4x4 when needed.
+    """
+
+    def __init__(self, channels: int, resolution: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        while resolution > 4:
+            layers += _down(channels)
+            resolution //= 2
+        if resolution < 4:
+            layers.append(nn.Upsample(size=(4, 4), mode="nearest"))
+        layers += _down(channels, kernel=4, stride=4, padding=0)
+        layers.append(nn.Conv2d(channels, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.net(feature).flatten(1)
+
+
+class MLPHead(nn.Module):
+    """For vector data: an MLP on the feature vector (for analytic teachers: ``[x_t, c_noise]``)."""
+
+    def __init__(self, in_dim: int, hidden: int = 128, depth: int = 3):
+        super().__init__()
+        layers, width = [], in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.net(feature)
+
+
+class Discriminator(nn.Module):
+    """One head per feature tensor; logits ``[B, n_heads]``."""
+
+    def __init__(self, heads: list[nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if len(features) != len(self.heads):
+            raise ValueError(f"discriminator has {len(self.heads)} heads but got {len(features)} feature maps")
+        return torch.cat([head(f.float()) for head, f in zip(self.heads, features)], dim=1)
+
+
+def discriminator_for(features: list[torch.Tensor]) -> Discriminator:
+    """Build heads matching example features: conv heads for ``[B, C, H, W]``, MLP heads for ``[B, D]``."""
+    heads = [ConvHead(f.shape[1], f.shape[-1]) if f.dim() == 4 else MLPHead(f.shape[1]) for f in features]
+    return Discriminator(heads)

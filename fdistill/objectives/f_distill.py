@@ -1,0 +1,54 @@
+"""f-distill: f-divergence distribution matching (Xu, Nie, Vahdat 2025, arXiv 2502.15681).
+
+Minimises ``int w(t) D_f(p_t || q_t) dt`` with ``r = p_t / q_t`` (teacher over student). Pathwise,
+
+    grad_theta D_f(p_t || q_t) = E[ h(r(x_t)) (s_q(x_t) - s_p(x_t))^T dx_t/dtheta ],   h(r) = r^2 f''(r),
+
+so f-distill is DMD with the per-sample weight ``h`` (ALGORITHMS.md 4.1; ``h = 1`` is reverse KL = DMD).
+``r`` is estimated from the discriminator logit (``r = exp(l)``, clamped), normalised per time bin, and
+``h(r)`` is normalised to mean one over the global batch (4.3), so that with zero logits the loss equals DMD's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fdistill.objectives import common
+from fdistill.objectives.base import register
+from fdistill.objectives.dmd import DMD, DMDOptions
+
+
+@dataclass
+class FDistillOptions(DMDOptions):
+    name: str = "f_distill"
+    divergence: str = "js"
+    alpha: float = 0.5
+    gan_weight: float = 1e-3
+    ratio_logit_clamp: float = 10.0
+    ratio_lower: float = 0.1
+    ratio_upper: float = 20.0
+    ratio_bins: int = 10
+    ratio_ema_rate: float = 0.0
+    normalize_ratio: bool = True
+
+
+@register("f_distill", FDistillOptions)
+class FDistill(DMD):
+    def __init__(self, options: FDistillOptions, schedule):
+        super().__init__(options, schedule)
+        if options.gan_weight <= 0:
+            raise ValueError("f_distill needs objective.gan_weight > 0: its discriminator estimates the ratio r")
+        self.divergence = common.get_divergence(options.divergence, options.alpha)
+        self.ratio_normalizer = common.RatioBinNormalizer(
+            schedule.t_min, schedule.t_max, options.ratio_bins, options.ratio_ema_rate
+        )
+
+    def ratio(self, logits, t):
+        """Density-ratio estimate ``r`` per sample: clamped ``exp(logit)``, normalised per time bin."""
+        o = self.options
+        r = common.density_ratio(logits, o.ratio_logit_clamp, o.ratio_lower, o.ratio_upper)
+        return self.ratio_normalizer(r, t) if o.normalize_ratio else r
+
+    def sample_weight(self, logits, t):
+        r = self.ratio(logits, t.to(logits.device))
+        return common.normalize_to_mean_one(self.divergence.h(r))
