@@ -14,9 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fdistill.config import Config, ConfigError, dump_config, load_config
-from fdistill.data.toy import TeacherSamples
-from fdistill.denoisers import GaussianMixtureDenoiser
-from fdistill.evaluation import evaluate_toy
+from fdistill import tasks
 from fdistill.objectives import Networks, build_objective
 from fdistill.teachers import build_networks, build_teacher
 from fdistill.training.trainer import Trainer
@@ -43,17 +41,11 @@ def build_experiment(cfg: Config, options) -> tuple[Networks, torch.nn.Module]:
     return build_networks(cfg, teacher, objective), objective
 
 
-def training_batches(cfg: Config, nets: Networks, objective):
-    if isinstance(nets.teacher, GaussianMixtureDenoiser) and cfg.data.kind == "teacher":
-        return TeacherSamples(nets.teacher, cfg.train.batch_size, objective.needs_real_data)
-    raise ConfigError(f"data.kind={cfg.data.kind!r} is not available for teacher.kind={cfg.teacher.kind!r}")
-
-
 def run_experiment(cfg: Config, options, progress: bool = True) -> dict:
     run_dir = prepare_run_dir(Path(cfg.run.dir))
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     nets, objective = build_experiment(cfg, options)
-    trainer = Trainer(nets, objective, training_batches(cfg, nets, objective), cfg.student_optim,
+    trainer = Trainer(nets, objective, tasks.training_batches(cfg, nets, objective), cfg.student_optim,
                       cfg.critic_optim, cfg.train.steps, cfg.train.log_every, progress)
     summary = trainer.fit()
     save_file(nets.student.state_dict(), str(run_dir / STUDENT_FILE))
@@ -63,7 +55,7 @@ def run_experiment(cfg: Config, options, progress: bool = True) -> dict:
         "wall_seconds": summary.wall_seconds,
         "final_losses": summary.last_logs,
         "protocol": {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed},
-        "results": evaluate_toy(nets, cfg.eval),
+        "results": tasks.evaluate(cfg, nets, run_dir),
     }
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))

@@ -9,7 +9,6 @@ import torch
 from fdistill.config import Config, ConfigError
 from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, MLPDenoiser, UNetDenoiser, freeze, ring_mixture
 from fdistill.discriminator import discriminator_for
-from fdistill.generator import Generator
 from fdistill.objectives import Networks, Objective
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
 
@@ -52,7 +51,7 @@ def trainable_copy(teacher: Denoiser, cfg: Config) -> Denoiser:
 def build_networks(cfg: Config, teacher: Denoiser, objective: Objective) -> Networks:
     """Student (and fake score / discriminator when the objective uses them) for ``teacher``."""
     times = cfg.generator.times or [teacher.schedule.t_max]
-    student = Generator(trainable_copy(teacher, cfg), times)
+    student = objective.build_student(trainable_copy(teacher, cfg), times)
     fake_score = trainable_copy(teacher, cfg) if objective.needs_fake_score else None
     discriminator = None
     if objective.needs_discriminator:

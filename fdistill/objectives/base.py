@@ -86,6 +86,10 @@ class Objective(nn.Module):
     def generator_loss(self, batch: Batch, nets: Networks, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def build_student(self, net: Denoiser, times: list[float]) -> Generator:
+        """The student generator around a trainable copy of the teacher (objectives may wrap ``net``)."""
+        return Generator(net, times)
+
     def generator_parameters(self):
         """Parameters the objective itself trains with the student (e.g. a log-variance head)."""
         return []
