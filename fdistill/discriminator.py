@@ -12,7 +12,9 @@ from torch import nn
 
 
 def _groups(channels: int) -> int:
-    return max(g for g in range(1, 33) if channels % g == 0)
+    """GroupNorm groups: FastGen's largest divisor <= 32, kept to >= 4 channels per group, since the 1x1
+    stage normalises over the channels of a group alone (one channel per group would output zeros)."""
+    return max(g for g in range(1, max(1, min(32, channels // 4)) + 1) if channels % g == 0)
 
 
 def _down(channels: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> list[nn.Module]:

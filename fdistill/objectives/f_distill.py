@@ -43,6 +43,14 @@ class FDistill(DMD):
             schedule.t_min, schedule.t_max, options.ratio_bins, options.ratio_ema_rate
         )
 
+    @property
+    def needs_discriminator(self) -> bool:  # the ratio needs it even when the GAN term is switched off
+        return True
+
+    @property
+    def needs_real_data(self) -> bool:
+        return True
+
     def ratio(self, logits, t):
         """Density-ratio estimate ``r`` per sample: clamped ``exp(logit)``, normalised per time bin."""
         o = self.options

@@ -1,0 +1,155 @@
+"""f-distill against closed forms (ALGORITHMS.md 4, 13.2-13.4, 13.11)."""
+
+import numpy as np
+import pytest
+import torch
+from numpy.polynomial.hermite_e import hermegauss
+
+from fdistill.config import load_config
+from fdistill.denoisers import GaussianMixtureDenoiser
+from fdistill.objectives import Batch, common
+from fdistill.objectives.common import DIVERGENCES, get_divergence
+from fdistill.run import build_experiment
+from fdistill.schedules import EDMSchedule
+
+SIGMA = 0.8
+TEACHER = dict(weights=[0.3, 0.7], means=[[-1.5], [1.0]], variances=[[0.2], [0.5]])
+# Reference from checks/fdistill_check.py: reverse KL at (mu, s) = (0.4, 0.9).
+RKL_REFERENCE = (0.00850, -0.26281)
+
+
+def quadrature(n=60):
+    nodes, w = hermegauss(n)
+    return torch.tensor(nodes), torch.tensor(w / w.sum())
+
+
+def student_density(mu, s):
+    return GaussianMixtureDenoiser([1.0], [[float(mu)]], [[float(s) ** 2]], EDMSchedule())
+
+
+def f_divergence(theta, div, teacher):
+    """D_f(p_t || q_t) = E_{q_t} f(p_t/q_t) by quadrature over q_t = N(mu, s^2 + sigma^2)."""
+    mu, s = theta
+    n, w = quadrature(80)
+    x = (mu + np.sqrt(s**2 + SIGMA**2) * n)[:, None]
+    t = torch.full((len(x),), SIGMA, dtype=torch.float64)
+    r = torch.exp(teacher.log_prob(x, t) - student_density(mu, s).log_prob(x, t))
+    return float((w * div.f(r)).sum())
+
+
+def pathwise_gradient(theta, div, teacher):
+    """Autograd through the shipped pseudo-gradient loss with g = h(r) (s_q - s_p) at each quadrature node."""
+    mu = torch.tensor(theta[0], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(theta[1], dtype=torch.float64, requires_grad=True)
+    n, w = quadrature(60)
+    Z, E = torch.meshgrid(n, n, indexing="ij")
+    W = torch.outer(w, w).reshape(-1)
+    x_g = (mu + s * Z.reshape(-1))[:, None]
+    t = torch.full((len(x_g),), SIGMA, dtype=torch.float64)
+    x_t = x_g + SIGMA * E.reshape(-1)[:, None]
+    fake = student_density(theta[0], theta[1])
+    with torch.no_grad():
+        x0_p, x0_q = teacher(x_t, t), fake(x_t, t)
+        r = torch.exp(teacher.log_prob(x_t, t) - fake.log_prob(x_t, t))
+    # score units: s_q - s_p = (alpha/sigma^2)(x0_q - x0_p); quadrature weights enter as per-sample weights
+    weight = div.h(r) * W * len(W) / SIGMA**2
+    g = weight[:, None] * (x0_q - x0_p)
+    loss = common.pseudo_gradient_loss(x_g, g)
+    return torch.stack(torch.autograd.grad(loss.double(), (mu, s))).numpy()
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["alpha"])
+def test_pathwise_f_gradient_equals_finite_difference_of_the_divergence(name):
+    div = get_divergence(name, alpha=0.5)
+    teacher = GaussianMixtureDenoiser(**TEACHER, schedule=EDMSchedule())
+    theta, h = np.array([0.4, 0.9]), 1e-5
+    fd = [(f_divergence(theta + e, div, teacher) - f_divergence(theta - e, div, teacher)) / (2 * h)
+          for e in np.eye(2) * h]
+    assert np.allclose(pathwise_gradient(theta, div, teacher), fd, atol=2e-6, rtol=1e-4)
+
+
+def test_reverse_kl_reference_numbers():
+    teacher = GaussianMixtureDenoiser(**TEACHER, schedule=EDMSchedule())
+    grad = pathwise_gradient((0.4, 0.9), get_divergence("rkl"), teacher)
+    assert np.allclose(grad, RKL_REFERENCE, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_h_is_r_squared_f_second_derivative(name):
+    div = get_divergence(name)
+    r = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64, requires_grad=True)
+    (df,) = torch.autograd.grad(div.f(r).sum(), r, create_graph=True)
+    (d2f,) = torch.autograd.grad(df.sum(), r, create_graph=True)
+    assert torch.allclose(div.h(r), r**2 * d2f, atol=1e-10)
+    r, e = r.detach(), 1e-5
+    assert torch.allclose(div.dh(r), (div.h(r + e) - div.h(r - e)) / (2 * e), atol=1e-7)
+    assert torch.allclose(div.d2h(r), (div.dh(r + e) - div.dh(r - e)) / (2 * e), atol=1e-6)
+
+
+def test_h_at_one_matches_table():
+    table = {"rkl": 1, "kl": 1, "js": 0.5, "sf": 0.5, "sh": 0.5, "jf": 2, "pearson": 2, "neyman": 2}
+    for name, value in table.items():
+        assert float(get_divergence(name).h(torch.tensor(1.0))) == pytest.approx(value)
+
+
+def test_pseudo_gradient_trick_gives_g():
+    x = torch.randn(4, 3, requires_grad=True)
+    g = torch.randn(4, 3)
+    (grad,) = torch.autograd.grad(common.pseudo_gradient_loss(x, g), x)
+    assert torch.allclose(grad * x.numel(), g, atol=1e-6)
+
+
+def ring_nets(objective_overrides):
+    cfg, options = load_config(None, ["model.hidden=32", "model.depth=2", *objective_overrides])
+    return build_experiment(cfg, options)
+
+
+def generator_loss_with_seed(objective, nets, seed=0):
+    torch.manual_seed(seed)
+    batch = Batch(size=64, real=nets.teacher.sample(64)[0])
+    loss, _ = objective.generator_loss(batch, nets, 0)
+    grads = torch.autograd.grad(loss, list(nets.student.parameters()))
+    return loss, grads
+
+
+@pytest.mark.parametrize("divergence", ["js", "kl", "jf", "pearson", "sh"])
+def test_f_distill_with_zero_logits_is_dmd(divergence):
+    """r = 1 everywhere -> normalised h = 1 -> the f-distill loss and gradient are DMD's (GAN term off)."""
+    f_nets, f_obj = ring_nets(["objective.name=f_distill", f"objective.divergence={divergence}"])
+    d_nets, d_obj = ring_nets(["objective.name=dmd"])
+    d_nets.student.load_state_dict(f_nets.student.state_dict())
+    d_nets.fake_score.load_state_dict(f_nets.fake_score.state_dict())
+    for p in f_nets.discriminator.parameters():
+        torch.nn.init.zeros_(p)
+    f_obj.options.gan_weight = 1e-12  # the GAN term only adds a constant-logit term; make it negligible
+    lf, gf = generator_loss_with_seed(f_obj, f_nets)
+    ld, gd = generator_loss_with_seed(d_obj, d_nets)
+    assert torch.allclose(lf, ld, rtol=1e-5)
+    for a, b in zip(gf, gd):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_student_gradient_vanishes_when_fake_score_equals_teacher():
+    nets, obj = ring_nets(["objective.name=dmd"])
+    nets.fake_score = nets.teacher
+    _, grads = generator_loss_with_seed(obj, nets)
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    nets, obj = ring_nets(["objective.name=f_distill", "objective.gan_weight=1e-3"])
+    nets.fake_score = nets.teacher
+    obj.options.gan_weight = 0.0
+    _, grads = generator_loss_with_seed(obj, nets)
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_ratio_estimate_clamps_and_bin_normalisation():
+    logits = torch.tensor([[-50.0], [0.0], [np.log(3.0)], [50.0]])
+    r = common.density_ratio(logits)
+    assert torch.allclose(r, torch.tensor([0.1, 1.0, 3.0, 20.0]), rtol=1e-5)
+    norm = common.RatioBinNormalizer(0.0, 10.0, num_bins=2, ema_rate=0.5)
+    t = torch.tensor([1.0, 2.0, 7.0, 8.0])
+    out = norm(torch.tensor([1.0, 3.0, 4.0, 4.0]), t)
+    # bins: 0.5*1 + 0.5*2 = 1.5 and 0.5*1 + 0.5*4 = 2.5
+    assert torch.allclose(norm.bins, torch.tensor([1.5, 2.5]))
+    assert torch.allclose(out, torch.tensor([1 / 1.5, 3 / 1.5, 4 / 2.5, 4 / 2.5]), rtol=1e-5)
+    h = common.normalize_to_mean_one(torch.tensor([1.0, 2.0, 3.0]))
+    assert float(h.mean()) == pytest.approx(1.0, rel=1e-5)
