@@ -1,0 +1,176 @@
+"""CLIP score (Hessel et al. 2021, arXiv:2104.08718, eq. 1 with w = 100): 100 * max(cos(E_image, E_text), 0),
+averaged over images, computed directly from open_clip embeddings (torchmetrics' ``CLIPScore`` goes through
+transformers and breaks with transformers 5).
+
+Models: an open_clip name with a pretrained tag (weights from the usual caches; offline and uncached is an
+immediate error), a local checkpoint file as ``pretrained``, a ``local-dir:DIR`` model
+(``open_clip_config.json`` plus weights), or ``pretrained=None`` for a randomly initialised model (tests).
+Prompts come from a text file (one per image, in sorted file order), a CSV with ``file,prompt`` columns, or
+``metadata.jsonl`` / ``metadata.json`` records with ``file`` and ``prompt`` (read from the image folder when
+no file is given).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from fdistill.metrics.fid import module_hash
+from fdistill.metrics.image_sources import list_images
+
+METADATA_FILES = ("metadata.jsonl", "metadata.json")
+LOCAL_DIR = "local-dir:"
+
+
+@dataclass
+class ClipModel:
+    model: nn.Module
+    preprocess: object  # PIL image -> tensor [3, S, S]
+    tokenizer: object  # list[str] -> token ids
+    name: str
+    pretrained: str | None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").upper()  # read now: the constant is fixed at import
+    return constants.HF_HUB_OFFLINE or flag in {"1", "ON", "YES", "TRUE"}
+
+
+def cached_weights(model: str, tag: str, cache_dir: str | None = None) -> str | None:
+    """Path of the cached weights open_clip would load for ``model``/``tag``, or None when not cached."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if "file" in cfg:
+        return cfg["file"] if os.path.isfile(cfg["file"]) else None
+    if cfg.get("hf_hub"):  # open_clip prefers the hub, trying a .safetensors twin first
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        names = [HF_SAFE_WEIGHTS_NAME] if filename == HF_WEIGHTS_NAME else []
+        if filename != HF_WEIGHTS_NAME and filename.endswith((".bin", ".pth")):
+            names.append(os.path.splitext(filename)[0] + ".safetensors")
+        for name in [*names, filename]:
+            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return found
+        return None
+    path = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(cfg.get("url", ""))
+    return str(path) if path.is_file() else None
+
+
+def load_clip(model: str = "ViT-B-32", pretrained: str | None = "openai", device="cpu",
+              cache_dir: str | None = None) -> ClipModel:
+    """An open_clip model, its eval preprocessing and tokenizer; never waits on an offline hub."""
+    import open_clip
+
+    if model.startswith(LOCAL_DIR):
+        pretrained = None  # the directory holds the weights
+    elif pretrained is not None and not os.path.isfile(pretrained):
+        if not open_clip.get_pretrained_cfg(model, pretrained):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise FileNotFoundError(f"pretrained {pretrained!r} is neither a file nor a tag of {model} "
+                                    f"(tags: {tags})")
+        if _hub_offline() and cached_weights(model, pretrained, cache_dir) is None:
+            raise FileNotFoundError(
+                f"open_clip weights {model}/{pretrained} are not cached and the hub is offline; pass a local "
+                f"checkpoint (--pretrained FILE) or a model directory (--model {LOCAL_DIR}DIR)")
+    net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device,
+                                                               cache_dir=cache_dir)
+    tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
+    return ClipModel(net.eval(), preprocess, tokenizer, model, pretrained)
+
+
+def _records(path: Path) -> list[dict]:
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    return [{"file": k, "prompt": v} for k, v in data.items()] if isinstance(data, dict) else data
+
+
+def read_prompts(images_dir: str | Path, prompts: str | Path | None = None) -> list[tuple[Path, str]]:
+    """(image file, prompt) pairs for a folder of samples (see the module docstring for the formats)."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images_dir}")
+    if prompts is None:
+        found = [images_dir / name for name in METADATA_FILES if (images_dir / name).is_file()]
+        if not found:
+            metadata = images_dir / METADATA_FILES[0]
+            raise FileNotFoundError(f"no prompts: pass --prompts FILE or write {metadata}")
+        prompts = found[0]
+    prompts = Path(prompts)
+    if not prompts.is_file():
+        raise FileNotFoundError(f"prompts file not found: {prompts}")
+    if prompts.suffix not in {".csv", ".json", ".jsonl"}:  # plain text, one prompt per line
+        files = list_images(images_dir)
+        lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        if len(files) != len(lines):
+            raise ValueError(f"{prompts} has {len(lines)} prompts for {len(files)} images in {images_dir}")
+        return list(zip(files, lines, strict=True))
+    if prompts.suffix == ".csv":
+        with open(prompts, newline="") as f:
+            records = list(csv.DictReader(f))
+    else:
+        records = _records(prompts)
+    pairs = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or "file" not in rec or "prompt" not in rec:
+            raise ValueError(f"{prompts}: record {i} lacks 'file' and 'prompt' fields")
+        file = images_dir / rec["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{prompts}: image {file} not found")
+        pairs.append((file, str(rec["prompt"])))
+    if not pairs:
+        raise ValueError(f"{prompts} holds no prompts")
+    return pairs
+
+
+def _rgb(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+@torch.no_grad()
+def clip_scores(images: list, prompts: list[str], clip: ClipModel, batch_size: int = 64,
+                progress: bool = False, device="cpu") -> torch.Tensor:
+    """Per-pair CLIP scores 100 * max(cos, 0) of PIL images (or paths) and prompts, embeddings in fp32."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    scores = []
+    for i in tqdm(range(0, len(images), batch_size), desc="CLIP score", disable=not progress):
+        pixels = torch.stack([clip.preprocess(_rgb(im)) for im in images[i : i + batch_size]]).to(device)
+        tokens = clip.tokenizer(prompts[i : i + batch_size]).to(device)
+        image_emb = clip.model.encode_image(pixels).float()
+        text_emb = clip.model.encode_text(tokens).float()
+        scores.append(100 * F.cosine_similarity(image_emb, text_emb, dim=-1).clamp(min=0))
+    return torch.cat(scores).cpu()
+
+
+def compute_clip_score(images_dir: str | Path, prompts: str | Path | None = None, model: str = "ViT-B-32",
+                       pretrained: str | None = "openai", *, batch_size: int = 64, progress: bool = True,
+                       device="cpu", cache_dir: str | None = None) -> dict:
+    """Mean CLIP score of a folder of samples and their prompts, per-image scores, and the protocol."""
+    images_dir = Path(images_dir)
+    pairs = read_prompts(images_dir, prompts)
+    clip = load_clip(model, pretrained, device, cache_dir)
+    scores = clip_scores([f for f, _ in pairs], [p for _, p in pairs], clip, batch_size, progress, device)
+    return {"metric": "CLIP score", "value": float(scores.mean()), "num_images": len(pairs), "model": model,
+            "pretrained": clip.pretrained, "weights_hash": module_hash(clip.model),
+            "per_image": [{"file": str(f.relative_to(images_dir)), "prompt": p, "score": float(s)}
+                          for (f, p), s in zip(pairs, scores, strict=True)]}
