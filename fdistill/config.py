@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -59,7 +59,8 @@ class OptimConfig:
     lr: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0
-    grad_clip: Optional[float] = None
+    grad_clip: Optional[float] = None  # max global gradient norm
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many updates of this optimizer
 
 
 @dataclass
@@ -70,9 +71,45 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """``batch_size`` is the global batch of one step. Each process runs ``batch_size / (processes x
+    device_batch_size)`` accumulation micro-batches of ``device_batch_size`` samples."""
+
     steps: int = 2000
     batch_size: int = 256
-    log_every: int = 50
+    device_batch_size: Optional[int] = None  # default: batch_size / processes (no accumulation)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU; loss scaling)
+    fsdp: bool = False  # shard the trainable networks, their gradients and optimizer states (FSDP2)
+    max_nonfinite_in_a_row: int = 20  # NaN/inf steps are skipped; this many in a row abort the run
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between checkpoints (0: only at the end); RUN_DIR/checkpoints/step-N
+    keep_last: int = 2  # older checkpoints are deleted once a newer one is complete
+
+
+@dataclass
+class EMASpec:
+    """One average of the student's weights; set one of ``decay``, ``half_life_kimg``, ``sigma_rel``."""
+
+    name: str = "ema"
+    decay: Optional[float] = None  # constant decay per update
+    half_life_kimg: Optional[float] = None  # EDM: half-life in thousands of samples, ramped up early
+    rampup: Optional[float] = 0.05  # EDM ramp-up: half-life <= rampup x samples so far (null: none)
+    sigma_rel: Optional[float] = None  # EDM2 power-function EMA with this relative standard deviation
+
+
+@dataclass
+class EMAConfig:
+    update: str = "generator"  # generator: after student updates only | every: after every step
+    averages: List[EMASpec] = field(default_factory=list)
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between progress, CSV and TensorBoard updates
+    sample_every: int = 0  # steps between sample previews RUN_DIR/samples/step-N.png (0: never)
+    tensorboard: bool = True
 
 
 @dataclass
@@ -83,6 +120,7 @@ class EvalConfig:
     teacher_sampler: str = "heun"
     student_steps: List[int] = field(default_factory=lambda: [1])
     renoise: str = "sde"
+    ema: Optional[str] = None  # the ema.averages entry to evaluate and sample with (null: trained weights)
 
 
 @dataclass
@@ -96,6 +134,9 @@ class Config:
     student_optim: OptimConfig = field(default_factory=OptimConfig)
     critic_optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -154,6 +195,52 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
 
 
+_LIST_SECTIONS = {"ema.averages": EMASpec}  # lists of typed items, checked one by one for precise errors
+_CHOICES = {"train.mixed_precision": ("no", "bf16", "fp16"), "ema.update": ("generator", "every")}
+
+
+def _check_list_items(user: DictConfig) -> None:
+    for key, schema in _LIST_SECTIONS.items():
+        items = OmegaConf.select(user, key)
+        for i, item in enumerate(items if isinstance(items, ListConfig) else []):
+            prefix = f"{key}[{i}]."
+            _merge(OmegaConf.structured(schema), item, [prefix + k for k in _valid_keys(schema)], prefix)
+
+
+def _check_values(cfg: Config) -> None:
+    """Checks that span several keys or restrict a string to a set of choices."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value not in choices:
+            hint = _nearest(str(value), list(choices))
+            raise ConfigError(f"bad value for config key {key!r}: {value!r}{hint}; "
+                              f"choose one of {', '.join(choices)}")
+    names = [spec.name for spec in cfg.ema.averages]
+    for i, spec in enumerate(cfg.ema.averages):
+        given = [k for k in ("decay", "half_life_kimg", "sigma_rel") if getattr(spec, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"ema.averages[{i}] ({spec.name!r}) needs exactly one of decay, "
+                              f"half_life_kimg, sigma_rel; got {', '.join(given) or 'none'}")
+        if names.count(spec.name) > 1:
+            raise ConfigError(f"ema.averages: the name {spec.name!r} is used twice; give each its own name")
+    if cfg.eval.ema is not None and cfg.eval.ema not in names:
+        hint = _nearest(cfg.eval.ema, names)
+        raise ConfigError(f"eval.ema={cfg.eval.ema!r} names no ema.averages entry{hint}; "
+                          f"defined: {', '.join(names) or 'none'}")
+    if cfg.train.batch_size < 1 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError("train.batch_size and checkpoint.keep_last must be at least 1")
+
+
+def batch_layout(train: TrainConfig, num_processes: int) -> tuple[int, int]:
+    """``(device_batch_size, accumulation_steps)`` so that processes x accumulation x device batch = batch."""
+    device = train.device_batch_size or train.batch_size // num_processes
+    micro = device * num_processes
+    if device < 1 or train.batch_size % micro:
+        raise ConfigError(f"train.batch_size={train.batch_size} is not a multiple of {num_processes} "
+                          f"processes x train.device_batch_size={device}; change either")
+    return device, train.batch_size // micro
+
+
 def validate_objective(section) -> Any:
     """Turn the ``objective`` mapping into its registered options dataclass, rejecting unknown keys."""
     from fdistill.objectives import OBJECTIVES
@@ -176,10 +263,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> tuple[Config, An
     user = _load_yaml(Path(path)) if path else OmegaConf.create()
     user = OmegaConf.merge(user, _parse_overrides(list(overrides)))
     objective = user.pop("objective", None)
+    _check_list_items(user)
     cfg = _merge(schema, user, valid)
     if objective is not None:
         cfg.objective = objective
     cfg = OmegaConf.to_object(cfg)
+    _check_values(cfg)
     options = validate_objective(cfg.objective)
     cfg.objective = OmegaConf.to_container(OmegaConf.structured(options))
     if path and cfg.run.dir is None:

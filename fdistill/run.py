@@ -1,61 +1,146 @@
-"""One experiment end to end: build, train, evaluate, and write the run directory.
+"""One experiment end to end: build, train (on any number of processes), export, evaluate, write the run dir.
 
 ``RUN_DIR/config.yaml`` holds the resolved configuration, ``RUN_DIR/student.safetensors`` the student's
-weights and ``RUN_DIR/metrics.json`` the results (one entry per sampler), the objective, steps and wall time.
+trained weights and ``RUN_DIR/student_ema_<name>.safetensors`` each EMA of them, ``RUN_DIR/checkpoints/`` the
+resumable state, ``RUN_DIR/train_log.csv`` and ``RUN_DIR/tensorboard/`` the training scalars, and
+``RUN_DIR/metrics.json`` the results (one entry per sampler, computed with the ``eval.ema`` weights), the
+objective, steps and wall time. Only the main process writes; evaluation runs on it alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, ProjectConfiguration
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from fdistill.config import Config, ConfigError, dump_config, load_config
 from fdistill import tasks
+from fdistill.config import Config, ConfigError, dump_config, load_config
 from fdistill.objectives import Networks, build_objective
 from fdistill.teachers import build_networks, build_teacher
+from fdistill.training import checkpoint
 from fdistill.training.trainer import Trainer
 
 STUDENT_FILE = "student.safetensors"
 
 
-def prepare_run_dir(run_dir: Path) -> Path:
-    """Create the run directory and check that it is writable, before any training starts."""
+def student_file(ema: str | None) -> str:
+    return STUDENT_FILE if ema is None else f"student_ema_{ema}.safetensors"
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """Devices, processes and mixed precision come from accelerate; ``train.mixed_precision`` decides."""
+    project = ProjectConfiguration(project_dir=cfg.run.dir, logging_dir=cfg.run.dir)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, project_config=project,
+                              log_with="tensorboard" if cfg.log.tensorboard else None)
+    if cfg.train.mixed_precision == "fp16" and (accelerator.scaler is None or cfg.train.fsdp):
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU and no FSDP; use bf16")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("launch without accelerate's FSDP options and set train.fsdp=true instead")
+    return accelerator
+
+
+def prepare_run_dir(run_dir: Path, accelerator, resume: str | None = None,
+                    overwrite: bool = False) -> Path | None:
+    """Check the run directory before any training: returns the checkpoint to resume from, if any.
+
+    An existing run (one with a ``config.yaml``) is continued only with ``resume`` and replaced only with
+    ``overwrite``. Every process checks, so that an error stops all of them alike.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    existing = (run_dir / "config.yaml").is_file()
+    if existing and not (resume or overwrite):
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume, replace it with "
+                          f"--overwrite, or choose another run.dir")
+    start = checkpoint.resolve(run_dir, resume) if resume else None
+    accelerator.wait_for_everyone()
+    if overwrite and existing and accelerator.is_main_process:
+        shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test_{accelerator.process_index}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); set run.dir=PATH") from None
-    return run_dir
+        raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); set run.dir=PATH") \
+            from None
+    return start
+
+
+def changed_keys(old_yaml: str, cfg: Config) -> list[str]:
+    """Dotted keys whose values differ between a saved config and ``cfg``."""
+    def flat(d, prefix=""):
+        return {k: v for key, val in d.items() for k, v in
+                (flat(val, f"{prefix}{key}.").items() if isinstance(val, dict) else [(prefix + key, val)])}
+
+    old = flat(OmegaConf.to_container(OmegaConf.create(old_yaml)))
+    new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def build_experiment(cfg: Config, options) -> tuple[Networks, torch.nn.Module]:
+    """Teacher, objective and networks; an objective's ``ValueError`` about its options is a user error."""
     torch.manual_seed(cfg.run.seed)
     teacher = build_teacher(cfg)
-    objective = build_objective(options, teacher.schedule)
-    return build_networks(cfg, teacher, objective), objective
+    try:
+        objective = build_objective(options, teacher.schedule)
+        return build_networks(cfg, teacher, objective), objective
+    except ValueError as e:
+        raise ConfigError(f"objective {options.name}: {str(e).splitlines()[0]}") from None
 
 
-def run_experiment(cfg: Config, options, progress: bool = True) -> dict:
-    run_dir = prepare_run_dir(Path(cfg.run.dir))
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+def _write_config(run_dir: Path, cfg: Config, resuming: bool) -> str | None:
+    """Write ``config.yaml``; on resume, returns a note naming the keys that changed."""
+    path, note = run_dir / "config.yaml", None
+    if resuming and path.is_file():
+        diff = changed_keys(path.read_text(), cfg)
+        note = f"resuming with changed config keys: {', '.join(diff)}" if diff else None
+    path.write_text(dump_config(cfg))
+    return note
+
+
+def run_experiment(cfg: Config, options, progress: bool = True, resume: str | None = None,
+                   overwrite: bool = False) -> dict | None:
+    """Train and evaluate; returns the metrics on the main process and ``None`` on the others.
+
+    ``resume`` is ``"latest"`` (the newest checkpoint of ``run.dir``, or a fresh start if it has none) or a
+    checkpoint directory.
+    """
+    accelerator = make_accelerator(cfg)
+    run_dir = Path(cfg.run.dir)
+    start = prepare_run_dir(run_dir, accelerator, resume, overwrite)
     nets, objective = build_experiment(cfg, options)
-    trainer = Trainer(nets, objective, tasks.training_batches(cfg, nets, objective), cfg.student_optim,
-                      cfg.critic_optim, cfg.train.steps, cfg.train.log_every, progress)
-    summary = trainer.fit()
-    save_file(nets.student.state_dict(), str(run_dir / STUDENT_FILE))
+    batches = tasks.training_batches(cfg, nets, objective)
+    if accelerator.is_main_process:  # only once the experiment builds: a run dir with a config is a run
+        note = _write_config(run_dir, cfg, resume is not None)
+        if note:
+            print(note)
+    trainer = Trainer(nets, objective, batches, cfg, accelerator, run_dir, progress)
+    summary = trainer.fit(start)
+    weights = trainer.student_weights()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return None
+    for name, state in weights.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / student_file(name)))
+    _, eval_nets = load_run(run_dir, device=accelerator.device)
     metrics = {
         "objective": options.name,
         "steps": summary.steps,
         "wall_seconds": summary.wall_seconds,
         "final_losses": summary.last_logs,
-        "protocol": {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed},
-        "results": tasks.evaluate(cfg, nets, run_dir),
+        "nonfinite_steps": summary.nonfinite_steps,
+        "protocol": {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed, "ema": cfg.eval.ema},
+        "results": tasks.evaluate(cfg, eval_nets, run_dir),
     }
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
@@ -63,13 +148,23 @@ def run_experiment(cfg: Config, options, progress: bool = True) -> dict:
     return metrics
 
 
-def load_run(run_dir: str | Path) -> tuple[Config, Networks]:
-    """Rebuild a finished run's networks from ``RUN_DIR/config.yaml`` and load the student's weights."""
+def load_run(run_dir: str | Path, ema: str | None = "auto", device=None) -> tuple[Config, Networks]:
+    """Rebuild a finished run's networks from ``RUN_DIR/config.yaml`` and load the student's weights.
+
+    ``ema="auto"`` loads the weights the run was evaluated with (``eval.ema``), ``None`` the trained weights,
+    a name that EMA.
+    """
     run_dir = Path(run_dir)
-    for name in ("config.yaml", STUDENT_FILE):
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"{run_dir / name} not found; is {run_dir} a finished run directory?")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir / 'config.yaml'} not found; is {run_dir} a run directory?")
     cfg, options = load_config(str(run_dir / "config.yaml"))
+    weights = run_dir / student_file(cfg.eval.ema if ema == "auto" else ema)
+    if not weights.is_file():
+        raise ConfigError(f"{weights} not found; is {run_dir} a finished run directory?")
     nets, _ = build_experiment(cfg, options)
-    nets.student.load_state_dict(load_file(str(run_dir / STUDENT_FILE)))
+    nets.student.load_state_dict(load_file(str(weights)))
+    if device is not None:
+        for name in ("teacher", "student", "fake_score", "discriminator"):
+            if getattr(nets, name) is not None:
+                getattr(nets, name).to(device)
     return cfg, nets

@@ -7,7 +7,11 @@ from fdistill.objectives import Batch
 
 
 class TeacherSamples:
-    """An endless stream of batches carrying exact mixture samples (the "real data" of toy runs)."""
+    """An endless stream of batches carrying exact mixture samples (the "real data" of toy runs).
+
+    It draws from torch's global RNG, which the trainer seeds from ``(run.seed, step)`` before every batch:
+    the stream's position is the step counter, so a resumed run sees the same data without saving any.
+    """
 
     def __init__(self, teacher: GaussianMixtureDenoiser, batch_size: int, with_real: bool = True):
         self.teacher, self.batch_size, self.with_real = teacher, batch_size, with_real

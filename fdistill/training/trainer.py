@@ -1,28 +1,57 @@
-"""The training loop: critic/generator alternation, optimizers, clipping, progress and the run directory.
+"""The training engine: one code path for a CPU, one GPU and many (through accelerate), for every objective.
 
-The trainer knows nothing of any objective's math: it asks the objective which kind of step comes next and
-which networks that kind trains, calls its loss, and steps the matching optimizer.
+The trainer knows nothing of any objective's math: it asks the objective which kind of step comes next
+(critic or generator) and which networks that kind trains, calls its loss on each micro-batch, and owns the
+rest: gradient averaging, NaN/inf handling, clipping, optimizers, LR warm-up, EMAs, logging, checkpoints.
+
+Randomness. Each step's global batch is drawn under the seed ``(run.seed, step, "data")`` on every process,
+which keeps its own slice; micro-batch ``k`` of the step's ``processes x accumulation`` runs the objective
+under the seed ``(run.seed, step, k)`` (torch's global RNG, which objectives draw from). A run is therefore a
+function of its seed and micro-batch count: resuming is bit-exact, and 2 processes equal 1 process with 2
+accumulation micro-batches up to the order of floating-point sums.
+
+Data parallelism. Objectives call any method of the networks (``student.sample``,
+``fake_score.forward_with_features``), not only ``forward``; a DDP wrapper would silently skip gradient
+synchronisation there. So the networks stay unwrapped and, after the micro-batches, one all-reduce sums the
+gradients, the loss terms and the fault flags of all processes. With ``train.fsdp`` every layer that owns
+weights is sharded with FSDP2's ``fully_shard``, which gathers it around each call whatever the caller and
+reduce-scatters its gradient.
 """
 
 from __future__ import annotations
 
+import hashlib
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 
-from fdistill.config import OptimConfig
-from fdistill.objectives import Networks, Objective
+from fdistill.config import Config, OptimConfig, batch_layout
+from fdistill.objectives import Batch, Networks, Objective
+from fdistill.training import checkpoint
+from fdistill.training.ema import EMASet
+from fdistill.training.logging import RunLogger, preview
+
+TRAINED = ("student", "fake_score", "discriminator")  # Networks fields that may be trained
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLoss(RuntimeError):
-    """A loss or gradient became NaN/inf."""
+class NonFiniteTraining(RuntimeError):
+    """Too many NaN/inf steps in a row."""
 
 
-def _adamw(params, oc: OptimConfig):
-    params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay) if params else None
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -30,57 +59,312 @@ class TrainSummary:
     steps: int
     wall_seconds: float
     last_logs: dict
+    nonfinite_steps: int
+
+
+def step_seed(seed: int, step: int, stream) -> int:
+    """A 63-bit seed for one (step, stream) of a run; the same on every process."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """``parts`` equal slices of a batch: tensors and lists of ``batch.size`` rows are cut, the rest kept."""
+    if batch.size % parts:
+        raise ValueError(f"a batch of {batch.size} does not split into {parts} equal micro-batches")
+    size = batch.size // parts
+
+    def cut(x, i):
+        if isinstance(x, dict):
+            return {k: cut(v, i) for k, v in x.items()}
+        if (torch.is_tensor(x) or isinstance(x, (list, tuple))) and len(x) == batch.size:
+            return x[i * size:(i + 1) * size]
+        return x
+
+    names = [f.name for f in fields(batch) if f.name != "size"]
+    return [replace(batch, size=size, **{n: cut(getattr(batch, n), i) for n in names}) for i in range(parts)]
+
+
+def _to(batch: Batch, device) -> Batch:
+    move = lambda x: x.to(device) if torch.is_tensor(x) else x  # noqa: E731
+    names = [f.name for f in fields(batch) if f.name not in ("size", "extras")]
+    return replace(batch, extras={k: move(v) for k, v in batch.extras.items()},
+                   **{n: move(getattr(batch, n)) for n in names})
+
+
+def _adamw(params, oc: OptimConfig):
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return None
+    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def _warmup(opt, steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / steps) if steps else 1.0)
+
+
+def _shard(module: torch.nn.Module) -> None:
+    """FSDP2 on every submodule that owns parameters: each call, from any method, gathers its weights."""
+    from torch.distributed.fsdp import fully_shard
+
+    for sub in list(module.modules()):
+        if next(sub.parameters(recurse=False), None) is not None:
+            fully_shard(sub)
 
 
 class Trainer:
-    def __init__(self, nets: Networks, objective: Objective, batches, student_optim: OptimConfig,
-                 critic_optim: OptimConfig, steps: int, log_every: int = 50, progress: bool = True):
-        self.nets, self.objective, self.batches = nets, objective, iter(batches)
-        self.steps, self.log_every, self.progress = steps, log_every, progress
+    """Trains ``nets`` with ``objective`` on ``batches`` (an iterable of global batches) as ``cfg`` says.
+
+    ``accelerator`` defaults to a new :class:`accelerate.Accelerator` with ``train.mixed_precision``; without
+    ``run_dir`` nothing is written (no checkpoints, logs or previews).
+    """
+
+    def __init__(self, nets: Networks, objective: Objective, batches, cfg: Config, accelerator=None,
+                 run_dir: Path | None = None, progress: bool = True):
+        accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.acc, self.nets, self.objective, self.cfg = accelerator, nets, objective, cfg
+        self.batches, self.run_dir, self.progress = iter(batches), run_dir, progress
+        self.accumulation = batch_layout(cfg.train, accelerator.num_processes)[1]
+        self._place()
         self.modules = {"generator": self._modules(objective.generator_trains),
                         "critic": self._modules(objective.critic_trains)}
-        self.clip = {"generator": student_optim.grad_clip, "critic": critic_optim.grad_clip}
-        self.optimizers = {
-            "generator": _adamw(self._params("generator") + list(objective.generator_parameters()), student_optim),
-            "critic": _adamw(self._params("critic") + list(objective.critic_parameters()), critic_optim),
-        }
+        extra = {"generator": objective.generator_parameters(), "critic": objective.critic_parameters()}
+        optim = {"generator": cfg.student_optim, "critic": cfg.critic_optim}
+        self.optimizers = {k: _adamw(self._module_params(k) + list(extra[k]), optim[k]) for k in optim}
+        self.schedulers = {k: _warmup(o, optim[k].warmup_steps) for k, o in self.optimizers.items() if o}
+        self.clip = {k: optim[k].grad_clip for k in optim}
+        self.ema = EMASet(nets.student, cfg.ema.averages, cfg.train.batch_size)
+        self.step, self.nonfinite_total, self.nonfinite_run, self.wall_seconds = 0, 0, 0, 0.0
+        self._stop_signal = 0
+        accelerator.register_for_checkpointing(self)
 
-    def _modules(self, names):
+    # ----------------------------------------------------------------------------------------- set-up
+    def _place(self) -> None:
+        """Move everything to the device; cast the frozen teacher's weights to the compute dtype; shard."""
+        nets, device = self.nets, self.acc.device
+        for name in ("teacher", *TRAINED):
+            if getattr(nets, name) is not None:
+                getattr(nets, name).to(device)
+        self.objective.to(device)
+        dtype = COMPUTE_DTYPES.get(self.cfg.train.mixed_precision)
+        if dtype is not None:
+            for p in nets.teacher.parameters():
+                p.data = p.data.to(dtype)
+        if self.cfg.train.fsdp and self.acc.num_processes > 1:
+            for name in TRAINED:
+                if getattr(nets, name) is not None:
+                    _shard(getattr(nets, name))
+
+    def _modules(self, names) -> list[torch.nn.Module]:
         return [getattr(self.nets, n) for n in names if getattr(self.nets, n, None) is not None]
 
-    def _params(self, kind):
+    def _module_params(self, kind: str) -> list[torch.nn.Parameter]:
         return [p for m in self.modules[kind] for p in m.parameters()]
 
-    def _set_trainable(self, kind: str):
+    def _set_trainable(self, kind: str) -> None:
         for k, mods in self.modules.items():
             for m in mods:
                 m.requires_grad_(k == kind)
 
-    def train_step(self, step: int) -> tuple[str, dict]:
-        kind = self.objective.step_kind(step)
-        self._set_trainable(kind)
+    # ------------------------------------------------------------------------------------------ a step
+    def _micro_batches(self, step: int) -> list[tuple[int, Batch]]:
+        """This process's (shard index, micro-batch) pairs of the step's global batch."""
+        torch.manual_seed(step_seed(self.cfg.run.seed, step, "data"))
         batch = next(self.batches)
-        loss_fn = self.objective.generator_loss if kind == "generator" else self.objective.critic_loss
-        loss, logs = loss_fn(batch, self.nets, step)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"{kind} loss is {loss.item()} at step {step}")
-        opt = self.optimizers[kind]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in opt.param_groups for p in g["params"]]
-        if self.clip[kind] is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.clip[kind])
-        opt.step()
-        return kind, {k: float(v) for k, v in logs.items()}
+        first = self.acc.process_index * self.accumulation
+        parts = split_batch(batch, self.acc.num_processes * self.accumulation)
+        return [(k, _to(parts[k], self.acc.device)) for k in range(first, first + self.accumulation)]
 
-    def fit(self) -> TrainSummary:
-        start, logs, shown = time.time(), {}, {}
-        bar = tqdm(range(self.steps), disable=not self.progress, dynamic_ncols=True, desc="train")
-        for step in bar:
-            kind, step_logs = self.train_step(step)
-            logs.update({f"{kind}/{k}": v for k, v in step_logs.items()})
-            if step % self.log_every == 0 or step == self.steps - 1:
-                shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()}
-                bar.set_postfix(shown, refresh=False)
+    def _accumulate(self, kind: str, step: int) -> dict[str, torch.Tensor]:
+        """Forward and backward over the micro-batches; returns the loss terms averaged over them."""
+        loss_fn = self.objective.generator_loss if kind == "generator" else self.objective.critic_loss
+        totals: dict[str, torch.Tensor] = {}
+        for shard, batch in self._micro_batches(step):
+            torch.manual_seed(step_seed(self.cfg.run.seed, step, shard))
+            with self.acc.autocast():
+                loss, logs = loss_fn(batch, self.nets, step)
+            self.acc.backward(loss / self.accumulation)
+            for name, value in {"loss": loss, **logs}.items():
+                term = value.detach().float().reshape(()) / self.accumulation
+                totals[name] = totals[name] + term if name in totals else term
+        return totals
+
+    def _all_reduce(self, params, totals: dict) -> tuple[dict[str, float], float, bool]:
+        """One all-reduce of the replicated gradients, the loss terms, the sharded gradients' squared norm and
+        the stop flag. Returns the averaged terms, the sharded squared norm and whether to stop."""
+        world = self.acc.num_processes
+        plain = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+        sharded = [p.grad.to_local().float() for p in params if isinstance(p.grad, DTensor)]
+        device, names = self.acc.device, sorted(totals)
+        sharded_sq = torch.as_tensor(sum((g**2).sum() for g in sharded), dtype=torch.float32, device=device)
+        stop = torch.tensor(float(self._stop_signal), device=device)
+        tail = [*(totals[n] for n in names), sharded_sq, stop]
+        grads = [g.reshape(-1).float() for g in plain] if world > 1 else []
+        buf = self.acc.reduce(torch.cat(grads + [torch.stack(tail)]), "sum")
+        offset = 0
+        for g in plain if world > 1 else []:
+            g.copy_(buf[offset:offset + g.numel()].view_as(g) / world)
+            offset += g.numel()
+        values = (buf[offset:offset + len(names)] / world).tolist()
+        return dict(zip(names, values, strict=True)), float(buf[-2]), bool(buf[-1] > 0)
+
+    @staticmethod
+    def _grad_norm(params, sharded_sq: float) -> float:
+        plain = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+        norms = [torch.linalg.vector_norm(g.float()) for g in plain]
+        return ((float(torch.stack(norms).square().sum()) if norms else 0.0) + sharded_sq) ** 0.5
+
+    def train_step(self, step: int) -> tuple[str, dict[str, float], bool]:
+        """One critic or generator step; returns its kind, averaged scalars and whether a stop was requested.
+        A step whose loss or gradient is not finite is skipped (no update, no EMA) and counted in
+        ``nonfinite_run`` (reset by a good step) and ``nonfinite_total``."""
+        kind = self.objective.step_kind(step)
+        opt, scaler = self.optimizers[kind], self.acc.scaler
+        self._set_trainable(kind)
+        for o in self.optimizers.values():
+            if o is not None:
+                o.zero_grad(set_to_none=True)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        logs, sharded_sq, stop = self._all_reduce(params, self._accumulate(kind, step))
+        if scaler is not None:
+            scaler.unscale_(opt)
+        norm = self._grad_norm(params, sharded_sq)
+        finite = all(torch.isfinite(torch.tensor([*logs.values(), norm])).tolist())
+        if finite:
+            self._clip(params, norm, self.clip[kind])
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+            self.schedulers[kind].step()
+            if kind == "generator" or self.cfg.ema.update == "every":
+                self.ema.update()
+        if scaler is not None:
+            scaler.update()
+        self._count_nonfinite(finite, kind, step)
+        scalars = {f"{kind}/{k}": v for k, v in logs.items()} | {f"{kind}/grad_norm": norm} if finite else {}
+        return kind, scalars | {"nonfinite_fraction": 0.0 if finite else 1.0}, stop
+
+    @staticmethod
+    @torch.no_grad()
+    def _clip(params, norm: float, max_norm: float | None) -> None:
+        if max_norm is not None and norm > max_norm:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(max_norm / (norm + 1e-6))
+
+    def _count_nonfinite(self, finite: bool, kind: str, step: int) -> None:
+        if finite:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        limit = self.cfg.train.max_nonfinite_in_a_row
+        if self.nonfinite_run >= limit:
+            raise NonFiniteTraining(f"{self.nonfinite_run} non-finite steps in a row (limit "
+                                    f"train.max_nonfinite_in_a_row={limit}) at step {step}; stopped without "
+                                    f"writing a checkpoint; lower the learning rate or resume an earlier one")
+
+    # ---------------------------------------------------------------------------------------- the loop
+    def fit(self, resume_from: Path | None = None) -> TrainSummary:
+        if resume_from is not None:
+            checkpoint.load(self.acc, resume_from)
+        steps, log_cfg = self.cfg.train.steps, self.cfg.log
+        log = RunLogger(self.acc, self.run_dir, log_cfg, steps, self.step, self.progress)
+        if resume_from is not None:
+            log.note(f"resumed from {resume_from} at step {self.step}")
+        start = time.time() - self.wall_seconds
+        with self._signals():
+            while self.step < steps:
+                kind, logs, stop = self.train_step(self.step)
+                self.step += 1
+                self.wall_seconds = time.time() - start
+                if self.nonfinite_run:
+                    log.note(f"step {self.step}: non-finite {kind} loss or gradient, step skipped "
+                             f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)")
+                log.update(self.step, logs)
+                self._periodic(stop)
         self._set_trainable("none")
-        return TrainSummary(self.steps, time.time() - start, logs)
+        log.close()
+        return TrainSummary(self.step, self.wall_seconds, log.last, self.nonfinite_total)
+
+    def _periodic(self, stop: bool) -> None:
+        step, every = self.step, self.cfg.checkpoint.every
+        due = step == self.cfg.train.steps or stop or (every and step % every == 0)
+        if self.run_dir is not None and due:
+            path = self.save_checkpoint()
+            if stop:
+                signum = signal.Signals(self._stop_signal or signal.SIGTERM)
+                raise Interrupted(signum, f"interrupted by {signum.name} at step {step}; wrote checkpoint "
+                                  f"{path}; continue with --resume")
+        every = self.cfg.log.sample_every
+        if self.run_dir is not None and every and step % every == 0 and not self.cfg.train.fsdp:
+            self.write_preview(self.run_dir / "samples" / f"step-{step:08d}.png")
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(self.acc, self.run_dir, self.step, self.cfg.checkpoint.keep_last)
+
+    def write_preview(self, path: Path) -> None:
+        """Student samples with the evaluation weights (``eval.ema``); main process only, no collectives."""
+        if not self.acc.is_main_process:
+            return
+        student = self.nets.student
+        was_training = student.training
+        with self.ema.swapped(self.cfg.eval.ema), self.acc.autocast(), torch.no_grad():
+            student.eval()
+            preview(self.cfg, self.nets, path)
+        student.train(was_training)
+
+    @contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM set a flag that all processes act on after the current step."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, _frame):
+            self._stop_signal = signum
+            signal.signal(signum, previous[signum])  # a second signal acts at once
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    # -------------------------------------------------------------------------------- state and export
+    def _stateful(self) -> dict[str, torch.nn.Module]:
+        named = {n: getattr(self.nets, n) for n in TRAINED if getattr(self.nets, n) is not None}
+        return {**named, "objective": self.objective}
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs; gathers sharded tensors (call on every process)."""
+        state = {
+            "counters": {"step": self.step, "nonfinite_total": self.nonfinite_total,
+                         "nonfinite_run": self.nonfinite_run, "wall_seconds": self.wall_seconds},
+            "modules": {n: checkpoint.full_state_dict(m) for n, m in self._stateful().items()},
+            "optimizers": {k: checkpoint.full_optimizer_state(o) for k, o in self.optimizers.items() if o},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "ema": self.ema.state_dict(),
+        }
+        checkpoint.assert_finite(state)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        counters = state["counters"]
+        self.step, self.wall_seconds = counters["step"], counters["wall_seconds"]
+        self.nonfinite_total, self.nonfinite_run = counters["nonfinite_total"], counters["nonfinite_run"]
+        for name, module in self._stateful().items():
+            checkpoint.load_full_state_dict(module, state["modules"][name])
+        for k, opt in self.optimizers.items():
+            if opt is not None:
+                checkpoint.load_full_optimizer_state(opt, state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        self.ema.load_state_dict(state["ema"])
+
+    def student_weights(self) -> dict[str | None, dict]:
+        """Whole student state dicts: trained weights under ``None``, then each EMA by name (collective)."""
+        weights = {None: checkpoint.full_state_dict(self.nets.student)}
+        return weights | {name: self.ema.module_state_dict(name) for name in self.ema.averages}

@@ -1,0 +1,113 @@
+"""What a run shows and records, on the main process only: a progress bar with it/s and the named loss terms,
+scalars in ``RUN_DIR/train_log.csv`` and TensorBoard (through accelerate's trackers), and sample previews.
+
+Previews come from ``fdistill.tasks.preview(cfg, nets, path)`` when the task module defines it (image grids);
+otherwise 2-D samples are drawn as a scatter plot and other data get no preview.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fdistill import tasks
+from fdistill.config import Config, LogConfig
+from fdistill.objectives import Networks
+
+CSV_FILE = "train_log.csv"
+CSV_HEADER = ["step", "name", "value"]
+PREVIEW_SAMPLES = 2000
+
+
+class RunLogger:
+    """Averages each named scalar over the last ``log.every`` steps and reports it."""
+
+    def __init__(self, accelerator, run_dir: Path | None, cfg: LogConfig, steps: int, start: int,
+                 progress: bool):
+        self.acc, self.every, self.steps = accelerator, cfg.every, steps
+        self.main = accelerator.is_main_process
+        self.sums, self.counts = defaultdict(float), defaultdict(int)
+        self.bar = tqdm(total=steps, initial=start, disable=not (progress and self.main), dynamic_ncols=True,
+                        desc="train")
+        self.csv = _open_csv(run_dir / CSV_FILE, start) if self.main and run_dir is not None else None
+        if cfg.tensorboard and run_dir is not None:
+            accelerator.init_trackers("tensorboard")
+        self.last: dict[str, float] = {}
+
+    def update(self, step: int, logs: dict[str, float]) -> None:
+        """Record the scalars of the step that just finished (``step`` steps done)."""
+        for k, v in logs.items():
+            self.sums[k] += v
+            self.counts[k] += 1
+        self.bar.update(1)
+        if step % self.every == 0 or step == self.steps:
+            self._flush(step)
+
+    def note(self, message: str) -> None:
+        if self.main:
+            self.bar.write(message)
+
+    def _flush(self, step: int) -> None:
+        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        self.last.update(means)
+        self.sums.clear()
+        self.counts.clear()
+        self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in sorted(means.items())}, refresh=False)
+        self.acc.log(means, step=step)
+        if self.csv is not None:
+            csv.writer(self.csv).writerows([step, k, repr(v)] for k, v in sorted(means.items()))
+            self.csv.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.csv is not None:
+            self.csv.close()
+        for tracker in self.acc.trackers:
+            tracker.finish()
+
+
+def _open_csv(path: Path, start: int):
+    """Open the CSV for appending; rows from past ``start`` (an interrupted run's last steps) are dropped."""
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= start]
+    f = path.open("w", newline="")
+    csv.writer(f).writerows([CSV_HEADER, *rows])
+    return f
+
+
+def preview(cfg: Config, nets: Networks, path: Path) -> None:
+    """Write a picture of student samples to ``path`` (task-specific when ``tasks.preview`` exists)."""
+    draw = getattr(tasks, "preview", None) or scatter_preview
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw(cfg, nets, path)
+
+
+@torch.no_grad()
+def scatter_preview(cfg: Config, nets: Networks, path: Path) -> None:
+    """2-D data: one-step student samples over exact teacher samples when the teacher can draw them."""
+    if tuple(nets.student.sample_shape) != (2,):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    device = next(nets.student.parameters()).device
+    g = torch.Generator(device=device).manual_seed(cfg.eval.seed)
+    x = nets.student(nets.student.noise(PREVIEW_SAMPLES, generator=g, device=device)).float().cpu()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    if hasattr(nets.teacher, "sample"):
+        ref = nets.teacher.sample(PREVIEW_SAMPLES, generator=torch.Generator().manual_seed(cfg.eval.seed))[0]
+        ax.scatter(ref[:, 0].cpu(), ref[:, 1].cpu(), s=1, c="0.75", label="teacher")
+    ax.scatter(x[:, 0], x[:, 1], s=1, c="C0", label="student (1 step)")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=6, fontsize=7)
+    ax.set_title(path.stem, fontsize=8)
+    fig.savefig(path)
+    plt.close(fig)
