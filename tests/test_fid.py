@@ -266,7 +266,9 @@ def test_cli_digits_reference_and_samples(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["metric"] == "FD" and result["feature_net"] == "fdistill-digits"
     assert result["num_reference"] == 1797 and result["num_samples"] == len(samples) and result["steps"] == 1
-    assert 0 <= result["value"] < 5 and result["precision"] > 0.5 and result["recall"] > 0.5
+    # 359 real digits against all 1797: the small-sample bias floor of this feature space (two real halves
+    # score about 26, see the teacher's provenance), far below generated noise.
+    assert 0 <= result["value"] < 40 and result["precision"] > 0.5 and result["recall"] > 0.5
     stats = tmp_path / "digits.npz"
     itself = fid.compute_fid("digits", stats, "fdistill-digits", "torchmetrics", progress=False)
     assert abs(itself["value"]) < 1e-6  # 16 px digits need no resize: clean and torchmetrics features agree

@@ -13,7 +13,12 @@ TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channel
                  norm_num_groups=4, attention_head_dim=8)
 
 
+# Consistency students take their sampling times in TrigFlow units.
+TRIGFLOW_TIMES = {"scm": ["generator.times=[1.5]"], "rcm": ["generator.times=[1.5]"]}
+
+
 def tiny_unet_experiment(name, *overrides):
+    overrides = (*TRIGFLOW_TIMES.get(name, []), *overrides)
     cfg, options = load_config(None, ["teacher.kind=unet", f"objective.name={name}", *overrides])
     cfg.teacher.unet = dict(TINY_UNET)
     torch.manual_seed(0)
