@@ -56,6 +56,7 @@ class UNetDenoiser(Denoiser):
         cfg = unet.config
         self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.text_conditioned = hasattr(cfg, "cross_attention_dim") and cfg.cross_attention_dim is not None
+        self.null_embedding: torch.Tensor | None = None  # empty-prompt embedding of a text-conditioned UNet
         self._features: list[torch.Tensor] = []
         unet.mid_block.register_forward_hook(lambda _m, _i, out: self._features.append(out))
 
@@ -71,6 +72,20 @@ class UNetDenoiser(Denoiser):
         x0 = to_x0(out, DIFFUSERS_PREDICTION[self.prediction_type], x_t, alpha, sigma).to(x_t.dtype)
         features, self._features = list(self._features), []
         return x0, features
+
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional input of classifier-free guidance: the last class index of a class-conditional
+        UNet (the label its training dropped classes to), or the empty-prompt embedding of a text UNet."""
+        if self.text_conditioned:
+            if self.null_embedding is None:
+                raise ValueError("guidance on a text-conditioned teacher needs its empty-prompt embedding: "
+                                 "set the teacher's null_embedding")
+            return self.null_embedding.expand_as(cond)
+        classes = getattr(self.unet.config, "num_class_embeds", None)
+        if classes is None:
+            raise ValueError("classifier-free guidance needs a class-conditional teacher (num_class_embeds)")
+        return torch.full_like(cond, classes - 1)
 
 
 class GaussianMixtureDenoiser(Denoiser):

@@ -64,5 +64,5 @@ def build_networks(cfg: Config, teacher: Denoiser, objective: Objective) -> Netw
 
 
 def _probe_condition(cfg: Config, n: int):
-    classes = cfg.teacher.unet.get("num_class_embeddings") if cfg.teacher.kind == "unet" else None
+    classes = cfg.teacher.unet.get("num_class_embeds") if cfg.teacher.kind == "unet" else None
     return torch.zeros(n, dtype=torch.long) if classes else None

@@ -71,3 +71,20 @@ def test_unet_adapter_reads_each_prediction_type_as_x0():
     # and the eps-conversion of an x0 prediction inverts
     eps = from_x0(expected["sample"], "eps", x_t, a, s)
     assert torch.allclose((x_t - s * eps) / a, expected["sample"], atol=1e-5)
+
+
+def test_guidance_uses_the_null_class_of_a_class_conditional_unet():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from fdistill.objectives.common import guided_x0
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, num_class_embeds=11)
+    teacher = UNetDenoiser(unet, DiscreteVPSchedule.from_diffusers(DDPMScheduler()), "v_prediction")
+    x_t, t, labels = torch.randn(3, 1, 8, 8), torch.full((3,), 500.0, dtype=torch.float64), torch.tensor([0, 4, 9])
+    assert torch.equal(teacher.null_condition(labels), torch.full((3,), 10))
+    cond, uncond = teacher(x_t, t, labels), teacher(x_t, t, torch.full((3,), 10))
+    guided = guided_x0(teacher, x_t, t, labels, guidance_scale=3.0)
+    assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
