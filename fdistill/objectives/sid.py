@@ -1,0 +1,163 @@
+"""SiD: Score identity Distillation (Zhou et al. 2024, arXiv 2404.04057); SiDA adds a GAN (arXiv 2410.14919).
+
+Generator loss per sample (ALGORITHMS.md 5). ``f_phi = x0_p(x_t)`` (teacher) and ``f_psi = x0_q(x_t)`` (fake
+score) are frozen networks whose *inputs* carry gradient; ``x_t = alpha x_g + sigma eps`` with sigma from the
+t_max = 800 law and ``x_g = G(2.5 z)``:
+
+    L_SiD(alpha) = 100 (f_phi - f_psi).((f_phi - x_g) - alpha (f_phi - f_psi)) / sg(max(mean|x_g - f_phi|, c))
+
+with ``c = 1e-5``. ``alpha = 1/2`` is the exact gradient of the Fisher divergence ``E_q||s_q - s_p||^2``
+(= Uni-Instruct RKL), ``alpha = 1`` holds the sampling distribution fixed (= SIM-L2); SiD's default 1.2 is
+empirical.
+
+:class:`ScoreIdentity` is the base of SiD, SIM and Uni-Instruct. They share the critic step (fake-score DSM
+with EDM lognormal times and EDM weighting, plus the discriminator BCE when there is one), the generator
+forward pass and the GAN term; each implements only :meth:`ScoreIdentity.score_loss`. The discriminator is
+``shared`` (SiDA: the logit map is the channel mean of the fake score's features, BCE per location) or
+``separate`` (a head on the teacher's features, 2.4). As in the official code the GAN generator term is scaled
+like the score loss, ``D N_i softplus(-l_i)`` with ``N_i`` the normaliser and ``D`` the sample size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fdistill.generator import Generator
+from fdistill.objectives import common
+from fdistill.objectives.base import Batch, Networks, Objective, ObjectiveOptions, register
+from fdistill.schedules import sample_time
+
+DISCRIMINATORS = ("shared", "separate")
+
+
+@dataclass
+class ScoreIdentityOptions(ObjectiveOptions):
+    name: str = "sid"
+    critic_steps: int = 1
+    init_sigma: Optional[float] = 2.5  # student input sigma (SNR-matched); explicit generator.times win
+    generator_t_max: float = 800.0  # SiD time law: u ~ U[0, t_max/1000] on the Karras grid
+    critic_time_distribution: str = "lognormal"
+    fake_score_weighting: str = "edm"
+    loss_scale: float = 100.0
+    normalizer_clip: float = 1e-5
+    critic_warmup_steps: int = 0  # critic-only steps before the first generator step
+    gan_weight: float = 0.0
+    gan_logit_clamp: float = 10.0
+    discriminator: str = "shared"
+    discriminator_weight: float = 1.0
+
+
+class ScoreIdentity(Objective):
+    critic_trains = ("fake_score", "discriminator")
+    uses_ratio = False  # Uni-Instruct: the discriminator also estimates r = p/q
+
+    def __init__(self, options: ScoreIdentityOptions, schedule):
+        super().__init__(options, schedule)
+        if options.discriminator not in DISCRIMINATORS:
+            raise ValueError(f"objective.discriminator must be one of {DISCRIMINATORS}, "
+                             f"not {options.discriminator!r}")
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.options.gan_weight > 0 or self.uses_ratio
+
+    @property
+    def needs_discriminator(self) -> bool:
+        return self.uses_discriminator and self.options.discriminator == "separate"
+
+    @property
+    def needs_real_data(self) -> bool:
+        return self.uses_discriminator
+
+    def build_student(self, net, times):
+        return Generator(net, common.student_input_times(self.schedule, times, self.options.init_sigma))
+
+    def step_kind(self, step: int) -> str:
+        warmup = self.options.critic_warmup_steps
+        return "critic" if step < warmup else super().step_kind(step - warmup)
+
+    def generator_step(self, step: int) -> int:
+        """How many generator steps came before training step ``step``."""
+        return max(step - self.options.critic_warmup_steps, 0) // (self.options.critic_steps + 1)
+
+    def times(self, kind: str, n: int, device) -> torch.Tensor:
+        return sample_time(self.schedule, n, kind, t_max=self.options.generator_t_max).to(device)
+
+    def logits(self, nets: Networks, teacher_features, fake_features) -> torch.Tensor:
+        """Logits ``[B, L]``; ``log p_t/q_t`` at the optimum (real = teacher/data is the positive class)."""
+        if self.options.discriminator == "shared":
+            return common.sida_logits(fake_features)
+        return nets.discriminator(teacher_features)
+
+    def critic_loss(self, batch: Batch, nets: Networks, step: int):
+        o, schedule = self.options, self.schedule
+        with torch.no_grad():
+            x_g = nets.student(nets.student.noise(batch.size, device=batch_device(nets)), batch.cond)
+        t = self.times(o.critic_time_distribution, batch.size, x_g.device)
+        x_t, eps = common.diffuse(schedule, x_g, t)
+        x0_fake, feat_fake = nets.fake_score.forward_with_features(x_t, t, batch.cond)
+        err = (x0_fake - x_g).float().pow(2).flatten(1).mean(1)
+        weight = common.fake_score_weight(schedule, t, o.fake_score_weighting).float().to(err.device)
+        loss = (weight * err).mean()
+        logs = {"fake_score": loss.detach()}
+        if self.uses_discriminator:  # real samples at the same t and noise, as the UI code does
+            x_real_t = schedule.diffuse(batch.real.to(x_g), t, eps)
+            if o.discriminator == "shared":
+                feat_real = nets.fake_score.forward_with_features(x_real_t, t, batch.cond)[1]
+            else:
+                with torch.no_grad():
+                    feat_real = nets.teacher.forward_with_features(x_real_t, t, batch.cond)[1]
+                    feat_fake = nets.teacher.forward_with_features(x_t, t, batch.cond)[1]
+            logits_real, logits_fake = (self.logits(nets, f, f) for f in (feat_real, feat_fake))
+            loss_disc = common.gan_discriminator_loss(logits_real, logits_fake)
+            loss = loss + o.discriminator_weight * loss_disc
+            logs["discriminator"] = loss_disc.detach()
+        return loss, logs
+
+    def gan_active(self, generator_step: int) -> bool:
+        return self.options.gan_weight > 0
+
+    def score_loss(self, x_g, x0_teacher, x0_fake, t, logits, generator_step) -> tuple[torch.Tensor, dict]:
+        """Per-sample score-identity loss ``[B]`` before the normaliser, and extra logs."""
+        raise NotImplementedError
+
+    def generator_loss(self, batch: Batch, nets: Networks, step: int):
+        o = self.options
+        x_g = nets.student(nets.student.noise(batch.size, device=batch_device(nets)), batch.cond)
+        t = self.times("sid", batch.size, x_g.device)
+        x_t, _ = common.diffuse(self.schedule, x_g, t)
+        # Teacher and fake score are frozen, but the gradient must flow through their input (pitfall 8).
+        x0_teacher, feat_teacher = nets.teacher.forward_with_features(x_t, t, batch.cond)
+        x0_fake, feat_fake = nets.fake_score.forward_with_features(x_t, t, batch.cond)
+        logits = self.logits(nets, feat_teacher, feat_fake) if self.uses_discriminator else None
+        normalizer = common.sid_normalizer(x_g, x0_teacher, o.normalizer_clip)
+        gen_step = self.generator_step(step)
+        per_sample, logs = self.score_loss(x_g, x0_teacher, x0_fake, t, logits, gen_step)
+        loss = common.finite_mean(o.loss_scale * normalizer * per_sample)
+        logs = {self.name: loss.detach(), **logs}
+        if logits is not None and self.gan_active(gen_step):
+            dim = x_g[0].numel()
+            loss_gan = common.normalized_gan_generator_loss(logits, normalizer, dim, o.gan_logit_clamp)
+            loss = loss + o.gan_weight * loss_gan
+            logs["gan"] = loss_gan.detach()
+        return loss, logs
+
+
+@dataclass
+class SiDOptions(ScoreIdentityOptions):
+    name: str = "sid"
+    alpha: float = 1.2
+
+
+@register("sid", SiDOptions)
+class SiD(ScoreIdentity):
+    def score_loss(self, x_g, x0_teacher, x0_fake, t, logits, generator_step):
+        inner, sq = common.score_identity_terms(x_g, x0_teacher, x0_fake)
+        return common.sid_loss(inner, sq, self.options.alpha), {}
+
+
+def batch_device(nets: Networks) -> torch.device:
+    return next(nets.student.parameters()).device

@@ -1,0 +1,142 @@
+"""sCM / rCM: the tangent at the exact consistency map, one student and one critic step, few-step sampling."""
+
+import math
+
+import pytest
+import torch
+
+from fdistill.config import load_config
+from fdistill.jvp import time_jvp
+from fdistill.objectives import Batch
+from fdistill.objectives.scm import normalize_tangent, rcm_tangent, scm_tangent
+from fdistill.run import build_experiment
+
+# ---------------------------------------------------------------------------------------------------
+# 1-D Gaussian data N(0, v): the PF-ODE is linear and the consistency map is known (ALGORITHMS.md 13.9).
+
+VARIANCE = 0.3
+
+
+def gaussian_case(sigma_data, x=0.7, t=0.9):
+    """``(F^-, dx/dt, x_t, v, t)`` at the exact consistency map; ``v = cos t sin t dF/dt`` by exact JVP."""
+    spread = lambda s: torch.cos(s) ** 2 * VARIANCE + torch.sin(s) ** 2 * sigma_data**2  # noqa: E731
+
+    def F_exact(x_t, s):  # f = cos t x - sin t s_d F with f(x_t, t) = x_t sqrt(v / spread(t))
+        s = s[:, None]
+        return (torch.cos(s) * x_t - x_t * torch.sqrt(VARIANCE / spread(s))) / (sigma_data * torch.sin(s))
+
+    x_t = torch.tensor([[x]], dtype=torch.float64)
+    t = torch.tensor([t], dtype=torch.float64)
+    cos, sin = torch.cos(t)[:, None], torch.sin(t)[:, None]
+    dxdt = sin * cos * (sigma_data**2 - VARIANCE) / spread(t[:, None]) * x_t  # E[dx_t/dt | x_t]
+    v = time_jvp(F_exact, x_t, t, cos * sin * dxdt, (cos * sin)[:, 0], "exact")
+    return F_exact(x_t, t), dxdt, x_t, v, t
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+@pytest.mark.parametrize("tangent", [scm_tangent, rcm_tangent])
+def test_tangent_vanishes_at_the_exact_consistency_map(tangent, sigma_data):
+    for x, t in [(0.7, 0.9), (-1.3, 0.2), (2.0, 1.4)]:
+        g = tangent(*gaussian_case(sigma_data, x, t), sigma_data, warmup_ratio=1.0)
+        assert g.abs().max() <= 1e-8
+
+
+def test_tangent_forms_differ_during_warmup():
+    """The numbers of ``checks/scm_check.py`` at ``x = 0.7, t = 0.9, r = 0.5``."""
+    assert float(scm_tangent(*gaussian_case(0.5), 0.5, 0.5)) == pytest.approx(6.267e-02, rel=1e-3)
+    assert float(scm_tangent(*gaussian_case(1.0), 1.0, 0.5)) == pytest.approx(6.658e-02, rel=1e-3)
+    assert float(rcm_tangent(*gaussian_case(1.0), 1.0, 0.5)) == pytest.approx(2.344e-01, rel=1e-3)
+
+
+def test_tangent_normalisation():
+    g = torch.full((2, 4), 3.0)
+    assert normalize_tangent(g, "l2", 0.1)[0].norm() == pytest.approx(6.0 / 6.1)
+    assert normalize_tangent(g, "rms", 0.1)[0, 0] == pytest.approx(3.0 / 3.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The objectives on a tiny diffusers UNet teacher (discrete VP, epsilon) built from config.
+
+UNET_CONFIG = """
+teacher:
+  kind: unet
+  unet: {sample_size: 8, in_channels: 3, out_channels: 3, block_out_channels: [16, 32], layers_per_block: 1,
+         down_block_types: [DownBlock2D, AttnDownBlock2D], up_block_types: [AttnUpBlock2D, UpBlock2D],
+         norm_num_groups: 8, attention_head_dim: 8}
+generator: {times: [1.55, 1.3, 1.0, 0.6]}
+"""
+
+
+def build(tmp_path, objective: str):
+    path = tmp_path / "tiny_unet.yaml"
+    path.write_text(UNET_CONFIG + f"objective: {objective}\n")
+    cfg, options = load_config(str(path))
+    return build_experiment(cfg, options)
+
+
+def run_step(objective, nets, kind, step):
+    """Loss and logs of one step with every trainable network open to gradients; which ones got them."""
+    trainable = {"student": nets.student, "fake_score": nets.fake_score, "objective": objective}
+    for module in trainable.values():
+        if module is not None:
+            module.requires_grad_(True)
+            module.zero_grad(set_to_none=True)
+    batch = Batch(size=2, real=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(step)))
+    loss_fn = objective.generator_loss if kind == "generator" else objective.critic_loss
+    loss, logs = loss_fn(batch, nets, step)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in logs.values())
+    loss.backward()
+    assert all(p.grad is None for p in nets.teacher.parameters())
+    has_grad = lambda m: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())  # noqa: E731
+    return logs, {name: m is not None and has_grad(m) for name, m in trainable.items()}
+
+
+def test_scm_student_step_on_unet_teacher(tmp_path):
+    nets, objective = build(tmp_path, "{name: scm, tangent_warmup: 4}")
+    assert nets.fake_score is None and objective.critic_trains == ()
+    assert {objective.step_kind(s) for s in range(10)} == {"generator"}
+    logs, grads = run_step(objective, nets, "generator", step=2)
+    assert set(logs) == {"scm", "tangent_rms"}
+    assert grads == {"student": True, "fake_score": False, "objective": True}  # objective: the logvar head
+
+
+def test_rcm_student_and_critic_steps_on_unet_teacher(tmp_path):
+    options = "{name: rcm, tangent_warmup: 2, student_update_freq: 3, jvp: finite_difference, fd_step: 3e-5}"
+    nets, objective = build(tmp_path, options)
+    student_only = {"student": True, "fake_score": False, "objective": False}
+    logs, grads = run_step(objective, nets, "generator", step=0)  # warm-up: pure sCM
+    assert set(logs) == {"scm", "tangent_rms"} and grads == student_only
+    logs, grads = run_step(objective, nets, "generator", step=2)
+    assert set(logs) == {"scm", "tangent_rms", "dmd"} and grads == student_only
+    logs, grads = run_step(objective, nets, "critic", step=3)
+    assert set(logs) == {"fake_score"} and grads == {"student": False, "fake_score": True, "objective": False}
+
+
+def test_rcm_schedule(tmp_path):
+    _, objective = build(tmp_path, "{name: rcm, tangent_warmup: 2, student_update_freq: 3}")
+    kinds = "".join(objective.step_kind(s)[0] for s in range(9))
+    assert kinds == "gggccgccg"
+    assert [objective.student_updates_before(s) for s in range(9)] == [0, 1, 2, 3, 3, 3, 4, 4, 4]
+    assert [objective.warmup_ratio(s) for s in range(4)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_student_times_must_be_trigflow_times(tmp_path):
+    nets, objective = build(tmp_path, "{name: scm}")
+    with pytest.raises(ValueError, match="TrigFlow"):
+        objective.build_student(nets.student.net.net, [80.0])
+    assert nets.student.schedule.name == "trigflow" and nets.student.times[0] < math.pi / 2
+
+
+def test_few_step_sampling_shapes_and_seeds(tmp_path):
+    nets, _ = build(tmp_path, "{name: rcm}")
+
+    @torch.no_grad()
+    def sample(steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        return nets.student.sample(nets.student.noise(3, generator=g), steps=steps, generator=g)
+
+    for steps in (1, 2, 4):
+        x = sample(steps, seed=5)
+        assert x.shape == (3, 3, 8, 8) and torch.isfinite(x).all()
+        assert torch.equal(x, sample(steps, seed=5))
+    assert not torch.equal(sample(2, seed=5), sample(2, seed=6))
