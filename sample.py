@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fdistill.cli import user_errors
 from fdistill.config import ConfigError

@@ -58,6 +58,8 @@ class UNetDenoiser(Denoiser):
         self.text_conditioned = hasattr(cfg, "cross_attention_dim") and cfg.cross_attention_dim is not None
         self.null_embedding: torch.Tensor | None = None  # empty-prompt embedding of a text-conditioned UNet
         self._features: list[torch.Tensor] = []
+        # A deep-copied UNet carries its source denoiser's hook, which would feed that denoiser's list.
+        unet.mid_block._forward_hooks.clear()
         unet.mid_block.register_forward_hook(lambda _m, _i, out: self._features.append(out))
 
     def forward_with_features(self, x_t, t, cond=None):

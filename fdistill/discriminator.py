@@ -18,7 +18,8 @@ def _groups(channels: int) -> int:
 
 
 def _down(channels: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(channels, channels, kernel, stride, padding), nn.GroupNorm(_groups(channels), channels), nn.SiLU()]
+    conv = nn.Conv2d(channels, channels, kernel, stride, padding)
+    return [conv, nn.GroupNorm(_groups(channels), channels), nn.SiLU()]
 
 
 class ConvHead(nn.Module):
@@ -69,7 +70,7 @@ class Discriminator(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         if len(features) != len(self.heads):
             raise ValueError(f"discriminator has {len(self.heads)} heads but got {len(features)} feature maps")
-        return torch.cat([head(f.float()) for head, f in zip(self.heads, features)], dim=1)
+        return torch.cat([head(f.float()) for head, f in zip(self.heads, features, strict=True)], dim=1)
 
 
 def discriminator_for(features: list[torch.Tensor]) -> Discriminator:

@@ -28,7 +28,7 @@ class Generator(nn.Module):
         super().__init__()
         if not times:
             raise ValueError("the generator needs at least one sampling time")
-        if any(a <= b for a, b in zip(times, times[1:])):
+        if any(a <= b for a, b in zip(times, times[1:], strict=False)):
             raise ValueError(f"generator times must decrease strictly, got {times}")
         self.net = net
         self.times = [float(t) for t in times]

@@ -41,9 +41,10 @@ def trainable_copy(teacher: Denoiser, cfg: Config) -> Denoiser:
     if isinstance(teacher, GaussianMixtureDenoiser):
         m = cfg.model
         return MLPDenoiser(teacher.sample_shape[0], teacher.schedule, m.hidden, m.depth, m.sigma_data)
-    net = copy.deepcopy(teacher)
-    if isinstance(net, UNetDenoiser):  # the deep copy does not carry the feature hook's closure target
-        net = UNetDenoiser(net.unet, teacher.schedule, teacher.prediction_type)
+    if isinstance(teacher, UNetDenoiser):
+        net = UNetDenoiser(copy.deepcopy(teacher.unet), teacher.schedule, teacher.prediction_type)
+    else:
+        net = copy.deepcopy(teacher)
     net.train()
     return net.requires_grad_(True)
 

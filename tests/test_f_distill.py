@@ -125,7 +125,7 @@ def test_f_distill_with_zero_logits_is_dmd(divergence):
     lf, gf = generator_loss_with_seed(f_obj, f_nets)
     ld, gd = generator_loss_with_seed(d_obj, d_nets)
     assert torch.allclose(lf, ld, rtol=1e-5)
-    for a, b in zip(gf, gd):
+    for a, b in zip(gf, gd, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
 
 

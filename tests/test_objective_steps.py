@@ -97,3 +97,12 @@ def test_generator_step_backpropagates_through_the_frozen_teacher_input():
     loss.backward()
     assert float(logs["vsd"]) == 0.0
     assert has_grad(nets.student) and no_grad(nets.teacher) and no_grad(nets.discriminator)
+
+
+def test_trainable_copies_do_not_feed_the_teacher_feature_list():
+    _, (nets, _) = tiny_unet_experiment("dmd")
+    x, t = torch.randn(2, 3, 8, 8), torch.full((2,), 500.0, dtype=torch.float64)
+    nets.fake_score(x, t)
+    nets.student.net(x, t)
+    assert nets.teacher._features == []
+    assert len(nets.teacher.forward_with_features(x, t)[1]) == 1
