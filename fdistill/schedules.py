@@ -69,12 +69,6 @@ class Schedule:
         alpha, sigma = self.coefficients(t, x0)
         return (alpha * x0.double() + sigma * eps.double()).to(x0.dtype)
 
-    def log_snr(self, t) -> torch.Tensor:
-        return 2 * torch.log(self.alpha(t) / self.sigma(t))
-
-    def clamp(self, t) -> torch.Tensor:
-        return _f64(t).clamp(self.t_min, self.t_max)
-
 
 @dataclass
 class VPSchedule(Schedule):
