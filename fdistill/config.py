@@ -29,7 +29,7 @@ class RunConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "ring"  # ring (analytic 2-D mixture) | unet (built from `unet`) | pretrained | embedded
+    kind: str = "ring"  # ring (analytic 2-D mixture) | unet (built from `unet`) | pretrained | embedded (digits)
     schedule: str = "edm"  # schedule of analytic teachers: edm | vp | rf | trigflow
     num_modes: int = 8
     radius: float = 2.0
@@ -51,7 +51,9 @@ class ModelConfig:
 
 @dataclass
 class GeneratorConfig:
-    times: Optional[List[float]] = None  # sampling times t_0 > t_1 > ...; default [teacher t_max]
+    # sampling times t_0 > t_1 > ... in the teacher's time units (0..999 for diffusers teachers); default: the
+    # teacher's last time, or sigma/alpha = 2.5 for epsilon-prediction teachers (docs/images.md)
+    times: Optional[List[float]] = None
 
 
 @dataclass
@@ -117,10 +119,14 @@ class EvalConfig:
     num_samples: int = 4000
     seed: int = 1234
     teacher_steps: int = 32
-    teacher_sampler: str = "heun"
+    teacher_sampler: str = "heun"  # euler (= DDIM) | heun
     student_steps: List[int] = field(default_factory=lambda: [1])
     renoise: str = "sde"
     ema: Optional[str] = None  # the ema.averages entry to evaluate and sample with (null: trained weights)
+    batch_size: int = 250  # images generated at once
+    reference: Optional[str] = None  # images: folder, statistics .npz or "digits"; default: the training data
+    features: Optional[str] = None  # images: fdistill-digits | inception; default: fdistill-digits on digits
+    save_samples: bool = True  # images: RUN_DIR/samples/<sampler>/*.png and student_vs_teacher.png
 
 
 @dataclass
@@ -196,7 +202,8 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
 
 
 _LIST_SECTIONS = {"ema.averages": EMASpec}  # lists of typed items, checked one by one for precise errors
-_CHOICES = {"train.mixed_precision": ("no", "bf16", "fp16"), "ema.update": ("generator", "every")}
+_CHOICES = {"train.mixed_precision": ("no", "bf16", "fp16"), "ema.update": ("generator", "every"),
+            "eval.teacher_sampler": ("euler", "heun"), "eval.renoise": ("sde", "ode")}
 
 
 def _check_list_items(user: DictConfig) -> None:

@@ -1,13 +1,19 @@
 """End-of-run evaluation: the student at each of its step counts next to the teacher's multi-step sampler.
 
 Every entry is computed from fixed seeds (``eval.seed``), so identical weights give identical numbers.
+Image samplers share one protocol: the same noise, class labels, sample count and reference statistics, so
+that student and teacher numbers can be compared (Frechet distances on ~1000 samples are biased upward and
+only comparable within one protocol, which every entry records).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from fdistill.config import EvalConfig
 from fdistill.denoisers import GaussianMixtureDenoiser
@@ -17,16 +23,39 @@ from fdistill.sampling import sample_ode
 
 
 @torch.no_grad()
-def student_samples(nets: Networks, n: int, steps: int, seed: int, renoise: str = "sde") -> torch.Tensor:
+def student_samples(nets: Networks, n: int, steps: int, seed: int, renoise: str = "sde", cond=None,
+                    batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+    """``n`` student samples; one generator seeded with ``seed`` draws each batch's noise in turn."""
     g = torch.Generator().manual_seed(seed)
-    z = nets.student.noise(n, generator=g)
-    return nets.student.sample(z, steps=steps, mode=renoise, generator=g)
+    device = next(nets.student.parameters()).device
+    out = []
+    for rows in _batches(n, batch_size, progress, f"student {steps} step"):
+        z = nets.student.noise(len(rows), generator=g).to(device)
+        c = None if cond is None else cond[rows].to(device)
+        out.append(nets.student.sample(z, c, steps=steps, mode=renoise, generator=g).float().cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
-def teacher_samples(nets: Networks, n: int, steps: int, sampler: str, seed: int) -> tuple[torch.Tensor, int]:
+def teacher_samples(nets: Networks, n: int, steps: int, sampler: str, seed: int, cond=None,
+                    batch_size: int | None = None, progress: bool = False) -> tuple[torch.Tensor, int]:
+    """``n`` samples of the teacher's ODE sampler and its function evaluations per sample."""
     g = torch.Generator().manual_seed(seed)
-    return sample_ode(nets.teacher, torch.randn((n, *nets.teacher.sample_shape), generator=g), steps, sampler)
+    device = next(nets.student.parameters()).device
+    out, nfe = [], 0
+    for rows in _batches(n, batch_size, progress, f"teacher {steps} steps"):
+        z = torch.randn((len(rows), *nets.teacher.sample_shape), generator=g).to(device)
+        c = None if cond is None else cond[rows].to(device)
+        x, nfe = sample_ode(nets.teacher, z, steps, sampler, c)
+        out.append(x.float().cpu())
+    return torch.cat(out), nfe
+
+
+def _batches(n: int, batch_size: int | None, progress: bool, desc: str):
+    size = batch_size or n
+    starts = range(0, n, size)
+    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+        yield torch.arange(start, min(start + size, n))
 
 
 def _toy_entry(samples, teacher: GaussianMixtureDenoiser, reference) -> dict:
@@ -52,3 +81,119 @@ def evaluate_toy(nets: Networks, ec: EvalConfig) -> list[dict]:
     results.append({**entry, "samples_per_second": ec.num_samples / (time.time() - start)})
     nets.student.train(was_training)
     return results
+
+
+@dataclass
+class ImageProtocol:
+    """What every image sampler is judged under. ``labels`` (one per sample, or ``None`` for unconditional
+    teachers) condition both student and teacher; ``classifier`` (optional) maps images in [-1, 1] to class
+    logits for label accuracy and class coverage; ``samples_dir`` receives each sampler's PNGs."""
+
+    num_samples: int
+    seed: int
+    batch_size: int
+    labels: torch.Tensor | None
+    reference: object  # any image source of fdistill.metrics.fid, or its ReferenceStats
+    features: object  # feature network name or FeatureNet
+    classifier: torch.nn.Module | None = None
+    num_classes: int | None = None
+    samples_dir: Path | None = None
+    progress: bool = False
+
+    def describe(self) -> dict:
+        labels = None if self.labels is None else f"i % {self.num_classes} for sample i"
+        return {"num_samples": self.num_samples, "seed": self.seed, "labels": labels}
+
+
+def class_statistics(logits: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> dict:
+    """``class_accuracy``: the fraction classified as the label they were generated for (conditional only);
+    ``class_coverage``: the fraction of classes that receive at least half of their uniform share
+    ``1 / (2 K)`` of the predictions, which flags dropped modes without punishing mild imbalance."""
+    predicted = logits.argmax(1)
+    counts = torch.bincount(predicted, minlength=num_classes)[:num_classes].double()
+    stats = {"class_coverage": float((counts >= 0.5 * len(predicted) / num_classes).double().mean())}
+    if labels is not None:
+        stats["class_accuracy"] = float((predicted == labels).double().mean())
+    return stats
+
+
+def image_entry(images: torch.Tensor, protocol: ImageProtocol, reference, name: str) -> dict:
+    """FD and class statistics of float images in [-1, 1], computed on their 8-bit quantisation: the values
+    a PNG holds, so ``eval/fid.py`` on the written folder reproduces the number."""
+    from fdistill.metrics.fid import compute_fid
+    from fdistill.metrics.image_sources import to_uint8_nchw
+
+    pixels = to_uint8_nchw(images.clamp(-1, 1))
+    if protocol.samples_dir is not None:
+        write_png_folder(pixels, protocol.samples_dir / name)
+    fid = compute_fid(pixels.permute(0, 2, 3, 1), reference, protocol.features, backend="clean",
+                      progress=False)
+    entry = {"fd": fid["value"], "feature_net": fid["feature_net"], "weights_hash": fid["weights_hash"],
+             "reference": fid["reference"], "num_reference": fid["num_reference"]}
+    if protocol.classifier is not None:
+        with torch.no_grad():
+            logits = protocol.classifier(pixels.float() / 127.5 - 1)
+        entry.update(class_statistics(logits, protocol.labels, protocol.num_classes))
+    return entry
+
+
+def write_png_folder(pixels: torch.Tensor, folder: Path) -> None:
+    """uint8 NCHW images as ``folder/000000.png ...`` (gray "L" or "RGB"), replacing any older set."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    for i, img in enumerate(pixels):
+        array = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(folder / f"{i:06d}.png")
+
+
+GRID_FILE = "student_vs_teacher.png"
+
+
+def evaluate_images(nets: Networks, ec: EvalConfig, protocol: ImageProtocol) -> list[dict]:
+    """Student (each trained step count) and teacher (``eval.teacher_steps`` ODE steps) under one protocol."""
+    from fdistill.metrics.fid import load_feature_net, reference_statistics
+
+    net = load_feature_net(protocol.features)
+    reference = reference_statistics(protocol.reference, net, "clean", progress=False)
+    protocol.features = net
+    common = protocol.describe()
+    was_training = nets.student.training
+    nets.student.eval()
+    samplers = [("student", k) for k in ec.student_steps if k <= nets.student.max_steps] + [("teacher", None)]
+    results, shown = [], {}
+    for model, steps in samplers:
+        start = time.time()
+        if model == "student":
+            x = student_samples(nets, protocol.num_samples, steps, protocol.seed, ec.renoise, protocol.labels,
+                                protocol.batch_size, protocol.progress)
+            nfe, extra = steps, {"renoise": ec.renoise} if steps > 1 else {}
+        else:
+            x, nfe = teacher_samples(nets, protocol.num_samples, ec.teacher_steps, ec.teacher_sampler,
+                                     protocol.seed, protocol.labels, protocol.batch_size, protocol.progress)
+            extra = {"sampler": ec.teacher_sampler}
+        rate = protocol.num_samples / (time.time() - start)
+        entry = image_entry(x, protocol, reference, f"{model}_nfe{nfe}")
+        results.append({"model": model, "nfe": nfe, **extra, **entry, "samples_per_second": rate, **common})
+        shown[model] = shown.get(model, x)  # the student's fewest-step samples
+    nets.student.train(was_training)
+    if protocol.samples_dir is not None:
+        write_comparison_grid(shown["student"], shown["teacher"], protocol.samples_dir / GRID_FILE,
+                              protocol.num_classes or 8)
+    return results
+
+
+def write_comparison_grid(student: torch.Tensor, teacher: torch.Tensor, path: Path, columns: int,
+                          rows: int = 4) -> None:
+    """The first ``rows x columns`` samples of each side by side: student left, teacher right. With labels
+    ``i % K`` and ``columns = K`` every column is one class, the same on both sides."""
+    from torchvision.utils import make_grid, save_image
+
+    n = rows * columns
+    left, right = (make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=columns, padding=1, pad_value=1.0)
+                   for x in (student, teacher))
+    gap = torch.ones(left.shape[0], left.shape[1], 6)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat([left, gap, right], dim=2), path)

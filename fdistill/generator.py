@@ -12,9 +12,38 @@ import torch
 from torch import nn
 
 from fdistill.denoisers import Denoiser
-from fdistill.schedules import from_x0
+from fdistill.schedules import Schedule, from_x0
 
 RENOISE_MODES = ("sde", "ode")
+
+
+def input_scale(schedule: Schedule, t0: float) -> float:
+    """``sigma(t_0)`` as a Python float: the student's first input is ``input_scale * z`` for unit noise ``z``.
+
+    A float rather than a tensor so that every sampler (``Generator``, the exported diffusers scheduler's
+    ``init_noise_sigma``) multiplies the noise by exactly the same number.
+    """
+    return float(schedule.sigma(t0))
+
+
+def renoise(schedule: Schedule, x: torch.Tensor, x0: torch.Tensor, t: float, t_next: float, mode: str = "sde",
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """The input of the next few-step call: ``alpha(t_next) x0 + sigma(t_next) eps`` in float64, cast to ``x``.
+
+    ``x`` is the input at time ``t`` whose x0-prediction is ``x0``. ``eps`` is fresh noise drawn from
+    ``generator`` ("sde") or the noise that ``(x, x0)`` imply at ``t`` ("ode"). The noise is drawn on the
+    generator's device and moved, so a CPU generator seeds a GPU sampler too. Shared by :meth:`Generator.sample`
+    and :class:`fdistill.pipeline.FDistillScheduler`, which therefore agree bit for bit.
+    """
+    if mode == "sde":
+        device = generator.device if generator is not None else x.device
+        eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    elif mode == "ode":
+        eps = from_x0(x0, "eps", x, schedule.alpha(t), schedule.sigma(t)).to(x.dtype)
+    else:
+        raise ValueError(f"unknown re-noising mode {mode!r}; use one of {RENOISE_MODES}")
+    t_next = torch.tensor(t_next, dtype=torch.float64)
+    return (schedule.alpha(t_next) * x0.double() + schedule.sigma(t_next) * eps.double()).to(x.dtype)
 
 
 class Generator(nn.Module):
@@ -55,7 +84,7 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         """One-step sample from unit noise ``z``."""
         t0 = self.times[0]
-        return self.step(float(self.schedule.sigma(t0)) * z, t0, cond)
+        return self.step(input_scale(self.schedule, t0) * z, t0, cond)
 
     def sample(self, z, cond=None, steps: int = 1, mode: str = "sde", generator=None) -> torch.Tensor:
         """``steps``-step sample from unit noise ``z``; gradients flow through every call if enabled."""
@@ -64,16 +93,7 @@ class Generator(nn.Module):
         if mode not in RENOISE_MODES:
             raise ValueError(f"unknown re-noising mode {mode!r}; use one of {RENOISE_MODES}")
         times = self.times[:steps]
-        x = float(self.schedule.sigma(times[0])) * z
-        for i, t in enumerate(times):
-            x0 = self.step(x, t, cond)
-            if i + 1 == len(times):
-                return x0
-            t_next = torch.tensor(times[i + 1], dtype=torch.float64)
-            if mode == "sde":
-                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            else:
-                a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-                eps = from_x0(x0, "eps", x, a, s).to(x.dtype)
-            x = (self.schedule.alpha(t_next) * x0.double() + self.schedule.sigma(t_next) * eps.double()).to(x.dtype)
-        return x0
+        x = input_scale(self.schedule, times[0]) * z
+        for t, t_next in zip(times, times[1:], strict=False):
+            x = renoise(self.schedule, x, self.step(x, t, cond), t, t_next, mode, generator)
+        return self.step(x, times[-1], cond)

@@ -4,7 +4,9 @@
 trained weights and ``RUN_DIR/student_ema_<name>.safetensors`` each EMA of them, ``RUN_DIR/checkpoints/`` the
 resumable state, ``RUN_DIR/train_log.csv`` and ``RUN_DIR/tensorboard/`` the training scalars, and
 ``RUN_DIR/metrics.json`` the results (one entry per sampler, computed with the ``eval.ema`` weights), the
-objective, steps and wall time. Only the main process writes; evaluation runs on it alone.
+objective, steps and wall time; image runs add ``RUN_DIR/samples/`` (each sampler's PNGs and a student-vs-teacher
+grid) and ``RUN_DIR/pipeline/``, the student as a diffusers pipeline (``fdistill.pipeline``). Only the main
+process writes; evaluation runs on it alone.
 """
 
 from __future__ import annotations
@@ -140,12 +142,25 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
         "final_losses": summary.last_logs,
         "nonfinite_steps": summary.nonfinite_steps,
         "protocol": {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed, "ema": cfg.eval.ema},
-        "results": tasks.evaluate(cfg, eval_nets, run_dir),
+        "results": tasks.evaluate(cfg, eval_nets, run_dir, progress),
     }
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, run_dir / "metrics.json")
+    if exportable(eval_nets):
+        from fdistill.pipeline import export_run
+
+        export_run(run_dir)
     return metrics
+
+
+def exportable(nets: Networks) -> bool:
+    """Whether the student can be written as a diffusers pipeline (``RUN_DIR/pipeline``): a class-conditional
+    or unconditional UNet2DModel student on a diffusers schedule."""
+    from fdistill.denoisers import UNetDenoiser
+
+    net = nets.student.net
+    return isinstance(net, UNetDenoiser) and not net.text_conditioned
 
 
 def load_run(run_dir: str | Path, ema: str | None = "auto", device=None) -> tuple[Config, Networks]:

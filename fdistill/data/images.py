@@ -184,3 +184,32 @@ def build_image_dataset(name: str, **kwargs) -> Dataset:
     if name not in IMAGE_DATASETS:
         raise ValueError(f"unknown image data set {name!r}; choose one of {', '.join(IMAGE_DATASETS)}")
     return IMAGE_DATASETS[name](**kwargs)
+
+
+class ImageBatches:
+    """An endless stream of training batches from an image data set: real images when the objective needs
+    them, and the same images' class labels as the condition of a class-conditional teacher (so the student
+    learns every class in the data's proportions).
+
+    Indices are drawn from torch's global RNG, which the trainer seeds from ``(run.seed, step)`` before each
+    batch: a resumed run sees the same batches without saving any state.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, with_real: bool = True, conditional: bool = True):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.with_real, self.conditional = with_real, conditional
+
+    def _items(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self.dataset, "images"):  # in-memory sets: one gather
+            return self.dataset.images[index], self.dataset.labels[index]
+        pairs = [self.dataset[int(i)] for i in index]
+        return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs], dtype=torch.long)
+
+    def __iter__(self):
+        from fdistill.objectives import Batch
+
+        while True:
+            index = torch.randint(len(self.dataset), (self.batch_size,))
+            images, labels = self._items(index)
+            yield Batch(size=self.batch_size, real=images if self.with_real else None,
+                        cond=labels if self.conditional else None)

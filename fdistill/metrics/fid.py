@@ -368,11 +368,8 @@ def compute_fid(samples, reference, features: str | nn.Module = "fdistill-digits
                          "`eval/fid.py ref --keep-features` or pass the reference images")
     if backend == "torchmetrics":
         value = _torchmetrics_fd(ref, fake)
-    else:
-        from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
-
-        with contextlib.redirect_stdout(sys.stderr):
-            value = float(cleanfid_frechet_distance(fake.mu, fake.sigma, ref.mu, ref.sigma))
+    else:  # clean-fid's own frechet_distance passes sqrtm(disp=False), which SciPy >= 1.18 no longer takes
+        value = frechet_distance(fake.mu, fake.sigma, ref.mu, ref.sigma)
     inception = net.name == "inception"
     full = inception and fake.num_samples >= FULL_FID_SAMPLES
     result = {"metric": "FID" if full else "proxy FID" if inception else "FD", "value": value,

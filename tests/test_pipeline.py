@@ -1,0 +1,299 @@
+"""diffusers interoperability: teachers load from pipeline directories, students export to a diffusers pipeline
+that samples bit for bit like ``Generator.sample``, and ``sample.py`` samples exported students and teachers."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from PIL import Image
+from safetensors.torch import save_file
+
+from fdistill.config import ConfigError, dump_config, load_config
+from fdistill.denoisers import MLPDenoiser, UNetDenoiser
+from fdistill.generator import Generator
+from fdistill.objectives import Batch
+from fdistill.pipeline import FDistillScheduler, export_pipeline, export_run
+from fdistill.run import build_experiment, student_file
+from fdistill.schedules import DiscreteVPSchedule, EDMSchedule
+from fdistill.teachers import load_diffusers_teacher
+from fdistill.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+                 norm_num_groups=4, down_block_types=["DownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "UpBlock2D"])
+TIMES = [999.0, 500.5]  # a fractional time exercises the interpolated schedule and float timesteps
+LABELS = [0, 1, 2, 1]
+
+
+def tiny_unet() -> UNet2DModel:
+    """Random weights, four class embeddings (the last is fdistill's null class)."""
+    torch.manual_seed(0)
+    return UNet2DModel(**TINY_UNET, num_class_embeds=4)
+
+
+def tiny_student(prediction_type="v_prediction") -> Generator:
+    schedule = DiscreteVPSchedule.from_diffusers(DDPMScheduler())
+    return Generator(UNetDenoiser(tiny_unet(), schedule, prediction_type), TIMES).eval()
+
+
+def load_pipeline(path):
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def reference_images(student, steps, mode, seed=3):
+    """What the exported pipeline must reproduce: ``Generator.sample`` with the pipeline's seeding."""
+    g = torch.Generator().manual_seed(seed)
+    z = student.noise(len(LABELS), generator=g)
+    return (student.sample(z, torch.tensor(LABELS), steps=steps, mode=mode, generator=g) / 2 + 0.5).clamp(0, 1)
+
+
+def pipeline_images(pipe, steps, seed=3):
+    return pipe(batch_size=len(LABELS), class_labels=LABELS, num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+
+# ------------------------------------------------------------------------------------------------- teachers
+
+
+def test_teacher_pipeline_directory_loads_with_its_prediction_type_and_weights(tmp_path):
+    unet, scheduler = tiny_unet(), DDPMScheduler(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path)
+    teacher = load_diffusers_teacher(tmp_path)
+    assert isinstance(teacher, UNetDenoiser) and teacher.prediction_type == "v_prediction"
+    assert torch.equal(teacher.schedule.log_alpha_bar, DiscreteVPSchedule.from_diffusers(scheduler).log_alpha_bar)
+    loaded = teacher.unet.state_dict()
+    assert loaded.keys() == unet.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in unet.state_dict().items())
+    assert load_diffusers_teacher(tmp_path, prediction_type="epsilon").prediction_type == "epsilon"
+
+
+def test_hub_id_offline_fails_at_once_with_one_line():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by conftest before huggingface_hub reads it
+    start = time.time()
+    with pytest.raises(ConfigError) as e:
+        load_diffusers_teacher("fdistill-test/no-such-teacher")
+    assert time.time() - start < 10
+    message = str(e.value)
+    assert "\n" not in message and "teacher.pretrained" in message and "fdistill-test/no-such-teacher" in message
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_exported_pipeline_samples_bit_for_bit_like_the_generator(tmp_path, prediction_type, mode):
+    student = tiny_student(prediction_type)
+    out = export_pipeline(student, tmp_path / "pipe", {"objective": "test"}, renoise=mode)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "ConsistencyModelPipeline"
+    assert index["scheduler"] == ["fdistill", "FDistillScheduler"]
+    pipe = load_pipeline(out)
+    assert isinstance(pipe.scheduler, FDistillScheduler)
+    assert pipe.scheduler.init_noise_sigma == float(student.schedule.sigma(TIMES[0]))
+    for steps in (1, 2):
+        expected = reference_images(student, steps, mode)
+        got = pipeline_images(pipe, steps)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), (prediction_type, mode, steps)
+    assert not torch.equal(reference_images(student, 1, mode), reference_images(student, 2, mode))
+    info = json.loads((out / "fdistill.json").read_text())
+    assert info["student_times"] == TIMES and info["renoise"] == mode and info["prediction_type"] == prediction_type
+    assert info["objective"] == "test" and info["num_class_embeds"] == 4 and info["null_class"] == 3
+
+
+def test_plain_diffusers_loads_the_export_after_import_fdistill(tmp_path):
+    """A fresh interpreter: ``import fdistill`` (cheap, no torch) is all diffusers needs; no remote code."""
+    student = tiny_student()
+    out = export_pipeline(student, tmp_path / "pipe", renoise="sde")
+    torch.save(reference_images(student, 2, "sde"), tmp_path / "expected.pt")
+    script = f"""
+import sys
+import fdistill
+assert "torch" not in sys.modules and "fdistill.pipeline" not in sys.modules
+import torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(out)!r})
+assert "fdistill.pipeline" in sys.modules
+images = pipe(batch_size=4, class_labels={LABELS}, num_inference_steps=2, generator=torch.Generator().manual_seed(3),
+              output_type="pt").images
+assert torch.equal(images, torch.load({str(tmp_path / 'expected.pt')!r})), "not bit-exact"
+print("ok")
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_export_refuses_students_it_cannot_represent(tmp_path):
+    toy = Generator(MLPDenoiser(2, EDMSchedule()), [80.0])
+    with pytest.raises(ValueError, match="export needs a diffusers UNet student"):
+        export_pipeline(toy, tmp_path / "toy")
+    torch.manual_seed(0)
+    text_unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                     layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+                                     attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    schedule = DiscreteVPSchedule.from_diffusers(DDPMScheduler())
+    with pytest.raises(NotImplementedError, match="text-conditioned"):
+        export_pipeline(Generator(UNetDenoiser(text_unet, schedule), [999.0]), tmp_path / "text")
+    assert not any(tmp_path.iterdir()), "a refused export must leave nothing behind"
+
+
+def test_more_steps_than_trained_is_an_error(tmp_path):
+    pipe = load_pipeline(export_pipeline(tiny_student(), tmp_path / "pipe"))
+    with pytest.raises(ValueError, match=r"1\.\.2 steps"):
+        pipe.scheduler.set_timesteps(3)
+    with pytest.raises(ValueError, match=r"1\.\.2 steps"):
+        pipeline_images(pipe, 3)
+    with pytest.raises(ValueError, match="student times"):
+        pipe.scheduler.set_timesteps(timesteps=[999.0, 200.0])
+
+
+def test_export_replaces_an_earlier_export_but_nothing_else(tmp_path):
+    out = tmp_path / "pipe"
+    export_pipeline(tiny_student(), out, {"objective": "first"})
+    export_pipeline(tiny_student(), out, {"objective": "second"})
+    assert json.loads((out / "fdistill.json").read_text())["objective"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary or old directories left
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "config.yaml").write_text("precious")
+    with pytest.raises(ConfigError, match="not an exported pipeline"):
+        export_pipeline(tiny_student(), other)
+    assert (other / "config.yaml").read_text() == "precious"
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A two-step DMD run on a tiny unconditional UNet teacher: a checkpoint with an EMA, and final weights."""
+    AcceleratorState._reset_state(True)
+    run_dir = tmp_path_factory.mktemp("image_run") / "run"
+    run_dir.mkdir()
+    source = run_dir.parent / "experiment.yaml"
+    source.write_text(json.dumps({
+        "teacher": {"kind": "unet", "unet": TINY_UNET}, "generator": {"times": [800.0, 400.5]},
+        "objective": {"name": "dmd"}, "train": {"batch_size": 4}, "log": {"tensorboard": False},
+        "ema": {"averages": [{"name": "ema", "decay": 0.5}]}, "eval": {"renoise": "ode", "ema": "ema"}}))
+    cfg, options = load_config(str(source), [f"run.dir={run_dir}"])
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    nets, objective = build_experiment(cfg, options)
+
+    def batches():
+        while True:
+            yield Batch(size=4, real=torch.randn(4, 1, 8, 8).clamp(-1, 1))
+
+    trainer = Trainer(nets, objective, batches(), cfg, run_dir=run_dir, progress=False)
+    while trainer.ema.averages["ema"].updates < 2:
+        trainer.train_step(trainer.step)
+        trainer.step += 1
+    trainer.save_checkpoint()
+    weights = trainer.student_weights()
+    for name, state in weights.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / student_file(name)))
+    AcceleratorState._reset_state(True)
+    return run_dir, weights, trainer.step, nets.student.times
+
+
+def test_export_run_from_a_checkpoint_with_and_without_ema(image_run, tmp_path):
+    run_dir, weights, steps, times = image_run
+    assert not torch.equal(weights["ema"]["net.unet.conv_in.weight"], weights[None]["net.unet.conv_in.weight"])
+    for ema in ("ema", None):
+        out = export_run(run_dir, tmp_path / f"export-{ema}", checkpoint="latest", ema=ema)
+        unet = UNet2DModel.from_pretrained(out / "unet")
+        expected = {k.removeprefix("net.unet."): v for k, v in weights[ema].items()}
+        assert all(torch.equal(v, expected[k]) for k, v in unet.state_dict().items()), ema
+        info = json.loads((out / "fdistill.json").read_text())
+        assert info["ema"] == ema and info["training_steps"] == steps and info["objective"] == "dmd"
+        assert info["renoise"] == "ode" and info["student_times"] == times
+    with pytest.raises(ConfigError, match="no EMA 'slow'"):
+        export_run(run_dir, tmp_path / "export-slow", checkpoint="latest", ema="slow")
+    with pytest.raises(ConfigError, match="not a checkpoint directory"):
+        export_run(run_dir, tmp_path / "export-bad", checkpoint=str(tmp_path))
+
+
+def test_sampling_a_run_and_its_export_gives_the_same_images(image_run, sample_cli, tmp_path):
+    run_dir = image_run[0]
+    out = export_run(run_dir)  # the finished run's eval.ema weights, into RUN_DIR/pipeline
+    assert out == run_dir / "pipeline"
+    for model in (run_dir, out):
+        sample_cli(["--model", str(model), "--num", "3", "--steps", "2", "--out", str(tmp_path / f"{model.name}.npz")])
+    from_run, from_export = (np.load(tmp_path / f"{name}.npz")["images"] for name in (run_dir.name, out.name))
+    assert from_run.shape == (3, 8, 8, 1) and np.array_equal(from_run, from_export)
+
+
+# ----------------------------------------------------------------------------------------------- sample.py
+
+
+@pytest.fixture(scope="module")
+def sample_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_pipeline(tiny_student(), tmp_path_factory.mktemp("export") / "pipe", renoise="sde")
+
+
+def test_sample_cli_writes_folder_grid_and_npz(sample_cli, exported, tmp_path):
+    common = ["--model", str(exported), "--num", "5", "--batch-size", "2", "--steps", "2", "--seed", "7"]
+    sample_cli([*common, "--out", str(tmp_path / "npz.npz")])
+    data = np.load(tmp_path / "npz.npz")
+    assert data["images"].shape == (5, 8, 8, 1) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [0, 1, 2, 0, 1] and int(data["nfe"]) == 2 and int(data["seed"]) == 7
+    sample_cli([*common, "--out", str(tmp_path / "folder")])
+    files = sorted((tmp_path / "folder").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+    for i, f in enumerate(files):
+        image = Image.open(f)
+        assert image.mode == "L" and np.array_equal(np.asarray(image), data["images"][i, :, :, 0])
+    sample_cli([*common, "--out", str(tmp_path / "grid.png")])
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.mode == "L" and grid.size == (3 * 10 + 2, 2 * 10 + 2)  # 5 images of 8 px: 3 x 2, 2-px gaps
+    sample_cli([*common, "--class-labels", "2,0", "--out", str(tmp_path / "labels.npz")])
+    assert np.load(tmp_path / "labels.npz")["labels"].tolist() == [2, 0, 2, 0, 2]
+
+
+def assert_one_line_error(capsys, call, fragment):
+    with pytest.raises(SystemExit) as e:
+        call()
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--class-labels", "1,x"], "--class-labels"),
+    (["--class-labels", "4"], "0..3"),
+    (["--steps", "3"], "1..2 steps"),
+])
+def test_sample_cli_bad_input_is_one_line(sample_cli, exported, tmp_path, capsys, args, fragment):
+    argv = ["--model", str(exported), "--num", "2", "--out", str(tmp_path / "x.npz"), *args]
+    assert_one_line_error(capsys, lambda: sample_cli(argv), fragment)
+
+
+def test_sample_cli_missing_model_is_one_line(sample_cli, tmp_path, capsys):
+    argv = ["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.npz")]
+    assert_one_line_error(capsys, lambda: sample_cli(argv), "not found")
+
+
+def test_sample_cli_samples_the_embedded_teacher(sample_cli, tmp_path):
+    sample_cli(["--model", "embedded", "--steps", "2", "--num", "4", "--out", str(tmp_path / "t.npz")])
+    data = np.load(tmp_path / "t.npz")
+    assert data["images"].shape == (4, 16, 16, 1) and data["labels"].tolist() == [0, 1, 2, 3]
+    assert int(data["nfe"]) == 2 and data["images"].std() > 0
