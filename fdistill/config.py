@@ -111,6 +111,8 @@ class EMAConfig:
 class LogConfig:
     every: int = 50  # steps between progress, CSV and TensorBoard updates
     sample_every: int = 0  # steps between sample previews RUN_DIR/samples/step-N.png (0: never)
+    fd_every: int = 0  # image runs: steps between FDs of fd_samples one-step samples, logged as eval/fd (0: never)
+    fd_samples: int = 250
     tensorboard: bool = True
 
 

@@ -121,3 +121,19 @@ def preview(cfg: Config, nets: Networks, path: Path) -> None:
     cond = (torch.arange(n) % columns).to(device) if classes else None
     x = nets.student(nets.student.noise(n, generator=g).to(device), cond).float().cpu()
     save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=columns, padding=1, pad_value=1.0)
+
+
+def training_metrics(cfg: Config, nets: Networks) -> dict[str, float]:
+    """Training-time metrics (``log.fd_every``): the FD of ``log.fd_samples`` one-step student samples (labels
+    ``i % K``, eval seed) against the run's reference, in the evaluation's feature network. Far fewer samples
+    than the final evaluation, so only its trend is meaningful. Analytic teachers log nothing here."""
+    if isinstance(nets.teacher, GaussianMixtureDenoiser):
+        return {}
+    from fdistill.evaluation import student_samples
+    from fdistill.metrics.fid import frechet_distance_to_reference
+
+    protocol = image_protocol(cfg, nets, None)
+    n = cfg.log.fd_samples
+    labels = None if protocol.labels is None else torch.arange(n) % protocol.num_classes
+    x = student_samples(nets, n, 1, cfg.eval.seed, cond=labels, batch_size=cfg.eval.batch_size)
+    return {"eval/fd": frechet_distance_to_reference(x.clamp(-1, 1), protocol.reference, protocol.features)["value"]}

@@ -105,7 +105,8 @@ def test_tiny_image_run_reports_protocol_writes_samples_and_pipeline(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/quickstart.yaml"), "--no-progress",
            f"run.dir={run}", "train.steps=3", "eval.num_samples=30", "eval.teacher_steps=3", "eval.student_steps=[1,2]",
-           "generator.times=[999,500]", "log.sample_every=3", "checkpoint.every=0"]
+           "generator.times=[999,500]", "log.sample_every=3", "checkpoint.every=0", "log.fd_every=3",
+           "log.fd_samples=20"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
     results = json.loads((run / "metrics.json").read_text())["results"]
     assert [(r["model"], r["nfe"]) for r in results] == [("student", 1), ("student", 2), ("teacher", 3)]
@@ -120,5 +121,7 @@ def test_tiny_image_run_reports_protocol_writes_samples_and_pipeline(tmp_path):
                           "--features", "fdistill-digits", "--json", "--no-progress"],
                          check=True, capture_output=True, text=True).stdout
     assert json.loads(out)["value"] == pytest.approx(results[0]["fd"], rel=1e-3)
+    fd_rows = [line for line in (run / "train_log.csv").read_text().splitlines() if ",eval/fd," in line]
+    assert len(fd_rows) == 1 and fd_rows[0].startswith("3,") and float(fd_rows[0].split(",")[2]) > 0
     info = json.loads((run / "pipeline" / "fdistill.json").read_text())
     assert info["objective"] == "f_distill" and info["student_times"] == [999.0, 500.0]

@@ -47,6 +47,17 @@ class RunLogger:
         if step % self.every == 0 or step == self.steps:
             self._flush(step)
 
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """Scalars measured at ``step`` outside the loss (training-time metrics): trackers, CSV and a note."""
+        if not values:
+            return
+        self.last.update(values)
+        self.acc.log(values, step=step)
+        if self.csv is not None:
+            csv.writer(self.csv).writerows([step, k, repr(v)] for k, v in sorted(values.items()))
+            self.csv.flush()
+        self.note(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(values.items())))
+
     def note(self, message: str) -> None:
         if self.main:
             self.bar.write(message)

@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
+from fdistill import tasks
 from fdistill.config import Config, OptimConfig, batch_layout
 from fdistill.objectives import Batch, Networks, Objective
 from fdistill.training import checkpoint
@@ -270,7 +271,7 @@ class Trainer:
         if resume_from is not None:
             checkpoint.load(self.acc, resume_from)
         steps, log_cfg = self.cfg.train.steps, self.cfg.log
-        log = RunLogger(self.acc, self.run_dir, log_cfg, steps, self.step, self.progress)
+        log = self.log = RunLogger(self.acc, self.run_dir, log_cfg, steps, self.step, self.progress)
         if resume_from is not None:
             log.note(f"resumed from {resume_from} at step {self.step}")
         start = time.time() - self.wall_seconds
@@ -300,6 +301,9 @@ class Trainer:
         every = self.cfg.log.sample_every
         if self.run_dir is not None and every and step % every == 0 and not self.cfg.train.fsdp:
             self.write_preview(self.run_dir / "samples" / f"step-{step:08d}.png")
+        every = self.cfg.log.fd_every
+        if every and step % every == 0 and not self.cfg.train.fsdp:
+            self.log.record(step, self.training_metrics())
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(self.acc, self.run_dir, self.step, self.cfg.checkpoint.keep_last)
@@ -314,6 +318,18 @@ class Trainer:
             student.eval()
             preview(self.cfg, self.nets, path)
         student.train(was_training)
+
+    def training_metrics(self) -> dict[str, float]:
+        """``tasks.training_metrics`` with the evaluation weights; main process only, no collectives."""
+        if not self.acc.is_main_process:
+            return {}
+        student = self.nets.student
+        was_training = student.training
+        with self.ema.swapped(self.cfg.eval.ema), self.acc.autocast(), torch.no_grad():
+            student.eval()
+            values = tasks.training_metrics(self.cfg, self.nets)
+        student.train(was_training)
+        return values
 
     @contextmanager
     def _signals(self):
