@@ -39,6 +39,14 @@ class Denoiser(nn.Module):
         return (torch.log(self.schedule.sigma(t) / self.schedule.alpha(t)) / 4).float()
 
 
+def x0_from_unet_output(out: torch.Tensor, prediction_type: str, x_t: torch.Tensor, schedule: Schedule,
+                        t: torch.Tensor) -> torch.Tensor:
+    """Read a diffusers UNet's output at per-sample times ``t`` as x0, in float64, cast to ``x_t``'s dtype.
+    Shared by :class:`UNetDenoiser` and the exported pipeline's scheduler, which therefore agree bit for bit."""
+    alpha, sigma = schedule.coefficients(t, x_t)
+    return to_x0(out, DIFFUSERS_PREDICTION[prediction_type], x_t, alpha, sigma).to(x_t.dtype)
+
+
 class UNetDenoiser(Denoiser):
     """A diffusers UNet read as an x0-denoiser; the schedule is the UNet's own (usually discrete VP).
 
@@ -70,8 +78,7 @@ class UNetDenoiser(Denoiser):
             out = self.unet(x_t, timestep, encoder_hidden_states=cond).sample
         else:
             out = self.unet(x_t, timestep, class_labels=cond).sample
-        alpha, sigma = self.schedule.coefficients(t, x_t)
-        x0 = to_x0(out, DIFFUSERS_PREDICTION[self.prediction_type], x_t, alpha, sigma).to(x_t.dtype)
+        x0 = x0_from_unet_output(out, self.prediction_type, x_t, self.schedule, t)
         features, self._features = list(self._features), []
         return x0, features
 

@@ -38,9 +38,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from fdistill.config import ConfigError
-from fdistill.denoisers import DIFFUSERS_PREDICTION, UNetDenoiser
+from fdistill.denoisers import DIFFUSERS_PREDICTION, UNetDenoiser, x0_from_unet_output
 from fdistill.generator import RENOISE_MODES, Generator, input_scale, renoise
-from fdistill.schedules import DiscreteVPSchedule, to_x0
+from fdistill.schedules import DiscreteVPSchedule
 
 METADATA_FILE = "fdistill.json"
 LOAD_HINT = ("import fdistill; from diffusers import DiffusionPipeline; pipe = DiffusionPipeline.from_pretrained(DIR); "
@@ -119,16 +119,9 @@ class FDistillScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def x0_from_output(self, model_output: torch.Tensor, sample: torch.Tensor, t: float) -> torch.Tensor:
-        """The x0-prediction of a UNet output at student time ``t``.
-
-        The same operations as ``UNetDenoiser.forward_with_features`` (float64 ``to_x0`` with the schedule's
-        per-sample coefficients, cast to the input's dtype), which does this inside its forward pass; the
-        bit-exactness tests in tests/test_pipeline.py hold the two together.
-        """
+        """The x0-prediction of a UNet output at student time ``t``, read as ``UNetDenoiser`` reads it."""
         t_batch = torch.full((sample.shape[0],), t, dtype=torch.float64, device=sample.device)
-        alpha, sigma = self.schedule.coefficients(t_batch, sample)
-        kind = DIFFUSERS_PREDICTION[self.config.prediction_type]
-        return to_x0(model_output, kind, sample, alpha, sigma).to(sample.dtype)
+        return x0_from_unet_output(model_output, self.config.prediction_type, sample, self.schedule, t_batch)
 
     def _index_of(self, timestep) -> int:
         matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
