@@ -1,7 +1,7 @@
 """Export a run's student as a diffusers pipeline: ``python export.py --run RUN_DIR [--out DIR]``.
 
 The directory loads with ``import fdistill; DiffusionPipeline.from_pretrained(DIR)`` and samples exactly like the
-run's student (``fdistill/pipeline.py``); ``DIR/fdistill.json`` records how it was made. Default ``DIR``:
+run's student (``fdistill/pipelines.py``); ``DIR/fdistill.json`` records how it was made. Default ``DIR``:
 ``RUN_DIR/pipeline``. ``--checkpoint`` exports an intermediate checkpoint of the run instead of its final weights.
 """
 
@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--out", help="output directory (default RUN_DIR/pipeline)")
     args = parser.parse_args(argv)
     with user_errors():
-        from fdistill.pipeline import export_run
+        from fdistill.pipelines import export_run
 
         ema = None if args.ema == "none" else args.ema
         out = export_run(args.run, args.out, args.checkpoint, ema)

@@ -54,6 +54,7 @@ class GeneratorConfig:
     # sampling times t_0 > t_1 > ... in the teacher's time units (0..999 for diffusers teachers); default: the
     # teacher's last time, or sigma/alpha = 2.5 for epsilon-prediction teachers (docs/images.md)
     times: Optional[List[float]] = None
+    noise_level: Optional[float] = None  # instead of times: one step at the time where sigma/alpha is this (SiD: 2.5)
 
 
 @dataclass
@@ -236,6 +237,10 @@ def _check_values(cfg: Config) -> None:
         hint = _nearest(cfg.eval.ema, names)
         raise ConfigError(f"eval.ema={cfg.eval.ema!r} names no ema.averages entry{hint}; "
                           f"defined: {', '.join(names) or 'none'}")
+    if cfg.generator.times and cfg.generator.noise_level is not None:
+        raise ConfigError("generator.times and generator.noise_level both set the student's time; keep one")
+    if cfg.generator.noise_level is not None and cfg.generator.noise_level <= 0:
+        raise ConfigError(f"generator.noise_level must be positive (sigma/alpha), got {cfg.generator.noise_level}")
     if cfg.train.batch_size < 1 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("train.batch_size and checkpoint.keep_last must be at least 1")
 

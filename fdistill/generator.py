@@ -33,7 +33,7 @@ def renoise(schedule: Schedule, x: torch.Tensor, x0: torch.Tensor, t: float, t_n
     ``x`` is the input at time ``t`` whose x0-prediction is ``x0``. ``eps`` is fresh noise drawn from
     ``generator`` ("sde") or the noise that ``(x, x0)`` imply at ``t`` ("ode"). The noise is drawn on the
     generator's device and moved, so a CPU generator seeds a GPU sampler too. Shared by :meth:`Generator.sample`
-    and :class:`fdistill.pipeline.FDistillScheduler`, which therefore agree bit for bit.
+    and :class:`fdistill.pipelines.FDistillScheduler`, which therefore agree bit for bit.
     """
     if mode == "sde":
         device = generator.device if generator is not None else x.device

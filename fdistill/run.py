@@ -5,7 +5,7 @@ trained weights and ``RUN_DIR/student_ema_<name>.safetensors`` each EMA of them,
 resumable state, ``RUN_DIR/train_log.csv`` and ``RUN_DIR/tensorboard/`` the training scalars, and
 ``RUN_DIR/metrics.json`` the results (one entry per sampler, computed with the ``eval.ema`` weights), the
 objective, steps and wall time; image runs add ``RUN_DIR/samples/`` (each sampler's PNGs and a student-vs-teacher
-grid) and ``RUN_DIR/pipeline/``, the student as a diffusers pipeline (``fdistill.pipeline``). Only the main
+grid) and ``RUN_DIR/pipeline/``, the student as a diffusers pipeline (``fdistill.pipelines``). Only the main
 process writes; evaluation runs on it alone.
 """
 
@@ -148,7 +148,7 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, run_dir / "metrics.json")
     if exportable(eval_nets):
-        from fdistill.pipeline import export_run
+        from fdistill.pipelines import export_run
 
         export_run(run_dir)
     return metrics

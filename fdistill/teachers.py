@@ -103,11 +103,15 @@ def default_student_times(teacher: Denoiser) -> list[float]:
     input ``sigma z`` carries no data at all; for an epsilon-predicting UNet teacher, the time where
     ``sigma/alpha = 2.5`` instead. Reading x0 from epsilon divides the network's error by ``alpha``, which is
     0.006 at the last step of a linear-beta schedule (a 156x amplification) and 0.37 at that time."""
-    schedule = teacher.schedule
     if isinstance(teacher, UNetDenoiser) and teacher.prediction_type == "epsilon":
-        snr = torch.tensor([1.0 / EPSILON_STUDENT_NOISE], dtype=torch.float64)  # alpha / sigma
-        return [float(schedule.t_from_snr(snr).clamp(schedule.t_min, schedule.t_max))]
-    return [float(schedule.t_max)]
+        return [time_at_noise_level(teacher.schedule, EPSILON_STUDENT_NOISE)]
+    return [float(teacher.schedule.t_max)]
+
+
+def time_at_noise_level(schedule, noise_level: float) -> float:
+    """The schedule time where ``sigma/alpha = noise_level`` (EDM's sigma), clamped to the schedule's range."""
+    snr = torch.tensor([1.0 / noise_level], dtype=torch.float64)  # alpha / sigma
+    return float(schedule.t_from_snr(snr).clamp(schedule.t_min, schedule.t_max))
 
 
 def trainable_copy(teacher: Denoiser, cfg: Config) -> Denoiser:
@@ -125,7 +129,12 @@ def trainable_copy(teacher: Denoiser, cfg: Config) -> Denoiser:
 
 def build_networks(cfg: Config, teacher: Denoiser, objective: Objective) -> Networks:
     """Student (and fake score / discriminator when the objective uses them) for ``teacher``."""
-    times = cfg.generator.times or default_student_times(teacher)
+    if cfg.generator.times:
+        times = cfg.generator.times
+    elif cfg.generator.noise_level is not None:
+        times = [time_at_noise_level(teacher.schedule, cfg.generator.noise_level)]
+    else:
+        times = default_student_times(teacher)
     student = objective.build_student(trainable_copy(teacher, cfg), times)
     fake_score = trainable_copy(teacher, cfg) if objective.needs_fake_score else None
     discriminator = None

@@ -125,3 +125,15 @@ def test_tiny_image_run_reports_protocol_writes_samples_and_pipeline(tmp_path):
     assert len(fd_rows) == 1 and fd_rows[0].startswith("3,") and float(fd_rows[0].split(",")[2]) > 0
     info = json.loads((run / "pipeline" / "fdistill.json").read_text())
     assert info["objective"] == "f_distill" and info["student_times"] == [999.0, 500.0]
+
+
+def test_generator_noise_level_sets_the_one_step_time():
+    cfg, options = load_config(None, ["teacher.kind=embedded", "generator.noise_level=2.5"])
+    nets, _ = build_experiment(cfg, options)
+    (t0,) = nets.student.times
+    s = nets.teacher.schedule
+    assert float(s.sigma(t0) / s.alpha(t0)) == pytest.approx(2.5, rel=1e-6) and 400 < t0 < 480
+    with pytest.raises(ConfigError, match="keep one"):
+        load_config(None, ["generator.noise_level=2.5", "generator.times=[999]"])
+    with pytest.raises(ConfigError, match="positive"):
+        load_config(None, ["generator.noise_level=0"])

@@ -21,7 +21,7 @@ from fdistill.config import ConfigError, dump_config, load_config
 from fdistill.denoisers import MLPDenoiser, UNetDenoiser
 from fdistill.generator import Generator
 from fdistill.objectives import Batch
-from fdistill.pipeline import FDistillScheduler, export_pipeline, export_run
+from fdistill.pipelines import FDistillScheduler, export_pipeline, export_run
 from fdistill.run import build_experiment, student_file
 from fdistill.schedules import DiscreteVPSchedule, EDMSchedule
 from fdistill.teachers import load_diffusers_teacher
@@ -122,11 +122,11 @@ def test_plain_diffusers_loads_the_export_after_import_fdistill(tmp_path):
     script = f"""
 import sys
 import fdistill
-assert "torch" not in sys.modules and "fdistill.pipeline" not in sys.modules
+assert "torch" not in sys.modules and "fdistill.pipelines" not in sys.modules
 import torch
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained({str(out)!r})
-assert "fdistill.pipeline" in sys.modules
+assert "fdistill.pipelines" in sys.modules
 images = pipe(batch_size=4, class_labels={LABELS}, num_inference_steps=2, generator=torch.Generator().manual_seed(3),
               output_type="pt").images
 assert torch.equal(images, torch.load({str(tmp_path / 'expected.pt')!r})), "not bit-exact"
