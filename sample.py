@@ -32,6 +32,7 @@ import torch
 
 from fdistill.cli import user_errors
 from fdistill.config import ConfigError
+from fdistill.evaluation import write_png_folder
 
 DEFAULT_TEACHER_STEPS = 35
 DEFAULT_IMAGE_BATCH = 250
@@ -212,15 +213,13 @@ def _pil(image: np.ndarray):
 
 
 def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
-    """N x H x W x C images on a near-square grid with white ``pad``-pixel gaps."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-    return grid
+    """N x H x W x C images on a near-square grid with white ``pad``-pixel gaps (torchvision's ``make_grid``)."""
+    from torchvision.utils import make_grid
+
+    channels = images.shape[3]
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    grid = make_grid(nchw, nrow=math.ceil(math.sqrt(len(images))), padding=pad, pad_value=255)
+    return grid[:channels].permute(1, 2, 0).numpy()  # make_grid turns one channel into three
 
 
 def write_images(images: np.ndarray, labels, out: Path, seed: int, nfe: int) -> None:
@@ -230,9 +229,7 @@ def write_images(images: np.ndarray, labels, out: Path, seed: int, nfe: int) -> 
     elif out.suffix == ".png":
         _pil(image_grid(images)).save(out)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            _pil(image).save(out / f"{i:06d}.png")
+        write_png_folder(torch.from_numpy(images).permute(0, 3, 1, 2), out)
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ only comparable within one protocol, which every entry records).
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ def image_entry(images: torch.Tensor, protocol: ImageProtocol, reference, name: 
 
     pixels = to_uint8_nchw(images.clamp(-1, 1))
     if protocol.samples_dir is not None:
+        shutil.rmtree(protocol.samples_dir / name, ignore_errors=True)  # no stale images from an earlier eval
         write_png_folder(pixels, protocol.samples_dir / name)
     fid = compute_fid(pixels.permute(0, 2, 3, 1), reference, protocol.features, backend="clean",
                       progress=False)
@@ -138,12 +140,10 @@ def image_entry(images: torch.Tensor, protocol: ImageProtocol, reference, name: 
 
 
 def write_png_folder(pixels: torch.Tensor, folder: Path) -> None:
-    """uint8 NCHW images as ``folder/000000.png ...`` (gray "L" or "RGB"), replacing any older set."""
+    """uint8 NCHW images as ``folder/000000.png ...`` (gray "L" or "RGB")."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.png"):
-        old.unlink()
     for i, img in enumerate(pixels):
         array = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
         Image.fromarray(array).save(folder / f"{i:06d}.png")

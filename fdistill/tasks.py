@@ -125,15 +125,35 @@ def preview(cfg: Config, nets: Networks, path: Path) -> None:
 
 def training_metrics(cfg: Config, nets: Networks) -> dict[str, float]:
     """Training-time metrics (``log.fd_every``): the FD of ``log.fd_samples`` one-step student samples (labels
-    ``i % K``, eval seed) against the run's reference, in the evaluation's feature network. Far fewer samples
-    than the final evaluation, so only its trend is meaningful. Analytic teachers log nothing here."""
+    ``i % K``, eval seed) against the run's reference, in the evaluation's feature network and preprocessing.
+    Far fewer samples than the final evaluation, so only its trend is meaningful. Analytic teachers log nothing
+    here."""
     if isinstance(nets.teacher, GaussianMixtureDenoiser):
         return {}
     from fdistill.evaluation import student_samples
     from fdistill.metrics.fid import frechet_distance_to_reference
 
-    protocol = image_protocol(cfg, nets, None)
+    protocol, feature_net, reference = _training_reference(cfg, nets)
     n = cfg.log.fd_samples
     labels = None if protocol.labels is None else torch.arange(n) % protocol.num_classes
     x = student_samples(nets, n, 1, cfg.eval.seed, cond=labels, batch_size=cfg.eval.batch_size)
-    return {"eval/fd": frechet_distance_to_reference(x.clamp(-1, 1), protocol.reference, protocol.features)["value"]}
+    fd = frechet_distance_to_reference(x.clamp(-1, 1), reference, feature_net, backend="clean")
+    return {"eval/fd": fd["value"]}
+
+
+_TRAINING_REFERENCE: dict = {}  # one entry: the protocol, feature net and reference statistics of the current run
+
+
+def _training_reference(cfg: Config, nets: Networks):
+    """Computed once per run rather than at every ``log.fd_every`` step (a folder reference may be large)."""
+    from fdistill.metrics.fid import load_feature_net, reference_statistics
+
+    key = (cfg.data.kind, cfg.data.path, cfg.eval.reference, cfg.eval.features, cfg.eval.num_samples,
+           tuple(nets.teacher.sample_shape))
+    if key not in _TRAINING_REFERENCE:
+        protocol = image_protocol(cfg, nets, None)
+        feature_net = load_feature_net(protocol.features)
+        reference = reference_statistics(protocol.reference, feature_net, "clean", progress=False)
+        _TRAINING_REFERENCE.clear()
+        _TRAINING_REFERENCE[key] = (protocol, feature_net, reference)
+    return _TRAINING_REFERENCE[key]

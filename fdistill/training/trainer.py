@@ -310,26 +310,28 @@ class Trainer:
 
     def write_preview(self, path: Path) -> None:
         """Student samples with the evaluation weights (``eval.ema``); main process only, no collectives."""
-        if not self.acc.is_main_process:
-            return
-        student = self.nets.student
-        was_training = student.training
-        with self.ema.swapped(self.cfg.eval.ema), self.acc.autocast(), torch.no_grad():
-            student.eval()
-            preview(self.cfg, self.nets, path)
-        student.train(was_training)
+        if self.acc.is_main_process:
+            with self._evaluation_weights():
+                preview(self.cfg, self.nets, path)
 
     def training_metrics(self) -> dict[str, float]:
         """``tasks.training_metrics`` with the evaluation weights; main process only, no collectives."""
         if not self.acc.is_main_process:
             return {}
+        with self._evaluation_weights():
+            return tasks.training_metrics(self.cfg, self.nets)
+
+    @contextmanager
+    def _evaluation_weights(self):
+        """The student in eval mode with the ``eval.ema`` weights swapped in, under autocast and no_grad."""
         student = self.nets.student
         was_training = student.training
         with self.ema.swapped(self.cfg.eval.ema), self.acc.autocast(), torch.no_grad():
             student.eval()
-            values = tasks.training_metrics(self.cfg, self.nets)
-        student.train(was_training)
-        return values
+            try:
+                yield
+            finally:
+                student.train(was_training)
 
     @contextmanager
     def _signals(self):
