@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--out", help="output directory (default RUN_DIR/pipeline)")
     args = parser.parse_args(argv)
     with user_errors():
-        from fdistill.pipelines import export_run
+        from fdistill.run import export_run
 
         ema = None if args.ema == "none" else args.ema
         out = export_run(args.run, args.out, args.checkpoint, ema)

@@ -55,23 +55,10 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return (x / 2 + 0.5).clamp(0, 1)
 
 
-def _unet_denoiser(net):
-    """The UNet denoiser inside ``net`` (students may wrap it, e.g. in TrigFlow time), or ``None``."""
-    while net is not None and not hasattr(net, "unet"):
-        net = getattr(net, "net", None)
-    return net
-
-
 def _class_info(net) -> tuple[int | None, int | None]:
     """``(num_class_embeds, num_classes)`` of a denoiser; fdistill's convention makes the last class embedding
     the null class, so the data classes are the others."""
-    unet_denoiser = _unet_denoiser(net)
-    if unet_denoiser is None:
-        return None, None
-    if unet_denoiser.text_conditioned:
-        raise ConfigError("sampling text-conditioned models is not supported; give a class-conditional or "
-                          "unconditional UNet")
-    embeds = unet_denoiser.unet.config.num_class_embeds
+    embeds = net.num_class_embeds
     return embeds, (max(embeds - 1, 1) if embeds else None)
 
 
@@ -154,13 +141,16 @@ def open_model(model: str, teacher: bool, steps: int | None, device) -> Sampler:
     if (path / "config.yaml").is_file():
         from fdistill.run import load_run
 
-        cfg, nets = load_run(path, device=device)
+        cfg, nets, _ = load_run(path, device=device)
         if teacher:
             teacher_steps = cfg.eval.teacher_steps if steps is None else steps
             return teacher_sampler(nets.teacher, teacher_steps, cfg.eval.teacher_sampler, device)
         return student_sampler(nets.student, steps, cfg.eval.renoise, device)
     if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file():
         teacher_net = load_diffusers_teacher(path).to(device)
+        if teacher_net.text_conditioned:
+            raise ConfigError(f"{path} is a text-conditioned teacher; sample.py takes class-conditional or "
+                              "unconditional UNets")
         return teacher_sampler(teacher_net, DEFAULT_TEACHER_STEPS if steps is None else steps, "euler", device)
     raise ConfigError(f"{path} is not a model directory: config.yaml (a run), fdistill.json (an exported student) "
                       "and model_index.json (a diffusers pipeline) not found")

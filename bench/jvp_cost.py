@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fdistill.config import load_config
-from fdistill.objectives import Batch
+from fdistill.containers import Batch
 from fdistill.run import build_experiment
 
 MODES = ("exact", "finite_difference")
@@ -46,7 +46,7 @@ class SCMIteration:
     def __init__(self, config, overrides, batch_size: int, mode: str):
         path = str(ROOT / config) if config else None
         cfg, options = load_config(path, overrides + ["objective.name=scm", f"objective.jvp={mode}"])
-        self.nets, self.objective = build_experiment(cfg, options)
+        self.nets, self.objective, _ = build_experiment(cfg, options)
         params = list(self.nets.student.parameters()) + list(self.objective.generator_parameters())
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
         self.parameters = sum(p.numel() for p in self.nets.student.parameters())

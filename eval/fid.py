@@ -50,19 +50,20 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    from fdistill.data.images import reference_images
     from fdistill.metrics import fid
 
     try:
         net = fid.load_feature_net(args.features, args.backend, args.inception_weights)
         opts = dict(batch_size=args.batch_size, progress=not args.no_progress, device=args.device)
         if args.command == "ref":
-            stats = fid.compute_statistics(args.data, net, args.backend, keep_features=args.keep_features,
-                                           **opts)
+            stats = fid.compute_statistics(reference_images(args.data), net, args.backend,
+                                           keep_features=args.keep_features, **opts)
             fid.save_statistics(stats, args.out)
             print(f"wrote {args.out}: {stats.num_samples} images, {stats.feature_net} "
                   f"({stats.weights_hash}), {stats.backend}")
             return 0
-        result = fid.compute_fid(args.samples, args.ref, net, args.backend, kid=args.kid,
+        result = fid.compute_fid(args.samples, reference_images(args.ref), net, args.backend, kid=args.kid,
                                  precision_recall_k=3 if args.pr else None, seeds=args.seeds,
                                  steps=args.steps, **opts)
     except (OSError, ValueError) as err:

@@ -37,6 +37,8 @@ class TeacherConfig:
     weights: Optional[List[float]] = None
     pretrained: Optional[str] = None  # hub id or local directory of a diffusers model / pipeline
     prediction_type: Optional[str] = None  # overrides the scheduler's prediction_type
+    guidance_scale: float = 1.0  # classifier-free guidance of the teacher, x_u + w (x_c - x_u); 1: none
+    guidance_interval: Optional[List[float]] = None  # [t_lo, t_hi]: guide only at these teacher times
     unet: Dict[str, Any] = field(default_factory=dict)  # UNet2DModel config for kind=unet
 
 

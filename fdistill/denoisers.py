@@ -1,7 +1,7 @@
 """Denoisers: every network in a distillation run predicts x0 from ``(x_t, t, cond)``.
 
 ``Denoiser.forward`` returns the x0-prediction; ``forward_with_features`` also returns the intermediate
-features that discriminator heads read (ALGORITHMS.md 2.4). Adapters:
+features that discriminator heads read (docs/objectives.md §2.4). Adapters:
 
 * :class:`UNetDenoiser` for diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (epsilon, v_prediction or
   sample), with features taken from the mid block by a forward hook;
@@ -23,10 +23,18 @@ DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 class Denoiser(nn.Module):
-    """x0-prediction ``D(x_t, t, cond)`` under ``self.schedule``; ``t`` is a ``[B]`` tensor of schedule times."""
+    """x0-prediction ``D(x_t, t, cond)`` under ``self.schedule``; ``t`` is a ``[B]`` tensor of schedule times.
+
+    ``prediction_type`` is what the network itself outputs, in diffusers' names (``sample`` is x0);
+    ``num_class_embeds`` the class embeddings of a class-conditional network (``None`` otherwise);
+    ``conditional`` whether it takes a condition at all, and so whether it can be guided (§2.5).
+    """
 
     schedule: Schedule
     sample_shape: tuple[int, ...]
+    prediction_type = "sample"
+    num_class_embeds: int | None = None
+    conditional = False
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         return self.forward_with_features(x_t, t, cond)[0]
@@ -37,6 +45,10 @@ class Denoiser(nn.Module):
     def noise_level_features(self, t: torch.Tensor) -> torch.Tensor:
         """``c_noise = log(sigma/alpha)/4`` per sample (EDM's noise conditioning, any schedule), float32."""
         return (torch.log(self.schedule.sigma(t) / self.schedule.alpha(t)) / 4).float()
+
+    def null_condition(self, cond):
+        """The unconditional input of classifier-free guidance for a batch of conditions ``cond``."""
+        raise ValueError(f"{type(self).__name__} takes no condition, so it has no unconditional input to guide with")
 
 
 def x0_from_unet_output(out: torch.Tensor, prediction_type: str, x_t: torch.Tensor, schedule: Schedule,
@@ -63,8 +75,9 @@ class UNetDenoiser(Denoiser):
         self.unet, self.schedule, self.prediction_type = unet, schedule, prediction_type
         cfg = unet.config
         self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        self.text_conditioned = hasattr(cfg, "cross_attention_dim") and cfg.cross_attention_dim is not None
-        self.null_embedding: torch.Tensor | None = None  # empty-prompt embedding of a text-conditioned UNet
+        self.text_conditioned = getattr(cfg, "cross_attention_dim", None) is not None
+        self.num_class_embeds = getattr(cfg, "num_class_embeds", None)
+        self.conditional = self.text_conditioned or self.num_class_embeds is not None
         self._features: list[torch.Tensor] = []
         # A deep-copied UNet carries its source denoiser's hook, which would feed that denoiser's list.
         unet.mid_block._forward_hooks.clear()
@@ -82,19 +95,13 @@ class UNetDenoiser(Denoiser):
         features, self._features = list(self._features), []
         return x0, features
 
-
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The unconditional input of classifier-free guidance: the last class index of a class-conditional
-        UNet (the label its training dropped classes to), or the empty-prompt embedding of a text UNet."""
-        if self.text_conditioned:
-            if self.null_embedding is None:
-                raise ValueError("guidance on a text-conditioned teacher needs its empty-prompt embedding: "
-                                 "set the teacher's null_embedding")
-            return self.null_embedding.expand_as(cond)
-        classes = getattr(self.unet.config, "num_class_embeds", None)
-        if classes is None:
-            raise ValueError("classifier-free guidance needs a class-conditional teacher (num_class_embeds)")
-        return torch.full_like(cond, classes - 1)
+        """The last class index of a class-conditional UNet: the label its training dropped classes to. A text
+        UNet's unconditional input is an (empty or negative) prompt's embedding, which the guidance wrapper is
+        given by whoever embeds the prompts."""
+        if self.num_class_embeds is None:
+            return super().null_condition(cond)
+        return torch.full_like(cond, self.num_class_embeds - 1)
 
 
 class GaussianMixtureDenoiser(Denoiser):

@@ -1,5 +1,8 @@
 """End-of-run evaluation: the student at each of its step counts next to the teacher's multi-step sampler.
 
+Sampling under fixed seeds for every task, and the image protocol (FD, class statistics, PNG folders, the
+comparison grid) that the image tasks share.
+
 Every entry is computed from fixed seeds (``eval.seed``), so identical weights give identical numbers.
 Image samplers share one protocol: the same noise, class labels, sample count and reference statistics, so
 that student and teacher numbers can be compared (Frechet distances on ~1000 samples are biased upward and
@@ -17,9 +20,7 @@ import torch
 from tqdm import tqdm
 
 from fdistill.config import EvalConfig
-from fdistill.denoisers import GaussianMixtureDenoiser
-from fdistill.metrics.toy import energy_distance, mode_statistics
-from fdistill.objectives import Networks
+from fdistill.containers import Networks
 from fdistill.sampling import sample_ode
 
 
@@ -28,7 +29,7 @@ def student_samples(nets: Networks, n: int, steps: int, seed: int, renoise: str 
                     batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
     """``n`` student samples; one generator seeded with ``seed`` draws each batch's noise in turn."""
     g = torch.Generator().manual_seed(seed)
-    device = next(nets.student.parameters()).device
+    device = nets.device
     out = []
     for rows in _batches(n, batch_size, progress, f"student {steps} step"):
         z = nets.student.noise(len(rows), generator=g).to(device)
@@ -42,7 +43,7 @@ def teacher_samples(nets: Networks, n: int, steps: int, sampler: str, seed: int,
                     batch_size: int | None = None, progress: bool = False) -> tuple[torch.Tensor, int]:
     """``n`` samples of the teacher's ODE sampler and its function evaluations per sample."""
     g = torch.Generator().manual_seed(seed)
-    device = next(nets.student.parameters()).device
+    device = nets.device
     out, nfe = [], 0
     for rows in _batches(n, batch_size, progress, f"teacher {steps} steps"):
         z = torch.randn((len(rows), *nets.teacher.sample_shape), generator=g).to(device)
@@ -57,31 +58,6 @@ def _batches(n: int, batch_size: int | None, progress: bool, desc: str):
     starts = range(0, n, size)
     for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
         yield torch.arange(start, min(start + size, n))
-
-
-def _toy_entry(samples, teacher: GaussianMixtureDenoiser, reference) -> dict:
-    stats = mode_statistics(samples, teacher.means, teacher.variances.sqrt().mean(1), teacher.weights)
-    return {**stats, "energy_distance": energy_distance(samples, reference)}
-
-
-def evaluate_toy(nets: Networks, ec: EvalConfig) -> list[dict]:
-    """Mode coverage, mode-weight TV and energy distance to exact teacher samples, per sampler."""
-    teacher = nets.teacher
-    reference = teacher.sample(ec.num_samples, generator=torch.Generator().manual_seed(ec.seed + 1))[0]
-    was_training = nets.student.training
-    nets.student.eval()
-    results = []
-    for steps in [k for k in ec.student_steps if k <= nets.student.max_steps]:
-        start = time.time()
-        x = student_samples(nets, ec.num_samples, steps, ec.seed, ec.renoise)
-        entry = {"model": "student", "nfe": steps, **_toy_entry(x, teacher, reference)}
-        results.append({**entry, "samples_per_second": ec.num_samples / (time.time() - start)})
-    start = time.time()
-    x, nfe = teacher_samples(nets, ec.num_samples, ec.teacher_steps, ec.teacher_sampler, ec.seed)
-    entry = {"model": "teacher", "nfe": nfe, "sampler": ec.teacher_sampler, **_toy_entry(x, teacher, reference)}
-    results.append({**entry, "samples_per_second": ec.num_samples / (time.time() - start)})
-    nets.student.train(was_training)
-    return results
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The student generator: a denoiser evaluated at a fixed time (one step) or a short list of times.
 
-One step (ALGORITHMS.md 2.2): ``x_g = D_theta(sigma(t_0) z, t_0)`` read as an x0-prediction. Few steps with
+One step (docs/objectives.md §2.2): ``x_g = D_theta(sigma(t_0) z, t_0)`` read as an x0-prediction. Few steps with
 ``t_0 > t_1 > ... > t_N = 0``: ``x0_hat = D(x, t_i)``, then ``x <- alpha(t_{i+1}) x0_hat + sigma(t_{i+1}) eps'``
 where ``eps'`` is fresh noise ("sde", the multistep consistency sampler) or the noise implied by ``(x, x0_hat)``
 at ``t_i`` ("ode", DDIM-like). The last ``x0_hat`` is the sample.
@@ -15,6 +15,34 @@ from fdistill.denoisers import Denoiser
 from fdistill.schedules import Schedule, from_x0
 
 RENOISE_MODES = ("sde", "ode")
+# sigma/alpha of a one-step student whose teacher predicts epsilon (SiD's initial noise level, sigma_init = 2.5)
+EPSILON_STUDENT_NOISE = 2.5
+
+
+def time_at_noise_level(schedule: Schedule, noise_level: float) -> float:
+    """The schedule time where ``sigma/alpha = noise_level`` (EDM's sigma), clamped to the schedule's range."""
+    snr = torch.tensor([1.0 / noise_level], dtype=torch.float64)  # alpha / sigma
+    return float(schedule.t_from_snr(snr).clamp(schedule.t_min, schedule.t_max))
+
+
+def default_student_times(teacher: Denoiser) -> list[float]:
+    """The one-step time when none is configured: the schedule's last time, where the student's input
+    ``sigma z`` carries no data at all; for a teacher that predicts epsilon, the time where ``sigma/alpha = 2.5``
+    instead. Reading x0 from epsilon divides the network's error by ``alpha``, which is 0.006 at the last step
+    of a linear-beta schedule (a 156x amplification) and 0.37 at that time."""
+    if teacher.prediction_type == "epsilon":
+        return [time_at_noise_level(teacher.schedule, EPSILON_STUDENT_NOISE)]
+    return [float(teacher.schedule.t_max)]
+
+
+def student_times(teacher: Denoiser, times: list[float] | None = None, noise_level: float | None = None):
+    """The student's sampling times: ``times`` when given, else one step at ``noise_level`` (sigma/alpha) when
+    given, else :func:`default_student_times`."""
+    if times:
+        return list(times)
+    if noise_level is not None:
+        return [time_at_noise_level(teacher.schedule, noise_level)]
+    return default_student_times(teacher)
 
 
 def input_scale(schedule: Schedule, t0: float) -> float:
@@ -97,3 +125,15 @@ class Generator(nn.Module):
         for t, t_next in zip(times, times[1:], strict=False):
             x = renoise(self.schedule, x, self.step(x, t, cond), t, t_next, mode, generator)
         return self.step(x, times[-1], cond)
+
+    def backward_simulation(self, z: torch.Tensor, cond=None, steps: int = 1, generator=None) -> torch.Tensor:
+        """A ``steps``-step sample from unit noise ``z`` (the "sde" sampler) with gradient through the last step
+        only: DMD2's and rCM's data-free backward simulation (docs/objectives.md §9, student step 2)."""
+        t_last = self.times[steps - 1]
+        if steps == 1:
+            return self.step(input_scale(self.schedule, t_last) * z, t_last, cond)
+        with torch.no_grad():
+            x0 = self.sample(z, cond, steps - 1, mode="sde", generator=generator)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = torch.full((len(x0),), t_last, dtype=torch.float64)
+        return self.step(self.schedule.diffuse(x0, t, eps), t_last, cond)

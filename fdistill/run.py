@@ -7,6 +7,10 @@ resumable state, ``RUN_DIR/train_log.csv`` and ``RUN_DIR/tensorboard/`` the trai
 objective, steps and wall time; image runs add ``RUN_DIR/samples/`` (each sampler's PNGs and a student-vs-teacher
 grid) and ``RUN_DIR/pipeline/``, the student as a diffusers pipeline (``fdistill.pipelines``). Only the main
 process writes; evaluation runs on it alone.
+
+The run is where the parts meet: it builds the teacher, the task (:func:`fdistill.tasks.build_task`), the
+objective and the networks, hands the trainer the task's batches and hooks, and afterwards asks the task to
+evaluate and export.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from fdistill import tasks
 from fdistill.config import Config, ConfigError, dump_config, load_config
-from fdistill.objectives import Networks, build_objective
-from fdistill.teachers import build_networks, build_teacher
-from fdistill.training import checkpoint
+from fdistill.containers import Networks
+from fdistill.denoisers import Denoiser
+from fdistill.discriminator import discriminator_for
+from fdistill.generator import student_times
+from fdistill.objectives import Objective, build_objective
+from fdistill.tasks import Task, build_task
+from fdistill.teachers import build_teacher, with_guidance
+from fdistill.training import checkpoint as checkpoints
 from fdistill.training.trainer import Trainer
 
 STUDENT_FILE = "student.safetensors"
@@ -61,7 +69,7 @@ def prepare_run_dir(run_dir: Path, accelerator, resume: str | None = None,
     if existing and not (resume or overwrite):
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume, replace it with "
                           f"--overwrite, or choose another run.dir")
-    start = checkpoint.resolve(run_dir, resume) if resume else None
+    start = checkpoints.resolve(run_dir, resume) if resume else None
     accelerator.wait_for_everyone()
     if overwrite and existing and accelerator.is_main_process:
         shutil.rmtree(run_dir)
@@ -88,13 +96,31 @@ def changed_keys(old_yaml: str, cfg: Config) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-def build_experiment(cfg: Config, options) -> tuple[Networks, torch.nn.Module]:
-    """Teacher, objective and networks; an objective's ``ValueError`` about its options is a user error."""
+def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: Task) -> Networks:
+    """Student (and fake score / discriminator when the objective uses them) for the unguided ``teacher``; the
+    networks' teacher is the one objectives read, guided when ``teacher.guidance_scale`` asks for it."""
+    times = student_times(teacher, cfg.generator.times, cfg.generator.noise_level)
+    student = objective.build_student(task.trainable_copy(), times)
+    fake_score = task.trainable_copy() if objective.needs_fake_score else None
+    discriminator = None
+    if objective.needs_discriminator:
+        probe = torch.zeros(2, *teacher.sample_shape)
+        t = torch.full((2,), teacher.schedule.t_max, dtype=torch.float64)
+        with torch.no_grad():
+            _, features = teacher.forward_with_features(probe, t, task.condition_probe(2))
+        discriminator = discriminator_for(features)
+    return Networks(teacher=with_guidance(teacher, cfg), student=student, fake_score=fake_score,
+                    discriminator=discriminator)
+
+
+def build_experiment(cfg: Config, options) -> tuple[Networks, Objective, Task]:
+    """Teacher, task, objective and networks; an objective's ``ValueError`` about its options is a user error."""
     torch.manual_seed(cfg.run.seed)
     teacher = build_teacher(cfg)
+    task = build_task(cfg, teacher)
     try:
         objective = build_objective(options, teacher.schedule)
-        return build_networks(cfg, teacher, objective), objective
+        return build_networks(cfg, teacher, objective, task), objective, task
     except ValueError as e:
         raise ConfigError(f"objective {options.name}: {str(e).splitlines()[0]}") from None
 
@@ -119,13 +145,14 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.run.dir)
     start = prepare_run_dir(run_dir, accelerator, resume, overwrite)
-    nets, objective = build_experiment(cfg, options)
-    batches = tasks.training_batches(cfg, nets, objective)
+    nets, objective, task = build_experiment(cfg, options)
+    batches = task.batches(objective.needs_real_data)
     if accelerator.is_main_process:  # only once the experiment builds: a run dir with a config is a run
         note = _write_config(run_dir, cfg, resume is not None)
         if note:
             print(note)
-    trainer = Trainer(nets, objective, batches, cfg, accelerator, run_dir, progress)
+    trainer = Trainer(nets, objective, batches, cfg, accelerator, run_dir, progress, preview=task.preview,
+                      metrics=task.training_metrics)
     summary = trainer.fit(start)
     weights = trainer.student_weights()
     accelerator.wait_for_everyone()
@@ -134,7 +161,7 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
         return None
     for name, state in weights.items():
         save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / student_file(name)))
-    _, eval_nets = load_run(run_dir, device=accelerator.device)
+    _, eval_nets, task = load_run(run_dir, device=accelerator.device)
     metrics = {
         "objective": options.name,
         "steps": summary.steps,
@@ -142,44 +169,83 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
         "final_losses": summary.last_logs,
         "nonfinite_steps": summary.nonfinite_steps,
         "protocol": {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed, "ema": cfg.eval.ema},
-        "results": tasks.evaluate(cfg, eval_nets, run_dir, progress),
+        "results": task.evaluate(eval_nets, run_dir, progress),
     }
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, run_dir / "metrics.json")
-    if exportable(eval_nets):
-        from fdistill.pipelines import export_run
-
-        export_run(run_dir)
+    metadata = export_metadata(cfg, options, summary.steps, cfg.eval.ema, str(run_dir))
+    try:
+        task.export(eval_nets.student, run_dir / "pipeline", metadata)
+    except (ValueError, NotImplementedError) as e:
+        print(f"no pipeline written: {e}")
     return metrics
 
 
-def exportable(nets: Networks) -> bool:
-    """Whether the student can be written as a diffusers pipeline (``RUN_DIR/pipeline``): a class-conditional
-    or unconditional UNet2DModel student on a diffusers schedule."""
-    from fdistill.denoisers import UNetDenoiser
-
-    net = nets.student.net
-    return isinstance(net, UNetDenoiser) and not net.text_conditioned
-
-
-def load_run(run_dir: str | Path, ema: str | None = "auto", device=None) -> tuple[Config, Networks]:
-    """Rebuild a finished run's networks from ``RUN_DIR/config.yaml`` and load the student's weights.
+def load_run(run_dir: str | Path, ema: str | None = "auto", device=None) -> tuple[Config, Networks, Task]:
+    """Rebuild a finished run's networks and task from ``RUN_DIR/config.yaml`` and load the student's weights.
 
     ``ema="auto"`` loads the weights the run was evaluated with (``eval.ema``), ``None`` the trained weights,
     a name that EMA.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir / 'config.yaml'} not found; is {run_dir} a run directory?")
-    cfg, options = load_config(str(run_dir / "config.yaml"))
+    cfg, options = _run_config(run_dir)
     weights = run_dir / student_file(cfg.eval.ema if ema == "auto" else ema)
     if not weights.is_file():
         raise ConfigError(f"{weights} not found; is {run_dir} a finished run directory?")
-    nets, _ = build_experiment(cfg, options)
+    nets, _, task = build_experiment(cfg, options)
     nets.student.load_state_dict(load_file(str(weights)))
     if device is not None:
-        for name in ("teacher", "student", "fake_score", "discriminator"):
-            if getattr(nets, name) is not None:
-                getattr(nets, name).to(device)
-    return cfg, nets
+        nets.to(device)
+    return cfg, nets, task
+
+
+def _run_config(run_dir: Path):
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir / 'config.yaml'} not found; is {run_dir} a run directory?")
+    return load_config(str(run_dir / "config.yaml"))
+
+
+def export_metadata(cfg: Config, options, steps: int, ema: str | None, source: str) -> dict:
+    """What an exported pipeline records about the run it came from."""
+    teacher_source = {"pretrained": cfg.teacher.pretrained, "embedded": "fdistill digits teacher"}
+    return {
+        "objective": options.name,
+        "training_steps": steps,
+        "ema": ema,
+        "teacher": {"kind": cfg.teacher.kind, "source": teacher_source.get(cfg.teacher.kind),
+                    "guidance_scale": cfg.teacher.guidance_scale},
+        "exported_from": source,
+    }
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: str | None = None,
+               ema: str | None = "auto") -> Path:
+    """Export the student of a run: its final weights (default) or those of a checkpoint.
+
+    ``checkpoint`` is ``None`` (the finished run's weights), ``"latest"``, a checkpoint's name
+    (``step-00001000``) or directory; ``ema`` is ``"auto"`` (``eval.ema``, the weights the run is evaluated with),
+    ``None`` (the trained weights) or an EMA name. ``out_dir`` defaults to ``RUN_DIR/pipeline``. Errors are
+    :class:`ConfigError`.
+    """
+    run_dir = Path(run_dir)
+    cfg, options = _run_config(run_dir)
+    ema_name = cfg.eval.ema if ema == "auto" else ema
+    if checkpoint is None:
+        _, nets, task = load_run(run_dir, ema=ema_name)
+        metrics = run_dir / "metrics.json"
+        steps = json.loads(metrics.read_text()).get("steps") if metrics.is_file() else cfg.train.steps
+        source = str(run_dir)
+    else:
+        nets, _, task = build_experiment(cfg, options)
+        path = checkpoints.find(run_dir, str(checkpoint))
+        steps, source = checkpoints.load_student(path, nets.student, ema_name), str(path)
+    try:
+        out = task.export(nets.student, Path(out_dir or run_dir / "pipeline"),
+                          export_metadata(cfg, options, steps, ema_name, source))
+    except (ValueError, NotImplementedError) as e:
+        raise ConfigError(f"cannot export {run_dir}: {e}") from None
+    if out is None:
+        raise ConfigError(f"cannot export {run_dir}: its students ({cfg.teacher.kind} teacher) have no diffusers "
+                          "pipeline form")
+    return out

@@ -1,50 +1,82 @@
-"""Build the teacher and the trainable networks of a run from the configuration."""
+"""Build a run's frozen teacher from the configuration (``teacher.kind``), and wrap it in guidance.
+
+Kinds: ``ring`` (an analytic Gaussian-mixture ring with exact scores), ``unet`` (a diffusers ``UNet2DModel``
+built from ``teacher.unet``, for tests), ``pretrained`` (a diffusers model or pipeline from a local directory or
+a hub id) and ``embedded`` (the shipped digits teacher). A new kind is one builder in :data:`TEACHER_BUILDERS`.
+"""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from fdistill.config import Config, ConfigError
-from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, MLPDenoiser, UNetDenoiser, freeze, ring_mixture
-from fdistill.discriminator import discriminator_for
-from fdistill.objectives import Networks, Objective
+from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, UNetDenoiser, freeze, ring_mixture
+from fdistill.guidance import GuidedDenoiser
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
 
-TEACHER_KINDS = ("ring", "unet", "pretrained", "embedded")
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-# sigma/alpha of a one-step student whose teacher predicts epsilon (SiD's initial noise level, sigma_init = 2.5)
-EPSILON_STUDENT_NOISE = 2.5
+
+
+def ring_teacher(cfg: Config) -> Denoiser:
+    tc = cfg.teacher
+    if tc.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown teacher.schedule {tc.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    try:
+        params = ring_mixture(tc.num_modes, tc.radius, tc.std, tc.weights)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return GaussianMixtureDenoiser(**params, schedule=SCHEDULES[tc.schedule]())
+
+
+def unet_teacher(cfg: Config) -> Denoiser:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(**cfg.teacher.unet)
+    schedule = DiscreteVPSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000))
+    return UNetDenoiser(unet, schedule, cfg.teacher.prediction_type or "epsilon")
+
+
+def pretrained_teacher(cfg: Config) -> Denoiser:
+    if cfg.teacher.pretrained is None:
+        raise ConfigError("teacher.kind=pretrained needs teacher.pretrained=<hub id or local directory>")
+    return load_diffusers_teacher(cfg.teacher.pretrained, cfg.teacher.prediction_type)
+
+
+def embedded_teacher(cfg: Config) -> Denoiser:
+    return load_diffusers_teacher(EMBEDDED_TEACHER_DIR, cfg.teacher.prediction_type)
+
+
+TEACHER_BUILDERS: dict[str, Callable[[Config], Denoiser]] = {
+    "ring": ring_teacher, "unet": unet_teacher, "pretrained": pretrained_teacher, "embedded": embedded_teacher,
+}
 
 
 def build_teacher(cfg: Config) -> Denoiser:
-    """A frozen teacher: an analytic ring mixture, or a diffusers UNet built from ``teacher.unet``."""
-    tc = cfg.teacher
-    if tc.kind == "ring":
-        if tc.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown teacher.schedule {tc.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        try:
-            params = ring_mixture(tc.num_modes, tc.radius, tc.std, tc.weights)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        return freeze(GaussianMixtureDenoiser(**params, schedule=SCHEDULES[tc.schedule]()))
-    if tc.kind == "unet":
-        from diffusers import DDPMScheduler, UNet2DModel
+    """The frozen teacher of ``teacher.kind``, unguided (students and fake scores are copied from it)."""
+    builder = TEACHER_BUILDERS.get(cfg.teacher.kind)
+    if builder is None:
+        raise ConfigError(f"unknown teacher.kind {cfg.teacher.kind!r}; choose one of {', '.join(TEACHER_BUILDERS)}")
+    return freeze(builder(cfg))
 
-        unet = UNet2DModel(**tc.unet)
-        scheduler = DDPMScheduler(num_train_timesteps=1000)
-        prediction = tc.prediction_type or "epsilon"
-        return freeze(UNetDenoiser(unet, DiscreteVPSchedule.from_diffusers(scheduler), prediction))
-    if tc.kind in ("pretrained", "embedded"):
-        source = EMBEDDED_TEACHER_DIR if tc.kind == "embedded" else tc.pretrained
-        if source is None:
-            raise ConfigError("teacher.kind=pretrained needs teacher.pretrained=<hub id or local directory>")
-        return freeze(load_diffusers_teacher(source, tc.prediction_type))
-    raise ConfigError(f"unknown teacher.kind {tc.kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
+
+def with_guidance(teacher: Denoiser, cfg: Config) -> Denoiser:
+    """The teacher that objectives and the evaluation read: guided when ``teacher.guidance_scale != 1``."""
+    tc = cfg.teacher
+    if tc.guidance_scale == 1.0 and tc.guidance_interval is None:
+        return teacher
+    if tc.guidance_interval is not None and len(tc.guidance_interval) != 2:
+        raise ConfigError(f"teacher.guidance_interval must be [t_lo, t_hi] in the teacher's time units, "
+                          f"got {tc.guidance_interval}")
+    try:
+        interval = None if tc.guidance_interval is None else tuple(tc.guidance_interval)
+        return GuidedDenoiser(teacher, tc.guidance_scale, interval)
+    except ValueError as e:
+        raise ConfigError(f"teacher.guidance_scale={tc.guidance_scale}: {e}") from None
 
 
 def resolve_model_dir(source: str | Path) -> Path:
@@ -98,60 +130,3 @@ def load_diffusers_teacher(source: str | Path, prediction_type: str | None = Non
         raise ConfigError(f"teacher {source}: {e}") from None
 
 
-def default_student_times(teacher: Denoiser) -> list[float]:
-    """The one-step time when ``generator.times`` is not given: the schedule's last time, where the student's
-    input ``sigma z`` carries no data at all; for an epsilon-predicting UNet teacher, the time where
-    ``sigma/alpha = 2.5`` instead. Reading x0 from epsilon divides the network's error by ``alpha``, which is
-    0.006 at the last step of a linear-beta schedule (a 156x amplification) and 0.37 at that time."""
-    if isinstance(teacher, UNetDenoiser) and teacher.prediction_type == "epsilon":
-        return [time_at_noise_level(teacher.schedule, EPSILON_STUDENT_NOISE)]
-    return [float(teacher.schedule.t_max)]
-
-
-def time_at_noise_level(schedule, noise_level: float) -> float:
-    """The schedule time where ``sigma/alpha = noise_level`` (EDM's sigma), clamped to the schedule's range."""
-    snr = torch.tensor([1.0 / noise_level], dtype=torch.float64)  # alpha / sigma
-    return float(schedule.t_from_snr(snr).clamp(schedule.t_min, schedule.t_max))
-
-
-def trainable_copy(teacher: Denoiser, cfg: Config) -> Denoiser:
-    """A trainable network initialised from the teacher's weights, or an MLP when the teacher is analytic."""
-    if isinstance(teacher, GaussianMixtureDenoiser):
-        m = cfg.model
-        return MLPDenoiser(teacher.sample_shape[0], teacher.schedule, m.hidden, m.depth, m.sigma_data)
-    if isinstance(teacher, UNetDenoiser):
-        net = UNetDenoiser(copy.deepcopy(teacher.unet), teacher.schedule, teacher.prediction_type)
-    else:
-        net = copy.deepcopy(teacher)
-    net.train()
-    return net.requires_grad_(True)
-
-
-def build_networks(cfg: Config, teacher: Denoiser, objective: Objective) -> Networks:
-    """Student (and fake score / discriminator when the objective uses them) for ``teacher``."""
-    if cfg.generator.times:
-        times = cfg.generator.times
-    elif cfg.generator.noise_level is not None:
-        times = [time_at_noise_level(teacher.schedule, cfg.generator.noise_level)]
-    else:
-        times = default_student_times(teacher)
-    student = objective.build_student(trainable_copy(teacher, cfg), times)
-    fake_score = trainable_copy(teacher, cfg) if objective.needs_fake_score else None
-    discriminator = None
-    if objective.needs_discriminator:
-        probe = torch.zeros(2, *teacher.sample_shape)
-        t = torch.full((2,), teacher.schedule.t_max, dtype=torch.float64)
-        with torch.no_grad():
-            _, features = teacher.forward_with_features(probe, t, _probe_condition(teacher, 2))
-        discriminator = discriminator_for(features)
-    return Networks(teacher=teacher, student=student, fake_score=fake_score, discriminator=discriminator)
-
-
-def _probe_condition(teacher: Denoiser, n: int):
-    unet_config = getattr(getattr(teacher, "unet", None), "config", None)
-    if getattr(unet_config, "num_class_embeds", None):
-        return torch.zeros(n, dtype=torch.long)
-    if getattr(unet_config, "cross_attention_dim", None):
-        width = unet_config.cross_attention_dim
-        return torch.zeros(n, 1, width if isinstance(width, int) else width[0])
-    return None

@@ -7,9 +7,9 @@ TrigFlow (Lu & Song 2024, arXiv 2410.11081, eq. 2) diffuses ``x_t = cos t x0 + s
 
 :class:`TrigFlowDenoiser` lets a network trained under any schedule (VP, EDM, rectified flow) answer at
 TrigFlow times: the teacher time with the same signal-to-noise ratio ``cos t / (sigma_d sin t)`` is found in
-float64 and the input rescaled, ``x_inner = x_trig sqrt(alpha^2 + (sigma/sigma_d)^2)`` (ALGORITHMS.md 1.1,
+float64 and the input rescaled, ``x_inner = x_trig sqrt(alpha^2 + (sigma/sigma_d)^2)`` (docs/objectives.md §1.1,
 "SNR matching"). TrigFlow times are clamped to the part of ``(0, pi/2)`` the inner schedule covers, so that
-e.g. an EDM network trained up to sigma = 80 is never asked about sigma = 1e16 (pitfall 6).
+e.g. an EDM network trained up to sigma = 80 is never asked about sigma = 1e16 (§12 item 6).
 :class:`LogVarianceHead` is sCM's adaptive weight ``logvar(t)`` (arXiv 2410.11081, eq. 9).
 """
 
@@ -38,6 +38,7 @@ class TrigFlowDenoiser(Denoiser):
         self.net, self.sigma_data = net, sigma_data
         self.schedule = TrigFlowSchedule(sigma_data=sigma_data)
         self.sample_shape = net.sample_shape
+        self.num_class_embeds, self.conditional = net.num_class_embeds, net.conditional
         inner = net.schedule
         snr_ends = (inner.alpha(s) / inner.sigma(s) for s in (inner.t_min, inner.t_max))
         lo, hi = (float(self.schedule.t_from_snr(snr)) for snr in snr_ends)
@@ -58,7 +59,7 @@ class TrigFlowDenoiser(Denoiser):
         return self.net.forward_with_features(x_inner, t_inner, cond)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        """TrigFlow ``F = (cos t x_t - x0_hat) / (sigma_d sin t)`` (ALGORITHMS.md 1.3), in ``x_t``'s dtype."""
+        """TrigFlow ``F = (cos t x_t - x0_hat) / (sigma_d sin t)`` (docs/objectives.md §1.3), in ``x_t``'s dtype."""
         t = self.clamp_time(torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0]))
         x_inner, t_inner = self.inner_input(x_t, t)
         x0 = self.net(x_inner, t_inner, cond)

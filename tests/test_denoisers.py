@@ -76,7 +76,7 @@ def test_unet_adapter_reads_each_prediction_type_as_x0():
 def test_guidance_uses_the_null_class_of_a_class_conditional_unet():
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from fdistill.objectives.common import guided_x0
+    from fdistill.guidance import GuidedDenoiser
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
@@ -86,5 +86,10 @@ def test_guidance_uses_the_null_class_of_a_class_conditional_unet():
     x_t, t, labels = torch.randn(3, 1, 8, 8), torch.full((3,), 500.0, dtype=torch.float64), torch.tensor([0, 4, 9])
     assert torch.equal(teacher.null_condition(labels), torch.full((3,), 10))
     cond, uncond = teacher(x_t, t, labels), teacher(x_t, t, torch.full((3,), 10))
-    guided = guided_x0(teacher, x_t, t, labels, guidance_scale=3.0)
+    guided = GuidedDenoiser(teacher, 3.0)(x_t, t, labels)
     assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
+    # inside the interval [400, 600] guided, outside it the conditional prediction alone
+    t_mixed = torch.tensor([500.0, 700.0, 300.0], dtype=torch.float64)
+    mixed = GuidedDenoiser(teacher, 3.0, interval=(400.0, 600.0))(x_t, t_mixed, labels)
+    full, plain = GuidedDenoiser(teacher, 3.0)(x_t, t_mixed, labels), teacher(x_t, t_mixed, labels)
+    assert torch.equal(mixed[0], full[0]) and torch.equal(mixed[1:], plain[1:])

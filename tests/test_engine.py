@@ -10,16 +10,17 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import train
-from fdistill import tasks
 from fdistill.config import EMASpec, load_config
+from fdistill.containers import Batch, Networks
 from fdistill.denoisers import MLPDenoiser, freeze
-from fdistill.objectives import Batch, Networks, build_objective
+from fdistill.objectives import build_objective
 from fdistill.objectives.f_distill import FDistill
 from fdistill.run import load_run, make_accelerator, run_experiment
 from fdistill.schedules import SCHEDULES
+from fdistill.tasks import ToyTask
 from fdistill.training import checkpoint
 from fdistill.training.ema import EMA, power_exponent
-from fdistill.training.trainer import Trainer, split_batch, step_seed
+from fdistill.training.trainer import Trainer, step_seed
 
 TINY = str(Path(__file__).parents[1] / "configs" / "ring_tiny.yaml")
 
@@ -37,11 +38,16 @@ def _cfg(run_dir, *overrides):
 
 
 def test_split_batch_and_step_seeds():
-    batch = Batch(size=6, real=torch.arange(12.0).reshape(6, 2), extras={"ids": torch.arange(6), "k": 3})
-    parts = split_batch(batch, 3)
-    assert [p.size for p in parts] == [2, 2, 2] and parts[2].extras["k"] == 3 and parts[0].cond is None
+    batch = Batch(size=6, real=torch.arange(12.0).reshape(6, 2), cond={"ids": torch.arange(6), "k": 3})
+    parts = batch.split(3)
+    assert [p.size for p in parts] == [2, 2, 2] and parts[2].cond["k"] == 3
     assert torch.equal(torch.cat([p.real for p in parts]), batch.real)
-    assert parts[1].extras["ids"].tolist() == [2, 3]
+    assert parts[1].cond["ids"].tolist() == [2, 3]
+    assert Batch(size=6, real=batch.real).split(2)[1].cond is None
+    moved = parts[1].to("meta")
+    assert moved.real.is_meta and moved.cond["ids"].is_meta and moved.cond["k"] == 3
+    with pytest.raises(ValueError, match="does not split into 4"):
+        batch.split(4)
     assert step_seed(0, 5, 1) == step_seed(0, 5, 1) != step_seed(0, 5, 2) != step_seed(1, 5, 1)
     assert 0 <= step_seed(0, 5, "data") < 2**63
 
@@ -126,10 +132,11 @@ def test_nonfinite_weights_are_not_written(tmp_path):
 def _trainer(cfg, options, run_dir=None, nets=None, batches=None):
     from fdistill.run import build_experiment
 
-    built, objective = build_experiment(cfg, options)
+    built, objective, task = build_experiment(cfg, options)
     nets = nets or built
-    batches = batches or tasks.training_batches(cfg, nets, objective)
-    return Trainer(nets, objective, batches, cfg, make_accelerator(cfg), run_dir, progress=False)
+    batches = batches or task.batches(objective.needs_real_data)
+    return Trainer(nets, objective, batches, cfg, make_accelerator(cfg), run_dir, progress=False,
+                   preview=task.preview)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -157,7 +164,7 @@ def test_unwritable_run_dir_fails_before_training(tmp_path, capsys):
 
 def test_overwrite_replaces_the_run_and_files_are_complete(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(tasks, "preview", lambda cfg, nets, path: calls.append(path), raising=False)
+    monkeypatch.setattr(ToyTask, "preview", lambda self, nets, path: calls.append(path))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("old")
     (tmp_path / "run" / "stale.txt").write_text("old")
@@ -170,9 +177,9 @@ def test_overwrite_replaces_the_run_and_files_are_complete(tmp_path, monkeypatch
     assert metrics["protocol"]["ema"] == "power"
     raw = load_file(str(run / "student.safetensors"))
     power = load_file(str(run / "student_ema_power.safetensors"))
-    _, nets = load_run(run)  # eval.ema=power: the weights metrics.json was computed with
+    _, nets, _ = load_run(run)  # eval.ema=power: the weights metrics.json was computed with
     assert all(torch.equal(v, power[k]) for k, v in nets.student.state_dict().items())
-    _, nets = load_run(run, ema=None)
+    _, nets, _ = load_run(run, ema=None)
     assert all(torch.equal(v, raw[k]) for k, v in nets.student.state_dict().items())
     assert not all(torch.equal(v, power[k]) for k, v in raw.items())
 

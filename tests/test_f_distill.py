@@ -6,9 +6,12 @@ import torch
 from numpy.polynomial.hermite_e import hermegauss
 
 from fdistill.config import load_config
+from fdistill.containers import Batch
 from fdistill.denoisers import GaussianMixtureDenoiser
-from fdistill.objectives import Batch, common
+from fdistill.objectives import common
 from fdistill.objectives.common import DIVERGENCES, get_divergence
+from fdistill.objectives.dmd import pseudo_gradient_loss
+from fdistill.objectives.f_distill import normalize_to_mean_one
 from fdistill.run import build_experiment
 from fdistill.schedules import EDMSchedule
 
@@ -54,7 +57,7 @@ def pathwise_gradient(theta, div, teacher):
     # score units: s_q - s_p = (alpha/sigma^2)(x0_q - x0_p); quadrature weights enter as per-sample weights
     weight = div.h(r) * W * len(W) / SIGMA**2
     g = weight[:, None] * (x0_q - x0_p)
-    loss = common.pseudo_gradient_loss(x_g, g)
+    loss = pseudo_gradient_loss(x_g, g)
     return torch.stack(torch.autograd.grad(loss.double(), (mu, s))).numpy()
 
 
@@ -95,13 +98,13 @@ def test_h_at_one_matches_table():
 def test_pseudo_gradient_trick_gives_g():
     x = torch.randn(4, 3, requires_grad=True)
     g = torch.randn(4, 3)
-    (grad,) = torch.autograd.grad(common.pseudo_gradient_loss(x, g), x)
+    (grad,) = torch.autograd.grad(pseudo_gradient_loss(x, g), x)
     assert torch.allclose(grad * x.numel(), g, atol=1e-6)
 
 
 def ring_nets(objective_overrides):
     cfg, options = load_config(None, ["model.hidden=32", "model.depth=2", *objective_overrides])
-    return build_experiment(cfg, options)
+    return build_experiment(cfg, options)[:2]
 
 
 def generator_loss_with_seed(objective, nets, seed=0):
@@ -143,7 +146,7 @@ def test_student_gradient_vanishes_when_fake_score_equals_teacher():
 
 def test_ratio_estimate_clamps_and_bin_normalisation():
     logits = torch.tensor([[-50.0], [0.0], [np.log(3.0)], [50.0]])
-    r = common.density_ratio(logits)
+    r = common.density_ratio(logits, common.RatioOptions())[0]
     assert torch.allclose(r, torch.tensor([0.1, 1.0, 3.0, 20.0]), rtol=1e-5)
     norm = common.RatioBinNormalizer(0.0, 10.0, num_bins=2, ema_rate=0.5)
     t = torch.tensor([1.0, 2.0, 7.0, 8.0])
@@ -151,5 +154,5 @@ def test_ratio_estimate_clamps_and_bin_normalisation():
     # bins: 0.5*1 + 0.5*2 = 1.5 and 0.5*1 + 0.5*4 = 2.5
     assert torch.allclose(norm.bins, torch.tensor([1.5, 2.5]))
     assert torch.allclose(out, torch.tensor([1 / 1.5, 3 / 1.5, 4 / 2.5, 4 / 2.5]), rtol=1e-5)
-    h = common.normalize_to_mean_one(torch.tensor([1.0, 2.0, 3.0]))
+    h = normalize_to_mean_one(torch.tensor([1.0, 2.0, 3.0]))
     assert float(h.mean()) == pytest.approx(1.0, rel=1e-5)

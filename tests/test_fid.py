@@ -270,5 +270,7 @@ def test_cli_digits_reference_and_samples(tmp_path, capsys):
     # score about 26, see the teacher's provenance), far below generated noise.
     assert 0 <= result["value"] < 40 and result["precision"] > 0.5 and result["recall"] > 0.5
     stats = tmp_path / "digits.npz"
-    itself = fid.compute_fid("digits", stats, "fdistill-digits", "torchmetrics", progress=False)
+    from fdistill.data.images import DigitsDataset
+
+    itself = fid.compute_fid(DigitsDataset(split="all"), stats, "fdistill-digits", "torchmetrics", progress=False)
     assert abs(itself["value"]) < 1e-6  # 16 px digits need no resize: clean and torchmetrics features agree

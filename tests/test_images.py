@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 from fdistill.config import ConfigError, load_config
 from fdistill.data.images import DigitsDataset, ImageBatches
 from fdistill.evaluation import class_statistics
+from fdistill.generator import default_student_times
 from fdistill.run import build_experiment
-from fdistill.teachers import EMBEDDED_TEACHER_DIR, default_student_times, load_diffusers_teacher
+from fdistill.teachers import EMBEDDED_TEACHER_DIR, load_diffusers_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,14 +72,12 @@ def test_class_statistics_closed_form():
 
 def test_image_config_errors_name_the_fix():
     cfg, options = load_config(None, ["teacher.kind=embedded", "data.kind=folder"])
-    nets, objective = build_experiment(cfg, options)
-    from fdistill import tasks
-
+    _, objective, task = build_experiment(cfg, options)
     with pytest.raises(ConfigError, match="data.path"):
-        tasks.training_batches(cfg, nets, objective)
+        task.batches(objective.needs_real_data)
     cfg.data.kind = "shapes"
     with pytest.raises(ConfigError, match="channel"):
-        tasks.training_batches(cfg, nets, objective)
+        task.batches(objective.needs_real_data)
     with pytest.raises(ConfigError, match="teacher.pretrained"):
         build_experiment(*load_config(None, ["teacher.kind=pretrained"]))
 
@@ -129,7 +128,7 @@ def test_tiny_image_run_reports_protocol_writes_samples_and_pipeline(tmp_path):
 
 def test_generator_noise_level_sets_the_one_step_time():
     cfg, options = load_config(None, ["teacher.kind=embedded", "generator.noise_level=2.5"])
-    nets, _ = build_experiment(cfg, options)
+    nets, _, _ = build_experiment(cfg, options)
     (t0,) = nets.student.times
     s = nets.teacher.schedule
     assert float(s.sigma(t0) / s.alpha(t0)) == pytest.approx(2.5, rel=1e-6) and 400 < t0 < 480

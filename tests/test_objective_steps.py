@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fdistill.config import load_config
-from fdistill.objectives import OBJECTIVES, Batch
+from fdistill.containers import Batch
+from fdistill.objectives import OBJECTIVES
 from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
 
@@ -22,7 +23,7 @@ def tiny_unet_experiment(name, *overrides):
     cfg, options = load_config(None, ["teacher.kind=unet", f"objective.name={name}", *overrides])
     cfg.teacher.unet = dict(TINY_UNET)
     torch.manual_seed(0)
-    return cfg, build_experiment(cfg, options)
+    return cfg, build_experiment(cfg, options)[:2]
 
 
 def batches(size=4):

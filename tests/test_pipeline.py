@@ -18,11 +18,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fdistill.config import ConfigError, dump_config, load_config
+from fdistill.containers import Batch
 from fdistill.denoisers import MLPDenoiser, UNetDenoiser
 from fdistill.generator import Generator
-from fdistill.objectives import Batch
-from fdistill.pipelines import FDistillScheduler, export_pipeline, export_run
-from fdistill.run import build_experiment, student_file
+from fdistill.pipelines import FDistillScheduler, export_pipeline
+from fdistill.run import build_experiment, export_run, student_file
 from fdistill.schedules import DiscreteVPSchedule, EDMSchedule
 from fdistill.teachers import load_diffusers_teacher
 from fdistill.training.trainer import Trainer
@@ -190,7 +190,7 @@ def image_run(tmp_path_factory):
         "ema": {"averages": [{"name": "ema", "decay": 0.5}]}, "eval": {"renoise": "ode", "ema": "ema"}}))
     cfg, options = load_config(str(source), [f"run.dir={run_dir}"])
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    nets, objective = build_experiment(cfg, options)
+    nets, objective, _ = build_experiment(cfg, options)
 
     def batches():
         while True:

@@ -18,8 +18,9 @@ import torch
 from numpy.polynomial.hermite_e import hermegauss
 
 from fdistill.config import load_config
+from fdistill.containers import Batch
 from fdistill.denoisers import GaussianMixtureDenoiser
-from fdistill.objectives import OBJECTIVES, Batch, build_objective, common
+from fdistill.objectives import OBJECTIVES, build_objective, common, sim, uni_instruct
 from fdistill.run import build_experiment
 from fdistill.schedules import EDMSchedule
 
@@ -107,7 +108,7 @@ def sim_quad():
 def ui_loss(quad, name, estimator="exact", ratio_grad="detached"):
     ratio = torch.exp(quad.log_ratio)
     divergence = common.get_divergence(name)
-    return common.uni_instruct_loss(quad.x_g, quad.x0_teacher, quad.x0_fake, ratio, divergence, quad.snr2,
+    return uni_instruct.uni_instruct_loss(quad.x_g, quad.x0_teacher, quad.x0_fake, ratio, divergence, quad.snr2,
                                     estimator, ratio_grad)
 
 
@@ -123,7 +124,7 @@ def test_exact_uni_instruct_gradient_matches_finite_differences(quad, name, rati
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_four_term_decomposition_and_the_official_estimator_bias(quad, name):
-    terms = common.uni_instruct_terms(quad.x_g, quad.x0_teacher, quad.x0_fake, torch.exp(quad.log_ratio),
+    terms = uni_instruct.uni_instruct_terms(quad.x_g, quad.x0_teacher, quad.x0_fake, torch.exp(quad.log_ratio),
                                       common.get_divergence(name), quad.snr2)
     parts = {k: quad.grad(v) for k, v in terms.items()}
     assert np.allclose(sum(parts.values()), TRUE_UI[name], rtol=1e-5, atol=1e-6)
@@ -133,9 +134,9 @@ def test_four_term_decomposition_and_the_official_estimator_bias(quad, name):
 
 
 def test_custom_psi_from_python_matches_the_builtin(quad):
-    js = common.divergence_from_weight(lambda r: r / (1 + r), "my_js")
+    js = uni_instruct.divergence_from_weight(lambda r: r / (1 + r), "my_js")
     ratio = torch.exp(quad.log_ratio)
-    got = common.uni_instruct_loss(quad.x_g, quad.x0_teacher, quad.x0_fake, ratio, js, quad.snr2)
+    got = uni_instruct.uni_instruct_loss(quad.x_g, quad.x0_teacher, quad.x0_fake, ratio, js, quad.snr2)
     assert np.allclose(quad.grad(got), TRUE_UI["js"], rtol=1e-5, atol=1e-6)
 
 
@@ -151,8 +152,8 @@ def test_uni_instruct_rkl_is_sid_half_and_sim_l2_is_sid_one(quad):
         ui = ui_loss(quad, "rkl", estimator)
         assert torch.allclose(ui, common.sid_loss(inner, sq, alpha), atol=1e-6)
         assert np.allclose(quad.grad(ui), quad.grad(common.sid_loss(inner, sq, alpha)), atol=1e-6)
-    sim = common.sim_loss(inner, sq, "l2")
-    assert np.allclose(quad.grad(sim), quad.grad(common.sid_loss(inner, sq, 1.0)), atol=1e-6)
+    sim_l2 = sim.sim_loss(inner, sq, "l2")
+    assert np.allclose(quad.grad(sim_l2), quad.grad(common.sid_loss(inner, sq, 1.0)), atol=1e-6)
 
 
 def sim_true_gradient(distance, huber_c_score):
@@ -178,7 +179,7 @@ def test_sim_gradient_flows_through_u(sim_quad, distance):
     # l2: d(y) = y^2 is 2 alpha^2/sigma^4 x the x0 distance 1/2 Delta^2; pseudo-Huber: alpha/sigma^2
     weight = quad.exact_weight if distance == "l2" else 1 / SIGMA**2
     inner, sq = common.score_identity_terms(quad.x_g, quad.x0_teacher, quad.x0_fake)
-    got = quad.grad(common.sim_loss(inner, sq, distance, c_x0), weight)
+    got = quad.grad(sim.sim_loss(inner, sq, distance, c_x0), weight)
     true = sim_true_gradient(distance, c_score)
     assert np.allclose(true, SIM_TRUE[distance], atol=1e-6)
     assert np.abs(got - true).max() <= 1e-4 * np.abs(true).max(), (got, true)
@@ -195,9 +196,9 @@ def test_sim_gradient_flows_through_u(sim_quad, distance):
 def test_alpha_eff_at_ratio_one(quad, name, expected):
     div = common.get_divergence(name)
     one = torch.ones(len(quad.x_g), dtype=torch.float64)
-    assert torch.allclose(common.alpha_eff(div, one), torch.full_like(one, expected))
+    assert torch.allclose(uni_instruct.alpha_eff(div, one), torch.full_like(one, expected))
     # With r = 1 the psi-weighted SIM + FGM terms are psi(1) * SiD(alpha_eff(1)).
-    terms = common.uni_instruct_terms(quad.x_g, quad.x0_teacher, quad.x0_fake, one, div, quad.snr2)
+    terms = uni_instruct.uni_instruct_terms(quad.x_g, quad.x0_teacher, quad.x0_fake, one, div, quad.snr2)
     inner, sq = common.score_identity_terms(quad.x_g, quad.x0_teacher, quad.x0_fake)
     assert torch.allclose(terms["sim"] + terms["fgm"], div.h(one) * common.sid_loss(inner, sq, expected))
 
@@ -207,16 +208,16 @@ def test_ratio_gradient_clip_and_mask(quad):
     ``ratio_grad_weight`` (a clamped ratio estimate) removes them; neither touches the SIM and FGM terms."""
     args = (quad.x_g, quad.x0_teacher, quad.x0_fake, torch.exp(quad.log_ratio), common.get_divergence("js"),
             quad.snr2)
-    free = common.uni_instruct_terms(*args)
-    clipped = common.uni_instruct_terms(*args, ratio_grad_clip=0.05)
-    masked = common.uni_instruct_terms(*args, ratio_grad_weight=torch.zeros_like(quad.snr2))
+    free = uni_instruct.uni_instruct_terms(*args)
+    clipped = uni_instruct.uni_instruct_terms(*args, ratio_grad_clip=0.05)
+    masked = uni_instruct.uni_instruct_terms(*args, ratio_grad_weight=torch.zeros_like(quad.snr2))
     delta = (quad.x0_fake - quad.x0_teacher).detach().abs()[:, 0]
     for name in ("di_w1", "di_psi"):
         force = torch.autograd.grad(clipped[name].sum(), quad.x_g, retain_graph=True)[0][:, 0].abs()
         unclipped = torch.autograd.grad(free[name].sum(), quad.x_g, retain_graph=True)[0][:, 0].abs()
         assert torch.all(force <= 0.05 * delta + 1e-12) and torch.any(unclipped > 0.05 * delta)
         assert torch.all(masked[name] == 0)
-    assert np.allclose(quad.grad(common.uni_instruct_terms(*args, ratio_grad_clip=1e9)["di_psi"]),
+    assert np.allclose(quad.grad(uni_instruct.uni_instruct_terms(*args, ratio_grad_clip=1e9)["di_psi"]),
                        quad.grad(free["di_psi"]))
     for name in ("sim", "fgm"):
         assert torch.equal(clipped[name], free[name]) and torch.equal(masked[name], free[name])
@@ -245,7 +246,7 @@ def experiment(name, *overrides, unet=False):
     cfg, options = load_config(None, [f"objective.name={name}", *overrides, *kind])
     if unet:
         cfg.teacher.unet = dict(TINY_UNET)
-    nets, objective = build_experiment(cfg, options)
+    nets, objective, _ = build_experiment(cfg, options)
     return nets, objective
 
 
@@ -401,7 +402,7 @@ RING_CONFIGS = ["ring_diff_instruct", "ring_sid", "ring_sim", "ring_uni_instruct
 def test_ring_configs_take_a_critic_and_a_generator_step(name):
     root = Path(__file__).resolve().parents[1]
     cfg, options = load_config(str(root / "configs" / f"{name}.yaml"))
-    nets, objective = build_experiment(cfg, options)
+    nets, objective, _ = build_experiment(cfg, options)
     batch = real_batch(nets, 32)
     for kind, loss_fn in (("critic", objective.critic_loss), ("generator", objective.generator_loss)):
         step = next(s for s in range(10) if objective.step_kind(s) == kind)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from fdistill.containers import Batch
+
 DIGITS_SPLIT_SEED = 0  # fixed, so the classifier's held-out split never leaks into its training split
 DIGITS_TEST_FRACTION = 0.2
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -39,6 +41,7 @@ class DigitsDataset(Dataset):
         if size != 8:
             pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
         self.size = size
+        self.description = f"digits (scikit-learn, split={split})"  # how evaluation protocols name this set
         self.images = (pixels * 2 - 1).clamp(-1, 1).contiguous()
         self.labels = torch.from_numpy(digits.target[index]).long()
 
@@ -179,6 +182,12 @@ def _images_in(folder: Path) -> list[Path]:
 IMAGE_DATASETS = {"digits": DigitsDataset, "shapes": ShapesDataset, "folder": ImageFolderDataset}
 
 
+def reference_images(spec):
+    """An evaluation reference as ``fdistill.metrics`` takes it: the name ``digits`` becomes all 1797 digits
+    (a data set with ``images`` and ``description``); folders, ``.npz`` files and tensors pass through."""
+    return DigitsDataset(split="all") if isinstance(spec, str) and spec == "digits" else spec
+
+
 def build_image_dataset(name: str, **kwargs) -> Dataset:
     """The data set called ``name`` (``digits``, ``shapes`` or ``folder``), built with ``kwargs``."""
     if name not in IMAGE_DATASETS:
@@ -206,8 +215,6 @@ class ImageBatches:
         return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs], dtype=torch.long)
 
     def __iter__(self):
-        from fdistill.objectives import Batch
-
         while True:
             index = torch.randint(len(self.dataset), (self.batch_size,))
             images, labels = self._items(index)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from fdistill.containers import Batch
 from fdistill.denoisers import GaussianMixtureDenoiser
-from fdistill.objectives import Batch
 
 
 class TeacherSamples:

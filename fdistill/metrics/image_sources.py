@@ -6,9 +6,10 @@ Conventions (every metric in ``fdistill.metrics`` follows them):
 - floating arrays or tensors are NCHW in [-1, 1]: what a generator outputs. They are quantised to uint8
   (``round((x + 1) * 127.5)``) exactly as saving them to PNG would, so in-memory and folder evaluation agree.
 
-A source is a folder of images, an ``.npz`` with key ``images``, the name ``digits`` (scikit-learn's digits
-via ``fdistill.data.images.DigitsDataset(split="all")``), an array/tensor, an iterable of batches, or a
-callable returning one. Batches are produced one at a time, so a generator is never materialised.
+A source is a folder of images, an ``.npz`` with key ``images``, an in-memory data set (any object with an
+``images`` array/tensor and a ``description``, e.g. ``fdistill.data.images.DigitsDataset``), an array/tensor,
+an iterable of batches, or a callable returning one. Batches are produced one at a time, so a generator is
+never materialised.
 """
 
 from __future__ import annotations
@@ -93,11 +94,6 @@ def load_npz_images(path: str | Path) -> np.ndarray:
 def open_source(source, batch_size: int = 256) -> ImageSource:
     """Resolve any supported source (see module docstring) into an :class:`ImageSource`."""
     if isinstance(source, (str, Path)):
-        if str(source) == "digits":
-            from fdistill.data.images import DigitsDataset
-
-            images = to_uint8_nchw(DigitsDataset(split="all").images)
-            return ImageSource(_chunks(images, batch_size), "digits (scikit-learn, split=all)", len(images))
         path = Path(source)
         if path.is_dir():
             files = list_images(path)
@@ -107,7 +103,10 @@ def open_source(source, batch_size: int = 256) -> ImageSource:
                 raise FileNotFoundError(f"file not found: {path}")
             images = to_uint8_nchw(load_npz_images(path))
             return ImageSource(_chunks(images, batch_size), f"npz {path}", len(images))
-        raise FileNotFoundError(f"not a folder, an .npz or 'digits': {source}")
+        raise FileNotFoundError(f"not a folder or an .npz: {source}")
+    if hasattr(source, "images") and hasattr(source, "description"):
+        images = to_uint8_nchw(source.images)
+        return ImageSource(_chunks(images, batch_size), source.description, len(images))
     if isinstance(source, (torch.Tensor, np.ndarray)):
         images = to_uint8_nchw(source)
         return ImageSource(_chunks(images, batch_size), "in-memory images", len(images))

@@ -1,4 +1,4 @@
-"""The objective interface, the bundle of networks it reads, and the registry.
+"""The objective interface and the registry.
 
 An objective is pure math: networks and a batch in, a scalar loss and a dict of named terms out. The trainer
 owns optimizers, the critic/generator alternation, clipping, EMA and I/O, and asks the objective only which
@@ -7,11 +7,12 @@ kind of step comes next and which networks each kind trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from fdistill.containers import Batch, Networks
 from fdistill.denoisers import Denoiser
 from fdistill.generator import Generator
 from fdistill.schedules import Schedule
@@ -28,26 +29,6 @@ def register(name: str, options: type):
         return cls
 
     return wrap
-
-
-@dataclass
-class Networks:
-    """Everything an objective may read. The teacher is frozen; the others are trained by some step."""
-
-    teacher: Denoiser
-    student: Generator
-    fake_score: Denoiser | None = None
-    discriminator: nn.Module | None = None
-
-
-@dataclass
-class Batch:
-    """One training batch: real (or exact teacher) samples when the objective needs them, and conditions."""
-
-    size: int
-    real: torch.Tensor | None = None
-    cond: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
 
 @dataclass

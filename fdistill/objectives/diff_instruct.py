@@ -1,7 +1,7 @@
 """Diff-Instruct (Luo et al. 2023, arXiv 2305.18455): integral-KL distillation with the pathwise gradient.
 
-Objective ``int w(t) KL(q_t || p_t) dt`` (ALGORITHMS.md 3), the same as DMD's and the reverse-KL member of
-Uni-Instruct (psi = 1, 7.1); what differs is the estimator. The exact gradient at one ``t`` is
+Objective ``int w(t) KL(q_t || p_t) dt`` (docs/objectives.md §3), the same as DMD's and the reverse-KL member of
+Uni-Instruct (psi = 1, §7.1); what differs is the estimator. The exact gradient at one ``t`` is
 ``E[(alpha_t^2/sigma_t^2) (x0_q - x0_p)^T dx_g/dtheta]``; Diff-Instruct drops ``alpha^2/sigma^2`` (a
 score-space weight ``w(t) = sigma^2/alpha^2``) and uses no normaliser:
 
@@ -19,9 +19,10 @@ from typing import Optional
 
 import torch
 
+from fdistill.containers import Batch, Networks
 from fdistill.generator import Generator
 from fdistill.objectives import common
-from fdistill.objectives.base import Batch, Networks, register
+from fdistill.objectives.base import register
 from fdistill.objectives.dmd import DMD, DMDOptions
 
 
@@ -40,26 +41,19 @@ class DiffInstruct(DMD):
         return Generator(net, common.student_input_times(self.schedule, times, self.options.init_sigma))
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
-        x_g = nets.student(nets.student.noise(batch.size, device=x_device(nets)), batch.cond)
-        t = self._times(self.schedule, batch.size, x_g.device)
+        x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
+        t = self._times(batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
         gan = self.needs_discriminator
         # Only the GAN term needs the gradient through the teacher's input.
         with torch.set_grad_enabled(gan and torch.is_grad_enabled()):
-            x0_teacher, features = common.guided_x0(
-                nets.teacher, x_t if gan else x_t.detach(), t, batch.cond, self.options.guidance_scale, True
-            )
+            x0_teacher, features = nets.teacher.forward_with_features(x_t if gan else x_t.detach(), t, batch.cond)
         with torch.no_grad():
             x0_fake = nets.fake_score(x_t.detach(), t, batch.cond)
         g = (x0_fake - x0_teacher).detach().float().flatten(1)
         loss = common.finite_mean((g * x_g.float().flatten(1)).sum(1))
         logs = {"di": loss.detach()}
         if gan:
-            loss_gan = common.gan_generator_loss(nets.discriminator(features))
-            loss = loss + self.options.gan_weight * loss_gan
-            logs["gan"] = loss_gan.detach()
+            gan_loss = common.gan_generator_loss(nets.discriminator(features))
+            loss, logs = common.add_gan_term(loss, logs, gan_loss, self.options.gan_weight)
         return loss, logs
-
-
-def x_device(nets: Networks) -> torch.device:
-    return next(nets.student.parameters()).device

@@ -1,14 +1,14 @@
 """DMD / DMD2: distribution matching distillation (Yin et al. 2024, arXiv 2311.18828; DMD2 arXiv 2405.14867).
 
-Integral reverse KL ``int w(t) KL(q_t || p_t) dt`` (ALGORITHMS.md 3). Its exact gradient at one ``t`` is
+Integral reverse KL ``int w(t) KL(q_t || p_t) dt`` (docs/objectives.md §3). Its exact gradient at one ``t`` is
 ``E[(s_q - s_p)^T dx_t/dtheta]``; per sample, on ``x_g``, the DMD pseudo-gradient is
 
-    g_i = w_i (x0_q(x_t) - x0_p^cfg(x_t)),    w_i = 1 / (mean |x_g - x0_p^cfg| + 1e-6),
-    L_G = 1/2 mean (x_g - sg(x_g - g))^2  +  lambda_GAN mean softplus(-l_fake).
+    g_i = w_i (x0_q(x_t) - x0_p(x_t)),    w_i = 1 / (mean |x_g - x0_p| + 1e-6),
+    L_G = 1/2 mean (x_g - sg(x_g - g))^2  +  lambda_GAN mean softplus(-l_fake),
 
-The critic step trains the fake score by denoising on detached student samples and, with a GAN, the
-discriminator on teacher features of noisy real vs noisy student samples (DMD2's two-time-scale update).
-Subclasses change only the per-sample weight (f-distill).
+where ``x0_p`` is the (possibly guided, §2.5) teacher. The critic step trains the fake score by denoising on
+detached student samples and, with a GAN, the discriminator on teacher features of noisy real vs noisy student
+samples (DMD2's two-time-scale update). Subclasses change only the per-sample weight (f-distill).
 """
 
 from __future__ import annotations
@@ -18,8 +18,32 @@ from typing import List, Optional
 
 import torch
 
+from fdistill.containers import Batch, Networks
+from fdistill.denoisers import per_sample
 from fdistill.objectives import common
-from fdistill.objectives.base import Batch, Networks, Objective, ObjectiveOptions, register
+from fdistill.objectives.base import Objective, ObjectiveOptions, register
+from fdistill.schedules import sample_time
+
+
+def dmd_normalizer(x_g, x0_teacher, eps: float = 1e-6) -> torch.Tensor:
+    """DMD's per-sample ``1 / (mean_elem |x_g - x0_p| + eps)``, detached, float32 (§0)."""
+    return 1.0 / ((x_g.detach().float() - x0_teacher.detach().float()).abs().flatten(1).mean(1) + eps)
+
+
+def pseudo_gradient_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``1/2 mean (x - sg(x - g))^2``: its gradient w.r.t. ``x`` is ``g / numel`` (§0)."""
+    target = (x - g).detach()
+    return 0.5 * (x.float() - target.float()).pow(2).mean()
+
+
+def sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight=None, normalizer_eps: float = 1e-6):
+    """VSD/DMD pseudo-gradient ``g_i = W_i w_i (x0_q - x0_p)`` with the DMD normaliser ``w_i`` (§3, §4.3 step 5),
+    returned with its loss ``1/2 mean (x_g - sg(x_g - g))^2``. ``weight`` is an extra per-sample ``W_i``."""
+    w = dmd_normalizer(x_g, x0_teacher, normalizer_eps)
+    if weight is not None:
+        w = w * weight.float()
+    g = per_sample(w, x_g) * (x0_fake.detach() - x0_teacher.detach()).to(x_g.dtype)
+    return pseudo_gradient_loss(x_g, g), g
 
 
 @dataclass
@@ -27,11 +51,10 @@ class DMDOptions(ObjectiveOptions):
     name: str = "dmd"
     critic_steps: int = 4
     time_distribution: str = "polynomial"
-    time_range: Optional[List[float]] = None
+    time_range: Optional[List[float]] = None  # [lo, hi] restricts uniform time draws
     gan_weight: float = 0.0
     discriminator_weight: float = 1.0
     fake_score_weighting: str = "none"
-    guidance_scale: float = 1.0
 
 
 @register("dmd", DMDOptions)
@@ -46,22 +69,24 @@ class DMD(Objective):
     def needs_real_data(self) -> bool:
         return self.options.gan_weight > 0
 
-    def _times(self, schedule, n, device):
-        return common.draw_times(schedule, n, self.options.time_distribution, self.options.time_range, device)
+    def _times(self, n: int, device) -> torch.Tensor:
+        o = self.options
+        bounds = {} if o.time_range is None else {"t_lo": o.time_range[0], "t_hi": o.time_range[1]}
+        return sample_time(self.schedule, n, o.time_distribution, **bounds).to(device)
 
     def critic_loss(self, batch: Batch, nets: Networks, step: int):
         with torch.no_grad():
-            x_g = nets.student(nets.student.noise(batch.size, device=_device(nets)), batch.cond)
-        schedule = nets.teacher.schedule
-        t = self._times(schedule, batch.size, x_g.device)
-        loss_fake = common.denoising_loss(nets.fake_score, x_g, t, batch.cond, self.options.fake_score_weighting)
+            x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
+        t = self._times(batch.size, x_g.device)
+        loss_fake, _, _ = common.denoising_loss(nets.fake_score, x_g, t, batch.cond, self.options.fake_score_weighting)
         logs = {"fake_score": loss_fake.detach()}
         loss = loss_fake
         if self.needs_discriminator:
-            t_real = self._times(schedule, batch.size, x_g.device)
+            t_real = self._times(batch.size, x_g.device)
             with torch.no_grad():
-                _, feat_fake = nets.teacher.forward_with_features(common.diffuse(schedule, x_g, t)[0], t, batch.cond)
-                x_real_t = common.diffuse(schedule, batch.real, t_real)[0]
+                _, feat_fake = nets.teacher.forward_with_features(common.diffuse(self.schedule, x_g, t)[0], t,
+                                                                  batch.cond)
+                x_real_t = common.diffuse(self.schedule, batch.real, t_real)[0]
                 _, feat_real = nets.teacher.forward_with_features(x_real_t, t_real, batch.cond)
             loss_disc = common.gan_discriminator_loss(nets.discriminator(feat_real), nets.discriminator(feat_fake))
             loss = loss + self.options.discriminator_weight * loss_disc
@@ -73,27 +98,17 @@ class DMD(Objective):
         return None
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
-        x_g = nets.student(nets.student.noise(batch.size, device=_device(nets)), batch.cond)
-        schedule = nets.teacher.schedule
-        t = self._times(schedule, batch.size, x_g.device)
-        x_t, _ = common.diffuse(schedule, x_g, t)
+        x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
+        t = self._times(batch.size, x_g.device)
+        x_t, _ = common.diffuse(self.schedule, x_g, t)
         # The teacher sees x_t with its input gradient kept: the GAN term backpropagates through its features.
-        x0_teacher, features = common.guided_x0(
-            nets.teacher, x_t, t, batch.cond, self.options.guidance_scale, with_features=True
-        )
+        x0_teacher, features = nets.teacher.forward_with_features(x_t, t, batch.cond)
         with torch.no_grad():
             x0_fake = nets.fake_score(x_t.detach(), t, batch.cond)
         logits = nets.discriminator(features) if self.needs_discriminator else None
         weight = self.sample_weight(logits, t)
-        loss_vsd, _ = common.sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight)
-        logs = {"vsd": loss_vsd.detach()}
-        loss = loss_vsd
+        loss, _ = sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight)
+        logs = {"vsd": loss.detach()}
         if logits is not None:
-            loss_gan = common.gan_generator_loss(logits)
-            loss = loss + self.options.gan_weight * loss_gan
-            logs["gan"] = loss_gan.detach()
+            loss, logs = common.add_gan_term(loss, logs, common.gan_generator_loss(logits), self.options.gan_weight)
         return loss, logs
-
-
-def _device(nets: Networks) -> torch.device:
-    return next(nets.student.parameters()).device

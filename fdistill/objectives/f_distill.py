@@ -4,32 +4,34 @@ Minimises ``int w(t) D_f(p_t || q_t) dt`` with ``r = p_t / q_t`` (teacher over s
 
     grad_theta D_f(p_t || q_t) = E[ h(r(x_t)) (s_q(x_t) - s_p(x_t))^T dx_t/dtheta ],   h(r) = r^2 f''(r),
 
-so f-distill is DMD with the per-sample weight ``h`` (ALGORITHMS.md 4.1; ``h = 1`` is reverse KL = DMD).
+so f-distill is DMD with the per-sample weight ``h`` (docs/objectives.md §4.1; ``h = 1`` is reverse KL = DMD).
 ``r`` is estimated from the discriminator logit (``r = exp(l)``, clamped), normalised per time bin, and
-``h(r)`` is normalised to mean one over the global batch (4.3), so that with zero logits the loss equals DMD's.
+``h(r)`` is normalised to mean one over the global batch (§4.3), so that with zero logits the loss equals DMD's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fdistill.objectives import common
 from fdistill.objectives.base import register
 from fdistill.objectives.dmd import DMD, DMDOptions
 
 
+def normalize_to_mean_one(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``h / (global mean h + eps)`` over the global batch (§4.3 step 4)."""
+    total = common.all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(h.numel()), device=h.device)]))
+    return h / (total[0] / total[1] + eps)
+
+
 @dataclass
-class FDistillOptions(DMDOptions):
+class FDistillOptions(common.RatioOptions, DMDOptions):
     name: str = "f_distill"
     divergence: str = "js"
-    alpha: float = 0.5
+    alpha: float = 0.5  # parameter of divergence=alpha
     gan_weight: float = 1e-3
-    ratio_logit_clamp: float = 10.0
-    ratio_lower: float = 0.1
-    ratio_upper: float = 20.0
-    ratio_bins: int = 10
-    ratio_ema_rate: float = 0.0
-    normalize_ratio: bool = True
 
 
 @register("f_distill", FDistillOptions)
@@ -39,9 +41,7 @@ class FDistill(DMD):
         if options.gan_weight <= 0:
             raise ValueError("f_distill needs objective.gan_weight > 0: its discriminator estimates the ratio r")
         self.divergence = common.get_divergence(options.divergence, options.alpha)
-        self.ratio_normalizer = common.RatioBinNormalizer(
-            schedule.t_min, schedule.t_max, options.ratio_bins, options.ratio_ema_rate
-        )
+        self.ratio_normalizer = common.RatioBinNormalizer.for_options(options, schedule)
 
     @property
     def needs_discriminator(self) -> bool:  # the ratio needs it even when the GAN term is switched off
@@ -53,10 +53,9 @@ class FDistill(DMD):
 
     def ratio(self, logits, t):
         """Density-ratio estimate ``r`` per sample: clamped ``exp(logit)``, normalised per time bin."""
-        o = self.options
-        r = common.density_ratio(logits, o.ratio_logit_clamp, o.ratio_lower, o.ratio_upper)
-        return self.ratio_normalizer(r, t) if o.normalize_ratio else r
+        r, _ = common.density_ratio(logits, self.options)
+        return self.ratio_normalizer(r, t) if self.options.normalize_ratio else r
 
     def sample_weight(self, logits, t):
         r = self.ratio(logits, t.to(logits.device))
-        return common.normalize_to_mean_one(self.divergence.h(r))
+        return normalize_to_mean_one(self.divergence.h(r))

@@ -1,4 +1,5 @@
-"""rCM: score-regularised continuous-time consistency (Zheng et al. 2025, arXiv 2510.08431; ALGORITHMS.md 9).
+"""rCM: score-regularised continuous-time consistency (Zheng et al. 2025, arXiv 2510.08431;
+docs/objectives.md §9).
 
 rCM = sCM (forward divergence, on data) + DMD (reverse KL, on the student's own samples) as a long-skip
 regulariser. Student step, ``L = scm_weight L_sCM + dmd_weight L_DMD`` (100 and 1 in the paper's code):
@@ -6,9 +7,10 @@ regulariser. Student step, ``L = scm_weight L_sCM + dmd_weight L_DMD`` (100 and 
 * ``L_sCM = sum_elem (F_theta - F^- - g_hat)^2`` with rCM's warm-up form of the tangent,
   ``g = -cos t sqrt(1 - r^2 sin^2 t) (sigma_d F^- - dx/dt) - (r cos t sin t x_t + sigma_d v)``,
   ``g_hat = g / (||g||_2 + 0.1)``, no prior and no adaptive weighting (:meth:`SCM.consistency_target`);
-* ``L_DMD = sum_elem (x_g - sg(x_g - grad))^2``, ``grad = (x0_q - x0_p^cfg) / max(mean|x_g - x0_p^cfg|, c)``
-  (``c = 1e-5``), on ``x_g`` from a backward simulation of ``N = (k mod 4) + 1`` student steps (gradient
-  through the last one only) re-noised at ``t ~ p_D`` (RF shift 5); only after the tangent warm-up.
+* ``L_DMD = sum_elem (x_g - sg(x_g - grad))^2``, ``grad = (x0_q - x0_p) / max(mean|x_g - x0_p|, c)``
+  (``c = 1e-5``), on ``x_g`` from a backward simulation of ``N = (k mod K) + 1`` student steps (gradient
+  through the last one only; ``K`` the student's number of times) re-noised at ``t ~ p_D`` (RF shift 5); only
+  after the tangent warm-up.
 
 Critic step: the fake score's flow-matching loss ``sum_elem (x_g - x0_q(x_t, t))^2 / sin^2 t`` on detached
 backward-simulated samples. During the first ``tangent_warmup`` steps every step is a (pure sCM) student
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fdistill.containers import Batch, Networks
 from fdistill.denoisers import per_sample
 from fdistill.objectives import common
-from fdistill.objectives.base import Batch, Networks, register
+from fdistill.objectives.base import register
 from fdistill.objectives.scm import SCM, ConsistencyOptions
 from fdistill.schedules import sample_time
 from fdistill.trigflow import TrigFlowDenoiser
@@ -64,8 +67,7 @@ class RCM(SCM):
     def _student_samples(self, batch: Batch, nets: Networks, simulation_index: int) -> torch.Tensor:
         student = nets.student
         steps = simulation_index % student.max_steps + 1
-        z = student.noise(batch.size, device=next(student.parameters()).device)
-        return common.backward_simulation(student, z, batch.cond, steps)
+        return student.backward_simulation(student.noise(batch.size, device=nets.device), batch.cond, steps)
 
     def _renoise(self, net: TrigFlowDenoiser, x_g: torch.Tensor):
         t = self._dmd_times(net, len(x_g), x_g.device)
@@ -79,7 +81,7 @@ class RCM(SCM):
         teacher = TrigFlowDenoiser(nets.teacher, o.sigma_data)
         x_t, t = self._renoise(teacher, x_g)
         with torch.no_grad():
-            x0_teacher = common.guided_x0(teacher, x_t, t, batch.cond, o.guidance_scale).double()
+            x0_teacher = teacher(x_t, t, batch.cond).double()
             x0_fake = TrigFlowDenoiser(nets.fake_score, o.sigma_data)(x_t, t, batch.cond).double()
             scale = (x_g.detach().double() - x0_teacher).abs().flatten(1).mean(1)
             grad = per_sample(1 / scale.clamp(min=o.dmd_normalizer_clip), x0_fake) * (x0_fake - x0_teacher)

@@ -1,4 +1,5 @@
-"""sCM: continuous-time consistency models in TrigFlow (Lu & Song 2024, arXiv 2410.11081; ALGORITHMS.md 8).
+"""sCM: continuous-time consistency models in TrigFlow (Lu & Song 2024, arXiv 2410.11081;
+docs/objectives.md §8).
 
 With ``x_t = cos t x0 + sin t z``, ``z ~ N(0, sigma_d^2)``, the student ``f = cos t x_t - sin t sigma_d F``
 (``F = F_theta``, ``F^- = sg(F_theta)``) follows the continuous-time consistency gradient, with the JVP
@@ -6,9 +7,10 @@ rearrangement, ``-(w(t) / (e^{logvar(t)} D)) g^T dF_theta/dtheta`` along the tan
 
     g = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + sigma_d v),   v = cos t sin t dF^-/dt,
 
-``dx_t/dt = cos t z - sin t x0`` (sCT) or ``sigma_d F_teacher^cfg(x_t, t)`` (sCD), the JVP ``v`` taken with
-tangents ``(cos t sin t dx_t/dt, cos t sin t)``, warm-up ``r = min(1, step / tangent_warmup)`` and the
-normalisation ``g <- g / (||g|| + c)``. The loss, in float64, is the adaptively weighted form
+``dx_t/dt = cos t z - sin t x0`` (sCT) or ``sigma_d F_teacher(x_t, t)`` of the (possibly guided, §2.5) teacher
+(sCD), the JVP ``v`` taken with tangents ``(cos t sin t dx_t/dt, cos t sin t)``, warm-up
+``r = min(1, step / tangent_warmup)`` and the normalisation ``g <- g / (||g|| + c)``. The loss, in float64, is
+the adaptively weighted form
 
     L = w(t) / (e^{logvar(t)} D) ||F_theta - F^- - g||^2 + logvar(t),   w(t) = 1 / (sigma_d tan t),
 
@@ -24,11 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fdistill.containers import Batch, Networks
 from fdistill.denoisers import Denoiser, per_sample
 from fdistill.generator import Generator
 from fdistill.jvp import ReplayRNG, time_jvp
 from fdistill.objectives import common
-from fdistill.objectives.base import Batch, Networks, Objective, register
+from fdistill.objectives.base import Objective, register
 from fdistill.schedules import from_x0, sample_time
 from fdistill.trigflow import LogVarianceHead, TrigFlowDenoiser
 
@@ -72,7 +75,6 @@ class ConsistencyOptions:
     tangent_form: str = "scm"  # scm | rcm (warm-up form; identical after warm-up)
     tangent_norm: str = "rms"  # rms (FastGen) | l2 (sCM paper, rCM)
     tangent_norm_const: float = 0.1
-    guidance_scale: float = 1.0
     jvp: str = "exact"  # exact (forward-mode AD) | finite_difference
     # Finite-difference time step relative to t (FastGen: 1e-3, right for EDM's smooth c_noise). A diffusers
     # UNet on 0..999 timesteps needs about 3e-5: its sinusoidal embedding oscillates at one radian per step.
@@ -129,8 +131,7 @@ class SCM(Objective):
             if o.mode == "training":
                 dxdt = cos * z - sin * x0.double()
             else:
-                teacher = TrigFlowDenoiser(nets.teacher, o.sigma_data)
-                x0_teacher = common.guided_x0(teacher, x_t, t, batch.cond, o.guidance_scale)
+                x0_teacher = TrigFlowDenoiser(nets.teacher, o.sigma_data)(x_t, t, batch.cond)
                 dxdt = o.sigma_data * from_x0(x0_teacher, "trigflow", x_t, cos, o.sigma_data * sin)
         replay = ReplayRNG(x0.device)
         with replay():

@@ -1,6 +1,6 @@
 """SiD: Score identity Distillation (Zhou et al. 2024, arXiv 2404.04057); SiDA adds a GAN (arXiv 2410.14919).
 
-Generator loss per sample (ALGORITHMS.md 5). ``f_phi = x0_p(x_t)`` (teacher) and ``f_psi = x0_q(x_t)`` (fake
+Generator loss per sample (docs/objectives.md §5). ``f_phi = x0_p(x_t)`` (teacher) and ``f_psi = x0_q(x_t)`` (fake
 score) are frozen networks whose *inputs* carry gradient; ``x_t = alpha x_g + sigma eps`` with sigma from the
 t_max = 800 law and ``x_g = G(2.5 z)``:
 
@@ -14,7 +14,7 @@ empirical.
 with EDM lognormal times and EDM weighting, plus the discriminator BCE when there is one), the generator
 forward pass and the GAN term; each implements only :meth:`ScoreIdentity.score_loss`. The discriminator is
 ``shared`` (SiDA: the logit map is the channel mean of the fake score's features, BCE per location) or
-``separate`` (a head on the teacher's features, 2.4). As in the official code the GAN generator term is scaled
+``separate`` (a head on the teacher's features, §2.4). As in the official code the GAN generator term is scaled
 like the score loss, ``D N_i softplus(-l_i)`` with ``N_i`` the normaliser and ``D`` the sample size.
 """
 
@@ -24,13 +24,34 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from fdistill.containers import Batch, Networks
 from fdistill.generator import Generator
 from fdistill.objectives import common
-from fdistill.objectives.base import Batch, Networks, Objective, ObjectiveOptions, register
+from fdistill.objectives.base import Objective, ObjectiveOptions, register
 from fdistill.schedules import sample_time
 
 DISCRIMINATORS = ("shared", "separate")
+
+
+def sid_normalizer(x_g, x0_teacher, clip: float = 1e-5) -> torch.Tensor:
+    """SiD/UI per-sample ``1 / max(mean_elem |x_g - x0_p|, clip)``, detached, float32 (§0)."""
+    return 1.0 / (x_g.detach().float() - x0_teacher.detach().float()).abs().flatten(1).mean(1).clamp(min=clip)
+
+
+def sida_logits(features: list[torch.Tensor]) -> torch.Tensor:
+    """SiDA's discriminator without parameters (§2.4): the channel mean of the fake score's (last) feature map,
+    one logit per location, ``[B, H*W]`` (``[B, 1]`` for feature vectors)."""
+    f = features[-1]
+    return f.float().mean(1).reshape(len(f), -1)
+
+
+def normalized_gan_generator_loss(logits, normalizer, dim: int, logit_clamp: float = 10.0) -> torch.Tensor:
+    """UI/SiDA generator GAN term ``mean_i N_i D mean_loc softplus(-clamp(l_i))``: scaled like the SiD loss (a
+    sum over the ``D`` elements times the per-sample normaliser ``N_i``), as in the official code (§7.4)."""
+    per_sample = F.softplus(-logits.float().clamp(-logit_clamp, logit_clamp)).flatten(1).mean(1)
+    return common.finite_mean(per_sample * dim * normalizer)
 
 
 @dataclass
@@ -89,19 +110,15 @@ class ScoreIdentity(Objective):
     def logits(self, nets: Networks, teacher_features, fake_features) -> torch.Tensor:
         """Logits ``[B, L]``; ``log p_t/q_t`` at the optimum (real = teacher/data is the positive class)."""
         if self.options.discriminator == "shared":
-            return common.sida_logits(fake_features)
+            return sida_logits(fake_features)
         return nets.discriminator(teacher_features)
 
     def critic_loss(self, batch: Batch, nets: Networks, step: int):
         o, schedule = self.options, self.schedule
         with torch.no_grad():
-            x_g = nets.student(nets.student.noise(batch.size, device=batch_device(nets)), batch.cond)
+            x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
         t = self.times(o.critic_time_distribution, batch.size, x_g.device)
-        x_t, eps = common.diffuse(schedule, x_g, t)
-        x0_fake, feat_fake = nets.fake_score.forward_with_features(x_t, t, batch.cond)
-        err = (x0_fake - x_g).float().pow(2).flatten(1).mean(1)
-        weight = common.fake_score_weight(schedule, t, o.fake_score_weighting).float().to(err.device)
-        loss = (weight * err).mean()
+        loss, eps, feat_fake = common.denoising_loss(nets.fake_score, x_g, t, batch.cond, o.fake_score_weighting)
         logs = {"fake_score": loss.detach()}
         if self.uses_discriminator:  # real samples at the same t and noise, as the UI code does
             x_real_t = schedule.diffuse(batch.real.to(x_g), t, eps)
@@ -110,6 +127,7 @@ class ScoreIdentity(Objective):
             else:
                 with torch.no_grad():
                     feat_real = nets.teacher.forward_with_features(x_real_t, t, batch.cond)[1]
+                    x_t = schedule.diffuse(x_g, t, eps)  # the fake score's input, rebuilt from its noise
                     feat_fake = nets.teacher.forward_with_features(x_t, t, batch.cond)[1]
             logits_real, logits_fake = (self.logits(nets, f, f) for f in (feat_real, feat_fake))
             loss_disc = common.gan_discriminator_loss(logits_real, logits_fake)
@@ -126,23 +144,21 @@ class ScoreIdentity(Objective):
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
         o = self.options
-        x_g = nets.student(nets.student.noise(batch.size, device=batch_device(nets)), batch.cond)
+        x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
         t = self.times("sid", batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
-        # Teacher and fake score are frozen, but the gradient must flow through their input (pitfall 8).
+        # Teacher and fake score are frozen, but the gradient must flow through their input (§12 item 8).
         x0_teacher, feat_teacher = nets.teacher.forward_with_features(x_t, t, batch.cond)
         x0_fake, feat_fake = nets.fake_score.forward_with_features(x_t, t, batch.cond)
         logits = self.logits(nets, feat_teacher, feat_fake) if self.uses_discriminator else None
-        normalizer = common.sid_normalizer(x_g, x0_teacher, o.normalizer_clip)
+        normalizer = sid_normalizer(x_g, x0_teacher, o.normalizer_clip)
         gen_step = self.generator_step(step)
         per_sample, logs = self.score_loss(x_g, x0_teacher, x0_fake, t, logits, gen_step)
         loss = common.finite_mean(o.loss_scale * normalizer * per_sample)
         logs = {self.name: loss.detach(), **logs}
         if logits is not None and self.gan_active(gen_step):
-            dim = x_g[0].numel()
-            loss_gan = common.normalized_gan_generator_loss(logits, normalizer, dim, o.gan_logit_clamp)
-            loss = loss + o.gan_weight * loss_gan
-            logs["gan"] = loss_gan.detach()
+            gan_loss = normalized_gan_generator_loss(logits, normalizer, x_g[0].numel(), o.gan_logit_clamp)
+            loss, logs = common.add_gan_term(loss, logs, gan_loss, o.gan_weight)
         return loss, logs
 
 
@@ -158,6 +174,3 @@ class SiD(ScoreIdentity):
         inner, sq = common.score_identity_terms(x_g, x0_teacher, x0_fake)
         return common.sid_loss(inner, sq, self.options.alpha), {}
 
-
-def batch_device(nets: Networks) -> torch.device:
-    return next(nets.student.parameters()).device

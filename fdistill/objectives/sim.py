@@ -1,13 +1,13 @@
 """SIM: Score Implicit Matching (Luo et al. 2024, arXiv 2410.16794).
 
 Objective ``int w(t) E_{x ~ pi_t}[ d(s_q(x) - s_p(x)) ] dt`` with the sampling distribution
-``pi_t = q_{sg(theta),t}`` held fixed (ALGORITHMS.md 6). The score-gradient theorem gives the tractable loss
+``pi_t = q_{sg(theta),t}`` held fixed (docs/objectives.md §6). The score-gradient theorem gives the tractable loss
 
     L_SIM = E[ -u(x_t) . c(x_t, eps) ],   u = grad d(y) at y = s_q - s_p,   c = s_q(x_t) + eps/sigma_t,
 
 with every network frozen and the gradient flowing through ``x_t`` into ``u`` (not detached: detaching it
 halves the scale-direction gradient in the 1-D check) and through the explicit ``x_g`` inside ``c``. Written
-on the x0 difference ``Delta = x0_q - x0_p`` (:func:`fdistill.objectives.common.sim_loss`):
+on the x0 difference ``Delta = x0_q - x0_p`` (:func:`sim_loss`):
 
 * ``l2``: ``d = 1/2 ||Delta||^2`` gives ``inner = (x0_p - x0_q).(x0_q - x_g)``, i.e. **SiD with alpha = 1**;
 * ``pseudo_huber``: ``d = sqrt(||Delta||^2 + c^2) - c`` gives ``inner / sqrt(||Delta||^2 + c^2)``; the default
@@ -23,11 +23,27 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from fdistill.objectives import common
 from fdistill.objectives.base import register
 from fdistill.objectives.sid import ScoreIdentity, ScoreIdentityOptions
 
 HUBER_C_PER_SQRT_DIM = 0.00054
+SIM_DISTANCES = ("l2", "pseudo_huber")
+
+
+def sim_loss(inner: torch.Tensor, sq: torch.Tensor, distance: str = "l2", huber_c: float = 1.0):
+    """SIM (§6): ``-u(Delta).(x0_q - x_g)`` with ``u = grad d`` kept *attached* (its gradient is half of it).
+
+    Distances act on the x0 difference: ``l2`` is ``d = 1/2 ||Delta||^2``, so ``u = Delta`` and the loss is
+    SiD(alpha=1) exactly; ``pseudo_huber`` is ``d = sqrt(||Delta||^2 + c^2) - c``, so
+    ``u = Delta / sqrt(sq + c^2)``."""
+    if distance == "l2":
+        return common.sid_loss(inner, sq, 1.0)
+    if distance == "pseudo_huber":
+        return inner / torch.sqrt(sq + huber_c**2)
+    raise ValueError(f"unknown SIM distance {distance!r}; use one of {SIM_DISTANCES}")
 
 
 @dataclass
@@ -41,8 +57,8 @@ class SIMOptions(ScoreIdentityOptions):
 class SIM(ScoreIdentity):
     def __init__(self, options: SIMOptions, schedule):
         super().__init__(options, schedule)
-        if options.distance not in common.SIM_DISTANCES:
-            raise ValueError(f"objective.distance must be one of {common.SIM_DISTANCES}, "
+        if options.distance not in SIM_DISTANCES:
+            raise ValueError(f"objective.distance must be one of {SIM_DISTANCES}, "
                              f"not {options.distance!r}")
 
     def huber_c(self, dim: int) -> float:
@@ -51,4 +67,4 @@ class SIM(ScoreIdentity):
 
     def score_loss(self, x_g, x0_teacher, x0_fake, t, logits, generator_step):
         inner, sq = common.score_identity_terms(x_g, x0_teacher, x0_fake)
-        return common.sim_loss(inner, sq, self.options.distance, self.huber_c(x_g[0].numel())), {}
+        return sim_loss(inner, sq, self.options.distance, self.huber_c(x_g[0].numel())), {}

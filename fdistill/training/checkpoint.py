@@ -74,6 +74,40 @@ def load(accelerator, path: str | Path) -> None:
     accelerator.load_state(str(path))
 
 
+def find(run_dir: str | Path, checkpoint: str) -> Path:
+    """The checkpoint directory named by ``checkpoint``: ``latest``, a name such as ``step-00001000``, or a path."""
+    run_dir = Path(run_dir)
+    if checkpoint == "latest":
+        found = checkpoint_dirs(run_dir)
+        if not found:
+            raise ConfigError(f"{run_dir} has no checkpoints yet")
+        return found[-1]
+    path = Path(checkpoint)
+    if not path.is_dir() and (run_dir / CHECKPOINTS / checkpoint).is_dir():
+        path = run_dir / CHECKPOINTS / checkpoint
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"checkpoint {checkpoint}: not a checkpoint directory (no {STATE_FILE}); give "
+                          f"latest, a name in {run_dir / CHECKPOINTS} or a directory")
+    return path
+
+
+def load_student(path: Path, student: torch.nn.Module, ema: str | None = None) -> int:
+    """Load the student's weights (or one of its EMAs) from checkpoint ``path``; returns the checkpoint's step.
+
+    The trainer's state holds the whole student state dict and, per EMA, float32 shadows of its parameters; an
+    EMA is loaded as ``EMASet.module_state_dict`` builds it.
+    """
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)  # plain tensors and numbers
+    student.load_state_dict(state["modules"]["student"])
+    if ema is not None:
+        if ema not in state["ema"]:
+            raise ConfigError(f"{path} holds no EMA {ema!r}; it has {sorted(state['ema']) or 'none'}")
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                p.copy_(state["ema"][ema]["shadow"][name])
+    return int(state["counters"]["step"])
+
+
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
         fd = os.open(f, os.O_RDONLY)

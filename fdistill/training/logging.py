@@ -1,9 +1,5 @@
 """What a run shows and records, on the main process only: a progress bar with it/s and the named loss terms,
-scalars in ``RUN_DIR/train_log.csv`` and TensorBoard (through accelerate's trackers), and sample previews.
-
-Previews come from ``fdistill.tasks.preview(cfg, nets, path)`` when the task module defines it (image grids);
-otherwise 2-D samples are drawn as a scatter plot and other data get no preview.
-"""
+and scalars in ``RUN_DIR/train_log.csv`` and TensorBoard (through accelerate's trackers)."""
 
 from __future__ import annotations
 
@@ -11,16 +7,12 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from fdistill import tasks
-from fdistill.config import Config, LogConfig
-from fdistill.objectives import Networks
+from fdistill.config import LogConfig
 
 CSV_FILE = "train_log.csv"
 CSV_HEADER = ["step", "name", "value"]
-PREVIEW_SAMPLES = 2000
 
 
 class RunLogger:
@@ -90,35 +82,3 @@ def _open_csv(path: Path, start: int):
     f = path.open("w", newline="")
     csv.writer(f).writerows([CSV_HEADER, *rows])
     return f
-
-
-def preview(cfg: Config, nets: Networks, path: Path) -> None:
-    """Write a picture of student samples to ``path`` (task-specific when ``tasks.preview`` exists)."""
-    draw = getattr(tasks, "preview", None) or scatter_preview
-    path.parent.mkdir(parents=True, exist_ok=True)
-    draw(cfg, nets, path)
-
-
-@torch.no_grad()
-def scatter_preview(cfg: Config, nets: Networks, path: Path) -> None:
-    """2-D data: one-step student samples over exact teacher samples when the teacher can draw them."""
-    if tuple(nets.student.sample_shape) != (2,):
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    device = next(nets.student.parameters()).device
-    g = torch.Generator(device=device).manual_seed(cfg.eval.seed)
-    x = nets.student(nets.student.noise(PREVIEW_SAMPLES, generator=g, device=device)).float().cpu()
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    if hasattr(nets.teacher, "sample"):
-        ref = nets.teacher.sample(PREVIEW_SAMPLES, generator=torch.Generator().manual_seed(cfg.eval.seed))[0]
-        ax.scatter(ref[:, 0].cpu(), ref[:, 1].cpu(), s=1, c="0.75", label="teacher")
-    ax.scatter(x[:, 0], x[:, 1], s=1, c="C0", label="student (1 step)")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", markerscale=6, fontsize=7)
-    ax.set_title(path.stem, fontsize=8)
-    fig.savefig(path)
-    plt.close(fig)

@@ -2,7 +2,10 @@
 
 The trainer knows nothing of any objective's math: it asks the objective which kind of step comes next
 (critic or generator) and which networks that kind trains, calls its loss on each micro-batch, and owns the
-rest: gradient averaging, NaN/inf handling, clipping, optimizers, LR warm-up, EMAs, logging, checkpoints.
+rest: gradient averaging, NaN/inf handling, clipping, optimizers, LR warm-up, EMAs, logging, checkpoints. It
+knows nothing of tasks either: the run hands it the batches and two hooks, ``preview(nets, path)`` (every
+``log.sample_every`` steps) and ``metrics(nets) -> dict`` (every ``log.fd_every`` steps), which it calls on the
+main process with the evaluation weights swapped in.
 
 Randomness. Each step's global batch is drawn under the seed ``(run.seed, step, "data")`` on every process,
 which keeps its own slice; micro-batch ``k`` of the step's ``processes x accumulation`` runs the objective
@@ -25,21 +28,21 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
-from fdistill import tasks
 from fdistill.config import Config, OptimConfig, batch_layout
-from fdistill.objectives import Batch, Networks, Objective
+from fdistill.containers import Batch, Networks
+from fdistill.objectives.base import Objective
 from fdistill.training import checkpoint
 from fdistill.training.ema import EMASet
-from fdistill.training.logging import RunLogger, preview
+from fdistill.training.logging import RunLogger
 
-TRAINED = ("student", "fake_score", "discriminator")  # Networks fields that may be trained
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -69,30 +72,6 @@ def step_seed(seed: int, step: int, stream) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def split_batch(batch: Batch, parts: int) -> list[Batch]:
-    """``parts`` equal slices of a batch: tensors and lists of ``batch.size`` rows are cut, the rest kept."""
-    if batch.size % parts:
-        raise ValueError(f"a batch of {batch.size} does not split into {parts} equal micro-batches")
-    size = batch.size // parts
-
-    def cut(x, i):
-        if isinstance(x, dict):
-            return {k: cut(v, i) for k, v in x.items()}
-        if (torch.is_tensor(x) or isinstance(x, (list, tuple))) and len(x) == batch.size:
-            return x[i * size:(i + 1) * size]
-        return x
-
-    names = [f.name for f in fields(batch) if f.name != "size"]
-    return [replace(batch, size=size, **{n: cut(getattr(batch, n), i) for n in names}) for i in range(parts)]
-
-
-def _to(batch: Batch, device) -> Batch:
-    move = lambda x: x.to(device) if torch.is_tensor(x) else x  # noqa: E731
-    names = [f.name for f in fields(batch) if f.name not in ("size", "extras")]
-    return replace(batch, extras={k: move(v) for k, v in batch.extras.items()},
-                   **{n: move(getattr(batch, n)) for n in names})
-
-
 def _adamw(params, oc: OptimConfig):
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -117,14 +96,18 @@ class Trainer:
     """Trains ``nets`` with ``objective`` on ``batches`` (an iterable of global batches) as ``cfg`` says.
 
     ``accelerator`` defaults to a new :class:`accelerate.Accelerator` with ``train.mixed_precision``; without
-    ``run_dir`` nothing is written (no checkpoints, logs or previews).
+    ``run_dir`` nothing is written (no checkpoints, logs or previews). ``preview`` and ``metrics`` are the
+    run's hooks (see the module docstring); either may be left out.
     """
 
     def __init__(self, nets: Networks, objective: Objective, batches, cfg: Config, accelerator=None,
-                 run_dir: Path | None = None, progress: bool = True):
+                 run_dir: Path | None = None, progress: bool = True,
+                 preview: Callable[[Networks, Path], None] | None = None,
+                 metrics: Callable[[Networks], dict] | None = None):
         accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
         self.acc, self.nets, self.objective, self.cfg = accelerator, nets, objective, cfg
         self.batches, self.run_dir, self.progress = iter(batches), run_dir, progress
+        self.preview_hook, self.metrics_hook = preview, metrics
         self.accumulation = batch_layout(cfg.train, accelerator.num_processes)[1]
         self._place()
         self.modules = {"generator": self._modules(objective.generator_trains),
@@ -142,19 +125,15 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- set-up
     def _place(self) -> None:
         """Move everything to the device; cast the frozen teacher's weights to the compute dtype; shard."""
-        nets, device = self.nets, self.acc.device
-        for name in ("teacher", *TRAINED):
-            if getattr(nets, name) is not None:
-                getattr(nets, name).to(device)
-        self.objective.to(device)
+        nets = self.nets.to(self.acc.device)
+        self.objective.to(self.acc.device)
         dtype = COMPUTE_DTYPES.get(self.cfg.train.mixed_precision)
         if dtype is not None:
             for p in nets.teacher.parameters():
                 p.data = p.data.to(dtype)
         if self.cfg.train.fsdp and self.acc.num_processes > 1:
-            for name in TRAINED:
-                if getattr(nets, name) is not None:
-                    _shard(getattr(nets, name))
+            for net in nets.trainable().values():
+                _shard(net)
 
     def _modules(self, names) -> list[torch.nn.Module]:
         return [getattr(self.nets, n) for n in names if getattr(self.nets, n, None) is not None]
@@ -173,8 +152,8 @@ class Trainer:
         torch.manual_seed(step_seed(self.cfg.run.seed, step, "data"))
         batch = next(self.batches)
         first = self.acc.process_index * self.accumulation
-        parts = split_batch(batch, self.acc.num_processes * self.accumulation)
-        return [(k, _to(parts[k], self.acc.device)) for k in range(first, first + self.accumulation)]
+        parts = batch.split(self.acc.num_processes * self.accumulation)
+        return [(k, parts[k].to(self.acc.device)) for k in range(first, first + self.accumulation)]
 
     def _accumulate(self, kind: str, step: int) -> dict[str, torch.Tensor]:
         """Forward and backward over the micro-batches; returns the loss terms averaged over them."""
@@ -299,27 +278,28 @@ class Trainer:
                 raise Interrupted(signum, f"interrupted by {signum.name} at step {step}; wrote checkpoint "
                                   f"{path}; continue with --resume")
         every = self.cfg.log.sample_every
-        if self.run_dir is not None and every and step % every == 0 and not self.cfg.train.fsdp:
+        if self.preview_hook and self.run_dir is not None and every and step % every == 0 and not self.cfg.train.fsdp:
             self.write_preview(self.run_dir / "samples" / f"step-{step:08d}.png")
         every = self.cfg.log.fd_every
-        if every and step % every == 0 and not self.cfg.train.fsdp:
+        if self.metrics_hook and every and step % every == 0 and not self.cfg.train.fsdp:
             self.log.record(step, self.training_metrics())
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(self.acc, self.run_dir, self.step, self.cfg.checkpoint.keep_last)
 
     def write_preview(self, path: Path) -> None:
-        """Student samples with the evaluation weights (``eval.ema``); main process only, no collectives."""
+        """The preview hook with the evaluation weights (``eval.ema``); main process only, no collectives."""
         if self.acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with self._evaluation_weights():
-                preview(self.cfg, self.nets, path)
+                self.preview_hook(self.nets, path)
 
     def training_metrics(self) -> dict[str, float]:
-        """``tasks.training_metrics`` with the evaluation weights; main process only, no collectives."""
+        """The metrics hook with the evaluation weights; main process only, no collectives."""
         if not self.acc.is_main_process:
             return {}
         with self._evaluation_weights():
-            return tasks.training_metrics(self.cfg, self.nets)
+            return self.metrics_hook(self.nets)
 
     @contextmanager
     def _evaluation_weights(self):
@@ -353,8 +333,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- state and export
     def _stateful(self) -> dict[str, torch.nn.Module]:
-        named = {n: getattr(self.nets, n) for n in TRAINED if getattr(self.nets, n) is not None}
-        return {**named, "objective": self.objective}
+        return {**self.nets.trainable(), "objective": self.objective}
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs; gathers sharded tensors (call on every process)."""

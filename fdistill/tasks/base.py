@@ -1,0 +1,53 @@
+"""The task interface: what a run trains on and how it is judged, chosen once per run by ``build_task``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fdistill.config import Config
+from fdistill.containers import Batch, Networks
+from fdistill.denoisers import Denoiser
+
+
+class Task:
+    """One kind of distillation problem (analytic 2-D mixtures, class-conditional images, ...).
+
+    A task owns everything that depends on the kind of teacher and data: the networks a student and a fake score
+    start from, the training batches, the end-of-run evaluation, previews, training-time metrics and whether the
+    student exports as a diffusers pipeline. The run builds it and hands the trainer its hooks; the trainer and
+    the objectives never see it. ``teacher`` is the unguided frozen teacher; ``Networks.teacher`` (what the
+    methods below receive) may wrap it in guidance.
+    """
+
+    def __init__(self, cfg: Config, teacher: Denoiser):
+        self.cfg, self.teacher = cfg, teacher
+
+    def trainable_copy(self) -> Denoiser:
+        """A fresh trainable network to start a student or a fake score from."""
+        raise NotImplementedError
+
+    def condition_probe(self, n: int) -> torch.Tensor | None:
+        """``n`` valid conditions (any values) for a shape probe of the teacher, or ``None``."""
+        return None
+
+    def batches(self, needs_real_data: bool) -> Iterator[Batch]:
+        """An endless iterator of global training batches (real samples only when ``needs_real_data``)."""
+        raise NotImplementedError
+
+    def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
+        """The ``results`` of ``metrics.json``: one entry per sampler (student step counts, then the teacher)."""
+        raise NotImplementedError
+
+    def preview(self, nets: Networks, path: Path) -> None:
+        """Write a picture of student samples to ``path`` (the trainer calls it every ``log.sample_every``)."""
+
+    def training_metrics(self, nets: Networks) -> dict[str, float]:
+        """Metrics logged during training (the trainer calls it every ``log.fd_every`` steps)."""
+        return {}
+
+    def export(self, student, out_dir: Path, metadata: dict) -> Path | None:
+        """Write the student as a diffusers pipeline; ``None`` when this task's students have no such form."""
+        return None

@@ -1,0 +1,130 @@
+"""The image task: a diffusers UNet teacher (class-conditional or unconditional) and an image data set.
+
+Training batches come from ``data.kind`` (digits, shapes or an image folder), whose class labels condition a
+class-conditional teacher. The run is judged by FD against the data (``eval.reference``) in a feature network's
+space (``eval.features``), plus label accuracy and class coverage from the shipped digits classifier when the
+data are the digits; the student exports as a diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from fdistill.config import ConfigError
+from fdistill.containers import Networks
+from fdistill.data.images import IMAGE_DATASETS, ImageBatches, build_image_dataset, reference_images
+from fdistill.denoisers import Denoiser, UNetDenoiser
+from fdistill.evaluation import ImageProtocol, evaluate_images, student_samples
+from fdistill.tasks.base import Task
+
+PREVIEW_ROWS = 4
+
+
+class ImageTask(Task):
+    teacher: UNetDenoiser
+
+    def trainable_copy(self) -> Denoiser:
+        teacher = self.teacher
+        net = UNetDenoiser(copy.deepcopy(teacher.unet), teacher.schedule, teacher.prediction_type)
+        return net.train().requires_grad_(True)
+
+    def condition_probe(self, n: int) -> torch.Tensor | None:
+        return None if self.teacher.num_class_embeds is None else torch.zeros(n, dtype=torch.long)
+
+    @cached_property
+    def dataset(self):
+        """The run's image data set, at the teacher's resolution and channel count."""
+        cfg, teacher = self.cfg, self.teacher
+        kind = cfg.data.kind
+        channels, size = teacher.sample_shape[0], teacher.sample_shape[-1]
+        if kind not in IMAGE_DATASETS:
+            raise ConfigError(f"data.kind={kind!r} is not an image data set; choose one of "
+                              f"{', '.join(IMAGE_DATASETS)}")
+        if kind == "folder" and not cfg.data.path:
+            raise ConfigError("data.kind=folder needs data.path=<directory of PNG/JPEG images>")
+        kwargs = {"digits": {"size": size}, "shapes": {"size": size},
+                  "folder": {"root": cfg.data.path, "size": size, "channels": channels}}[kind]
+        try:
+            dataset = build_image_dataset(kind, **kwargs)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data: {str(e).splitlines()[0]}") from None
+        if dataset.channels != channels:
+            raise ConfigError(f"data.kind={kind} has {dataset.channels}-channel images but the teacher takes "
+                              f"{channels}; use data with the teacher's channels")
+        classes = teacher.num_class_embeds
+        if classes is not None and not getattr(dataset, "num_classes", 0):
+            raise ConfigError(f"the teacher is class-conditional but data.kind={kind} has no classes; put the "
+                              "images in one sub-folder per class")
+        if classes is not None and dataset.num_classes > classes:
+            raise ConfigError(f"the data have {dataset.num_classes} classes but the teacher knows {classes}")
+        return dataset
+
+    def batches(self, needs_real_data: bool):
+        conditional = self.teacher.num_class_embeds is not None
+        return iter(ImageBatches(self.dataset, self.cfg.train.batch_size, needs_real_data, conditional))
+
+    def protocol(self, samples_dir: Path | None, progress: bool = False) -> ImageProtocol:
+        """What every sampler of this run is judged under (see :class:`~fdistill.evaluation.ImageProtocol`)."""
+        cfg, dataset, ec = self.cfg, self.dataset, self.cfg.eval
+        digits = cfg.data.kind == "digits"
+        default_reference = ("digits" if digits else cfg.data.path if cfg.data.kind == "folder" else
+                             torch.stack([dataset[i][0] for i in range(min(len(dataset), ec.num_samples))]))
+        features = ec.features or ("fdistill-digits" if digits else "inception")
+        num_classes = getattr(dataset, "num_classes", None) if self.teacher.num_class_embeds else None
+        labels = None if num_classes is None else torch.arange(ec.num_samples) % num_classes
+        classifier = None
+        if digits and features == "fdistill-digits":
+            from fdistill.metrics.features import load_digits_classifier
+
+            classifier = load_digits_classifier()
+        return ImageProtocol(ec.num_samples, ec.seed, ec.batch_size, labels,
+                             reference_images(ec.reference or default_reference), features, classifier,
+                             num_classes or getattr(dataset, "num_classes", None), samples_dir, progress)
+
+    def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
+        samples_dir = run_dir / "samples" if self.cfg.eval.save_samples else None
+        return evaluate_images(nets, self.cfg.eval, self.protocol(samples_dir, progress))
+
+    @torch.no_grad()
+    def preview(self, nets: Networks, path: Path) -> None:
+        """One-step student samples on the eval seed, one class per column."""
+        from torchvision.utils import save_image
+
+        classes = self.teacher.num_class_embeds
+        columns = min(classes - 1, 10) if classes else 8
+        n = PREVIEW_ROWS * columns
+        g = torch.Generator().manual_seed(self.cfg.eval.seed)
+        cond = (torch.arange(n) % columns).to(nets.device) if classes else None
+        x = nets.student(nets.student.noise(n, generator=g).to(nets.device), cond).float().cpu()
+        save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=columns, padding=1, pad_value=1.0)
+
+    def training_metrics(self, nets: Networks) -> dict[str, float]:
+        """The FD of ``log.fd_samples`` one-step student samples (labels ``i % K``, eval seed) against the run's
+        reference, in the evaluation's feature network and preprocessing. Far fewer samples than the final
+        evaluation, so only its trend is meaningful."""
+        from fdistill.metrics.fid import frechet_distance_to_reference
+
+        protocol, feature_net, reference = self._training_reference
+        n = self.cfg.log.fd_samples
+        labels = None if protocol.labels is None else torch.arange(n) % protocol.num_classes
+        x = student_samples(nets, n, 1, self.cfg.eval.seed, cond=labels, batch_size=self.cfg.eval.batch_size)
+        fd = frechet_distance_to_reference(x.clamp(-1, 1), reference, feature_net, backend="clean")
+        return {"eval/fd": fd["value"]}
+
+    @cached_property
+    def _training_reference(self):
+        """Computed once per run rather than at every ``log.fd_every`` step (a folder reference may be large)."""
+        from fdistill.metrics.fid import load_feature_net, reference_statistics
+
+        protocol = self.protocol(None)
+        feature_net = load_feature_net(protocol.features)
+        return protocol, feature_net, reference_statistics(protocol.reference, feature_net, "clean", progress=False)
+
+    def export(self, student, out_dir: Path, metadata: dict) -> Path:
+        from fdistill.pipelines import export_pipeline
+
+        return export_pipeline(student, out_dir, metadata, self.cfg.eval.renoise)
