@@ -1,4 +1,4 @@
-"""Discriminator heads on a frozen network's features (ALGORITHMS.md 2.4).
+"""Discriminator heads on a frozen network's features (docs/objectives.md §2.4).
 
 The discriminator reads the features the teacher returns from ``forward_with_features`` on a noisy sample
 ``x_t`` and outputs logits ``[B, n_heads]``. Trained with real = teacher/data as the positive class, its

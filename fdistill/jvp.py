@@ -1,4 +1,4 @@
-"""Jacobian-vector products of a network in ``(x_t, t)``, as sCM/rCM need for ``dF/dt`` (ALGORITHMS.md 8, 9).
+"""Jacobian-vector products of a network in ``(x_t, t)``, as sCM/rCM need for ``dF/dt`` (docs/objectives.md §8, §9).
 
 Two modes, chosen by config:
 
@@ -11,7 +11,7 @@ Two modes, chosen by config:
 
 Both evaluations of a difference, and the training forward they belong to, replay one RNG state
 (:class:`ReplayRNG`) so that dropout masks match; autocast is off inside, so that the JVP runs in the
-network's own precision even in a mixed-precision run (pitfall 6).
+network's own precision even in a mixed-precision run (docs/objectives.md §12 item 6).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def time_jvp(fn: Callable, x: torch.Tensor, t: torch.Tensor, dx: torch.Tensor, d
         raise ValueError(f"unknown JVP mode {mode!r}; use one of {JVP_MODES}")
     rng = rng if rng is not None else ReplayRNG(x.device)
     t, dt = t.double(), dt.double()
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # no bf16 JVP under AMP (pitfall 6)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # no bf16 JVP under AMP (§12 item 6)
         if mode == "exact":
             with forward_ad_context(module), rng():
                 return torch.func.jvp(fn, (x, t), (dx.to(x.dtype), dt))[1]

@@ -2,9 +2,9 @@
 
 Every network in fdistill speaks x0-predictions; this module turns eps / v / flow / score / TrigFlow-F
 predictions into x0 and back, given ``(x_t, alpha_t, sigma_t)``. Schedule arithmetic is done in float64
-(ALGORITHMS.md 1.3, pitfall 6) and cast back to the tensor's dtype by the callers that need it.
+(docs/objectives.md §1.3, §12 item 6) and cast back to the tensor's dtype by the callers that need it.
 
-Schedules (ALGORITHMS.md 1.1): continuous VP (linear beta), discrete VP from a diffusers scheduler's
+Schedules (docs/objectives.md §1.1): continuous VP (linear beta), discrete VP from a diffusers scheduler's
 ``alphas_cumprod``, EDM/VE, rectified flow and TrigFlow. Each can find the time with a given signal-to-noise
 ratio ``alpha/sigma`` ("SNR matching"), which is how a TrigFlow student wraps any teacher.
 """
@@ -214,7 +214,7 @@ class TrigFlowSchedule(Schedule):
 def matched_time(source: Schedule, t, target: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """Time on ``target`` with the same SNR as ``t`` on ``source``, and the input scale between them.
 
-    Returns ``(t_target, scale)`` with ``x_target = scale * x_source`` (ALGORITHMS.md 1.1):
+    Returns ``(t_target, scale)`` with ``x_target = scale * x_source`` (docs/objectives.md §1.1):
     ``scale = alpha_target / alpha_source = sigma_target / sigma_source``.
     """
     t = _f64(t)
@@ -232,7 +232,7 @@ SCHEDULES = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# Conversions (ALGORITHMS.md 1.3). ``alpha``/``sigma`` are float64 and broadcast against ``x_t``.
+# Conversions (docs/objectives.md §1.3). ``alpha``/``sigma`` are float64 and broadcast against ``x_t``.
 # ``dalpha``/``dsigma`` are only needed for the general flow parameterisation.
 
 
@@ -275,7 +275,7 @@ def from_x0(x0, kind, x_t, alpha, sigma, dalpha=None, dsigma=None) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------
-# Time samplers (ALGORITHMS.md 1.4). All return float64 times of the given schedule.
+# Time samplers (docs/objectives.md §1.4). All return float64 times of the given schedule.
 
 
 def karras_sigmas(n: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
@@ -290,7 +290,7 @@ def sigma_to_time(schedule: Schedule, sigma_edm) -> torch.Tensor:
 
 
 def sample_time(schedule: Schedule, n: int, kind: str = "uniform", generator=None, **kw) -> torch.Tensor:
-    """Draw ``n`` times of ``schedule`` from one of the distributions of ALGORITHMS.md 1.4.
+    """Draw ``n`` times of ``schedule`` from one of the distributions of docs/objectives.md §1.4.
 
     kinds: ``uniform`` (in ``[t_lo, t_hi]`` of the schedule, defaults its range), ``lognormal``
     (``ln sigma_EDM ~ N(p_mean, p_std^2)``, default EDM (-1.2, 1.2)), ``polynomial`` (uniform integer on

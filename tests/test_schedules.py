@@ -120,7 +120,7 @@ def test_trigflow_edm_closed_form():
 
 
 def test_rf_to_trigflow_matches_rcm_map():
-    """sigma_d = 1: RF time s = sin t / (sin t + cos t) and x_RF = x_trig / (sin t + cos t) (ALGORITHMS 1.1)."""
+    """sigma_d = 1: RF time s = sin t / (sin t + cos t), x_RF = x_trig / (sin t + cos t) (docs/objectives.md §1.1)."""
     t = torch.tensor([0.2, 0.9, 1.4], dtype=torch.float64)
     s, scale = matched_time(TrigFlowSchedule(sigma_data=1.0), t, RectifiedFlowSchedule())
     assert torch.allclose(s, torch.sin(t) / (torch.sin(t) + torch.cos(t)))
@@ -138,7 +138,7 @@ def test_time_samplers_stay_in_range_and_follow_their_law():
     assert poly.min() >= 0.002 and poly.max() <= 80
     trig = TrigFlowSchedule(sigma_data=1.0)
     shifted = sample_time(trig, 20000, "shift", shift=5.0)
-    assert abs(torch.tan(shifted).median().item() - 5.0) < 0.3  # median sigma 5 (ALGORITHMS 1.4)
+    assert abs(torch.tan(shifted).median().item() - 5.0) < 0.3  # median sigma 5 (docs/objectives.md §1.4)
     u = sample_time(SCHEDULES["discrete_vp"], 1000, "uniform", t_lo=20, t_hi=980)
     assert u.min() >= 20 and u.max() <= 980
     with pytest.raises(ValueError):

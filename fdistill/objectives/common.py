@@ -24,7 +24,7 @@ def diffuse(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Te
 
 
 def fake_score_weight(schedule: Schedule, t: torch.Tensor, weighting: str, sigma_data: float = 0.5):
-    """Per-sample weight of the x0-space denoising loss (2.3): ``none`` (FastGen), ``edm`` (SiD/UI/DI,
+    """Per-sample weight of the x0-space denoising loss (§2.3): ``none`` (FastGen), ``edm`` (SiD/UI/DI,
     ``1/c_out^2``) or ``dmd2`` (``alpha^2/sigma^2 + 1/sigma_d^2``)."""
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
     if weighting == "none":
