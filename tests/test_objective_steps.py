@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from fdistill.config import load_config
+from fdistill.config import ConfigError, load_config
 from fdistill.containers import Batch
+from fdistill.guidance import GuidedDenoiser
 from fdistill.objectives import OBJECTIVES
 from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
@@ -107,3 +108,58 @@ def test_trainable_copies_do_not_feed_the_teacher_feature_list():
     nets.student.net(x, t)
     assert nets.teacher._features == []
     assert len(nets.teacher.forward_with_features(x, t)[1]) == 1
+
+
+def label_recorder(unet, seen: list):
+    """Record the class labels every call of ``unet`` receives."""
+    unet.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs["class_labels"].clone()),
+                                   with_kwargs=True)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_guidance_reaches_the_teacher_and_never_the_fake_score_or_the_student(name):
+    """With ``teacher.guidance_scale`` the teacher also runs on the null class (the last of 5 embeddings), in
+    critic and generator steps alike; the student and the fake score only ever see the data's labels."""
+    unet = {**TINY_UNET, "num_class_embeds": 5}
+    overrides = (*TRIGFLOW_TIMES.get(name, []), "teacher.guidance_scale=3.0")
+    cfg, options = load_config(None, ["teacher.kind=unet", f"objective.name={name}", *overrides])
+    cfg.teacher.unet = unet
+    torch.manual_seed(0)
+    nets, objective, _ = build_experiment(cfg, options)
+    assert isinstance(nets.teacher, GuidedDenoiser) and nets.teacher.scale == 3.0
+    trainable = [m for net in nets.trainable().values() for m in net.modules()]
+    assert not any(isinstance(m, GuidedDenoiser) for m in trainable)
+    seen = {"teacher": [], "student": [], "fake_score": []}
+    label_recorder(nets.teacher.net.unet, seen["teacher"])
+    student_unet = next(m for m in nets.student.modules() if type(m).__name__ == "UNet2DModel")
+    label_recorder(student_unet, seen["student"])
+    if nets.fake_score is not None:
+        label_recorder(nets.fake_score.unet, seen["fake_score"])
+
+    def labelled():
+        while True:
+            yield Batch(size=4, real=torch.randn(4, 3, 8, 8).clamp(-1, 1), cond=torch.tensor([0, 1, 2, 3]))
+
+    trainer = Trainer(nets, objective, labelled(), cfg, progress=False)
+    run_until(trainer, "critic")
+    run_until(trainer, "generator")
+    null = 4
+    assert any((labels == null).all() for labels in seen["teacher"]), f"{name}: the teacher was never guided"
+    for who in ("student", "fake_score"):
+        assert all((labels != null).all() for labels in seen[who]), f"{name}: the {who} saw the null class"
+    assert seen["student"], name
+
+
+def test_guidance_changes_the_teacher_and_needs_a_conditional_one():
+    cfg, options = load_config(None, ["teacher.kind=unet", "objective.name=dmd", "teacher.guidance_scale=3.0"])
+    cfg.teacher.unet = {**TINY_UNET, "num_class_embeds": 5}
+    torch.manual_seed(0)
+    nets, _, _ = build_experiment(cfg, options)
+    x, t, labels = torch.randn(4, 3, 8, 8), torch.full((4,), 500.0, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    guided, plain = nets.teacher(x, t, labels), nets.teacher.net(x, t, labels)
+    unconditional = nets.teacher.net(x, t, torch.full((4,), 4))
+    assert torch.allclose(guided, unconditional + 3.0 * (plain - unconditional), atol=1e-6)
+    cfg, options = load_config(None, ["teacher.kind=unet", "objective.name=dmd", "teacher.guidance_scale=3.0"])
+    cfg.teacher.unet = dict(TINY_UNET)
+    with pytest.raises(ConfigError, match="teacher.guidance_scale=3.0: guidance needs a conditional network"):
+        build_experiment(cfg, options)
