@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from fdistill.objectives.scm import normalize_tangent, rcm_tangent, scm_tangent
 from fdistill.run import build_experiment
 
 # ---------------------------------------------------------------------------------------------------
-# 1-D Gaussian data N(0, v): the PF-ODE is linear and the consistency map is known (ALGORITHMS.md 13.9).
+# 1-D Gaussian data N(0, v): the PF-ODE is linear and the consistency map is known (docs/objectives.md §13.9).
 
 VARIANCE = 0.3
 
@@ -41,11 +42,30 @@ def test_tangent_vanishes_at_the_exact_consistency_map(tangent, sigma_data):
         assert g.abs().max() <= 1e-8
 
 
-def test_tangent_forms_differ_during_warmup():
-    """The numbers of ``checks/scm_check.py`` at ``x = 0.7, t = 0.9, r = 0.5``."""
-    assert float(scm_tangent(*gaussian_case(0.5), 0.5, 0.5)) == pytest.approx(6.267e-02, rel=1e-3)
-    assert float(scm_tangent(*gaussian_case(1.0), 1.0, 0.5)) == pytest.approx(6.658e-02, rel=1e-3)
-    assert float(rcm_tangent(*gaussian_case(1.0), 1.0, 0.5)) == pytest.approx(2.344e-01, rel=1e-3)
+def numpy_tangents(sigma_data, r, x=0.7, t=0.9, h=1e-6):
+    """Reference in plain numpy: the sCM tangent (docs/objectives.md §8 step 5) and rCM's warm-up form (§9) at the
+    exact consistency map, with ``dF/dt`` along the PF-ODE by a central difference of the closed form (step h)."""
+    spread = lambda s: np.cos(s) ** 2 * VARIANCE + np.sin(s) ** 2 * sigma_data**2  # noqa: E731
+    velocity = lambda y, s: np.sin(s) * np.cos(s) * (sigma_data**2 - VARIANCE) / spread(s) * y  # noqa: E731
+    F = lambda y, s: (np.cos(s) * y - y * np.sqrt(VARIANCE / spread(s))) / (sigma_data * np.sin(s))  # noqa: E731
+    dxdt = velocity(x, t)
+    v = np.cos(t) * np.sin(t) * (F(x + h * dxdt, t + h) - F(x - h * dxdt, t - h)) / (2 * h)
+    gap = sigma_data * F(x, t) - dxdt
+    scm = -np.cos(t) ** 2 * gap - r * (np.cos(t) * np.sin(t) * x + sigma_data * v)
+    rcm = -np.cos(t) * np.sqrt(1 - r**2 * np.sin(t) ** 2) * gap - (r * np.cos(t) * np.sin(t) * x + sigma_data * v)
+    return scm, rcm
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_tangent_forms_differ_during_warmup(sigma_data):
+    """At ``x = 0.7, t = 0.9, r = 0.5`` against the numpy reference: sCM 6.267e-2 (sigma_d = 0.5) and 6.658e-2
+    (sigma_d = 1), rCM 2.306e-1 and 2.344e-1 (docs/objectives.md §13.9 quotes all but the first rCM value); at
+    r = 1 both forms vanish."""
+    scm, rcm = numpy_tangents(sigma_data, r=0.5)
+    assert abs(scm - rcm) > 0.1 * abs(rcm)
+    assert float(scm_tangent(*gaussian_case(sigma_data), sigma_data, 0.5)) == pytest.approx(scm, rel=1e-6)
+    assert float(rcm_tangent(*gaussian_case(sigma_data), sigma_data, 0.5)) == pytest.approx(rcm, rel=1e-6)
+    assert max(abs(g) for g in numpy_tangents(sigma_data, r=1.0)) < 1e-8
 
 
 def test_tangent_normalisation():

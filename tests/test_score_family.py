@@ -1,15 +1,18 @@
 """Score-identity family (Diff-Instruct, SiD, SIM, Uni-Instruct): exact gradients on closed forms, relations
 between the methods, and one critic + one generator step of every objective on a tiny UNet teacher.
 
-Closed-form set-up (ALGORITHMS.md 13.6-13.7, ``checks/ui_check.py`` and ``checks/sim_check.py``): teacher
-``p = 0.3 N(-1.5, 0.2) + 0.7 N(1.0, 0.5)``, student ``x_g = mu + s z``, VE/EDM noise at sigma = 0.8,
-expectations over ``(z, eps)`` by 120 x 120 Gauss-Hermite quadrature. The teacher, the fake score (the exact
-student score, frozen at ``theta_0 = (0.4, 0.9)``) and the density ratio are analytic mixture denoisers
-evaluated at ``x_t(theta)``, and the shipped loss functions are called on those tensors.
+Closed-form set-up (docs/objectives.md §13.6-§13.7): teacher ``p = 0.3 N(-1.5, 0.2) + 0.7 N(1.0, 0.5)``,
+student ``x_g = mu + s z``, VE/EDM noise at sigma = 0.8, expectations over ``(z, eps)`` by 120 x 120
+Gauss-Hermite quadrature. The teacher, the fake score (the exact student score, frozen at
+``theta_0 = (0.4, 0.9)``) and the density ratio are analytic mixture denoisers evaluated at ``x_t(theta)``, and
+the shipped loss functions are called on those tensors. The reference gradients come from a separate numpy
+implementation of the same set-up (``numpy_*`` below: densities, scores and objectives written out, central
+differences of quadratures), which shares no code with fdistill.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +29,16 @@ from fdistill.schedules import EDMSchedule
 
 SIGMA = 0.8
 THETA0 = (0.4, 0.9)
-TEACHER = GaussianMixtureDenoiser([0.3, 0.7], [[-1.5], [1.0]], [[0.2], [0.5]], EDMSchedule())
+WEIGHTS, MEANS, VARIANCES = np.array([0.3, 0.7]), np.array([-1.5, 1.0]), np.array([0.2, 0.5])
+TEACHER = GaussianMixtureDenoiser(WEIGHTS.tolist(), MEANS[:, None].tolist(), VARIANCES[:, None].tolist(),
+                                  EDMSchedule())
 DIVERGENCES = ["rkl", "fkl", "js", "jeffreys", "pearson"]
-# (mu, s)-gradients printed by checks/ui_check.py and checks/sim_check.py.
-TRUE_UI = {"rkl": (-0.15976677, -0.62869513), "fkl": (0.14268729, -1.10410432),
-           "js": (-0.03887094, -0.35822135), "jeffreys": (-0.01707948, -1.73279945),
-           "pearson": (2.43153145, -6.31973696)}
-OFFICIAL_UI = {"rkl": (0.01173059, -0.72498463), "fkl": (0.14268728, -0.73824537),
-               "js": (-0.00913213, -0.29679678), "jeffreys": (0.15441787, -1.46323),
-               "pearson": (2.63231208, -4.52318714)}
-SIM_TRUE = {"l2": (-0.03306394, -0.68050347), "pseudo_huber": (-0.01189444, -0.15921467)}
-# sim_check.py's mixture score leaves out each component's 1/sqrt(var) normaliser: at sigma = 0.8 that is the
-# exact score of the same mixture with weights proportional to w_k sqrt(v_k + sigma^2).
-SIM_TEACHER = GaussianMixtureDenoiser([0.3 * np.sqrt(0.2 + SIGMA**2), 0.7 * np.sqrt(0.5 + SIGMA**2)],
-                                      [[-1.5], [1.0]], [[0.2], [0.5]], EDMSchedule())
-SID_ALPHA = {0.5: (-0.15976682, -0.62869498), 1.0: (0.01173059, -0.72498463), 1.2: (0.08032955, -0.76350049)}
+# The SIM reference of docs/objectives.md §13.6 was computed with a mixture score that leaves out each
+# component's 1/sqrt(v_k + sigma^2) factor: the exact score of the same mixture with weights proportional to
+# w_k sqrt(v_k + sigma^2). The SIM checks use that teacher, so that they reproduce the document's numbers.
+SIM_WEIGHTS = WEIGHTS * np.sqrt(VARIANCES + SIGMA**2)
+SIM_TEACHER = GaussianMixtureDenoiser(SIM_WEIGHTS.tolist(), MEANS[:, None].tolist(), VARIANCES[:, None].tolist(),
+                                      EDMSchedule())
 
 
 def _nodes(n=120):
@@ -70,6 +68,100 @@ def expanded_objective(theta, psi) -> float:
 def fd_gradient(f, theta, h=1e-5):
     theta = np.asarray(theta, dtype=np.float64)
     return np.array([(f(theta + e) - f(theta - e)) / (2 * h) for e in np.eye(len(theta)) * h])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Independent numpy reference (docs/objectives.md §13 common set-up, §13.6, §13.7).
+
+# psi(r) = r^2 f''(r) and its second derivative, r = p/q (teacher over student): docs/objectives.md §7.3.
+NUMPY_PSI = {"rkl": (lambda r: 1 + 0 * r, lambda r: 0 * r), "fkl": (lambda r: r, lambda r: 0 * r),
+             "js": (lambda r: r / (1 + r), lambda r: -2 / (1 + r) ** 3),
+             "jeffreys": (lambda r: 1 + r, lambda r: 0 * r), "pearson": (lambda r: 2 * r**2, lambda r: 4 + 0 * r)}
+
+
+def numpy_teacher(x, weights=WEIGHTS):
+    """Density and score at noise level sigma of ``sum_k weights_k N(m_k, v_k)`` (weights normalised)."""
+    var = VARIANCES + SIGMA**2
+    comp = weights / weights.sum() * np.exp(-((x[..., None] - MEANS) ** 2) / (2 * var)) / np.sqrt(2 * np.pi * var)
+    return comp.sum(-1), (comp * (MEANS - x[..., None]) / var).sum(-1) / comp.sum(-1)
+
+
+def numpy_student(x, mu, s):
+    """Density and score at noise level sigma of the student ``N(mu, s^2)``."""
+    var = s**2 + SIGMA**2
+    return np.exp(-((x - mu) ** 2) / (2 * var)) / np.sqrt(2 * np.pi * var), (mu - x) / var
+
+
+def numpy_line(theta, n=120):
+    """1-D Gauss-Hermite nodes for ``x ~ q_theta,t = N(mu, s^2 + sigma^2)`` and their weights."""
+    nodes, w = hermegauss(n)
+    return theta[0] + np.sqrt(theta[1] ** 2 + SIGMA**2) * nodes, w / w.sum()
+
+
+def numpy_grid_gradient(per_sample, n=120):
+    """Central difference at theta_0 of ``E_{z,eps}[per_sample(x_g, x_t, x_t at theta_0, eps)]``, with
+    ``x_g = mu + s z`` and ``x_t = x_g + sigma eps`` on the n x n Gauss-Hermite grid (the surrogate losses)."""
+    nodes, w = hermegauss(n)
+    z, eps = np.meshgrid(nodes, nodes, indexing="ij")
+    w = np.outer(w, w) / w.sum() ** 2
+    x_t0 = THETA0[0] + THETA0[1] * z + SIGMA * eps
+
+    def expectation(theta):
+        x_g = theta[0] + theta[1] * z
+        return np.sum(w * per_sample(x_g, x_g + SIGMA * eps, x_t0, eps))
+
+    return fd_gradient(expectation, THETA0)
+
+
+@cache
+def numpy_true_ui(name):
+    """``grad_theta E_{q_theta,t}[psi(r) (s_q - s_p)^2]`` at theta_0 (the exact objective, §13.7)."""
+    psi = NUMPY_PSI[name][0]
+
+    def objective(theta):
+        x, w = numpy_line(theta)
+        (p, s_p), (q, s_q) = numpy_teacher(x), numpy_student(x, *theta)
+        return np.sum(w * psi(p / q) * (s_q - s_p) ** 2)
+
+    return fd_gradient(objective, THETA0)
+
+
+@cache
+def numpy_official_ui(name):
+    """The official estimator (§7.3): decomposition terms 1 and 3 of §7.2 in score units,
+    ``psi(r) (-2 delta.c) + sg(r^2 psi''(r) delta^3) x_t`` with ``delta = s_q - s_p``, ``c = s_q + eps/sigma`` and
+    the fake score ``s_q`` frozen at theta_0; ``r`` and the bracket under ``sg`` are taken at theta_0's samples."""
+    psi, psi2 = NUMPY_PSI[name]
+
+    def per_sample(x_g, x_t, x_t0, eps):
+        (p0, s_p0), (q0, s_q0) = numpy_teacher(x_t0), numpy_student(x_t0, *THETA0)
+        r0, s_q = p0 / q0, numpy_student(x_t, *THETA0)[1]
+        delta = s_q - numpy_teacher(x_t)[1]
+        return psi(r0) * (-2 * delta * (s_q + eps / SIGMA)) + r0**2 * psi2(r0) * (s_q0 - s_p0) ** 3 * x_t
+
+    return numpy_grid_gradient(per_sample)
+
+
+@cache
+def numpy_sid(alpha):
+    """``(2/sigma^4) grad E[L_SiD(alpha)]`` (§5, §13.6) with Tweedie x0-predictions of the teacher and of the
+    student score frozen at theta_0."""
+
+    def per_sample(x_g, x_t, x_t0, eps):
+        x0_p = x_t + SIGMA**2 * numpy_teacher(x_t)[1]
+        x0_q = x_t + SIGMA**2 * numpy_student(x_t, *THETA0)[1]
+        return 2 / SIGMA**4 * (x0_p - x0_q) * ((x0_p - x_g) - alpha * (x0_p - x0_q))
+
+    return numpy_grid_gradient(per_sample)
+
+
+@cache
+def numpy_sim_true(distance, c_score):
+    """``grad_theta E_{x ~ q_theta0,t}[d(s_theta(x) - s_p(x))]`` (§6, §13.6), SIM teacher, d on the score."""
+    x, w = numpy_line(THETA0)
+    s_p = numpy_teacher(x, SIM_WEIGHTS)[1]
+    d = (lambda y: y**2) if distance == "l2" else (lambda y: np.sqrt(y**2 + c_score**2) - c_score)
+    return fd_gradient(lambda th: np.sum(w * d(numpy_student(x, *th)[1] - s_p)), THETA0)
 
 
 class Quadrature:
@@ -118,7 +210,7 @@ def test_exact_uni_instruct_gradient_matches_finite_differences(quad, name, rati
     psi = common.get_divergence(name).h
     true = fd_gradient(lambda th: expanded_objective(th, psi), THETA0)
     got = quad.grad(ui_loss(quad, name, "exact", ratio_grad))
-    assert np.allclose(true, TRUE_UI[name], atol=1e-6)
+    assert np.allclose(true, numpy_true_ui(name), rtol=0, atol=1e-8)
     assert np.abs(got - true).max() <= 1e-4 * np.abs(true).max(), (got, true)
 
 
@@ -127,23 +219,26 @@ def test_four_term_decomposition_and_the_official_estimator_bias(quad, name):
     terms = uni_instruct.uni_instruct_terms(quad.x_g, quad.x0_teacher, quad.x0_fake, torch.exp(quad.log_ratio),
                                       common.get_divergence(name), quad.snr2)
     parts = {k: quad.grad(v) for k, v in terms.items()}
-    assert np.allclose(sum(parts.values()), TRUE_UI[name], rtol=1e-5, atol=1e-6)
+    assert np.allclose(sum(parts.values()), numpy_true_ui(name), rtol=1e-5, atol=1e-6)
     official = quad.grad(ui_loss(quad, name, "official"))
     assert np.allclose(official, parts["sim"] + parts["di_w1"], atol=1e-10)
-    assert np.allclose(official, OFFICIAL_UI[name], atol=1e-6)  # the amounts ui_check.py prints
+    assert np.allclose(official, numpy_official_ui(name), rtol=0, atol=1e-8)
 
 
 def test_custom_psi_from_python_matches_the_builtin(quad):
     js = uni_instruct.divergence_from_weight(lambda r: r / (1 + r), "my_js")
     ratio = torch.exp(quad.log_ratio)
     got = uni_instruct.uni_instruct_loss(quad.x_g, quad.x0_teacher, quad.x0_fake, ratio, js, quad.snr2)
-    assert np.allclose(quad.grad(got), TRUE_UI["js"], rtol=1e-5, atol=1e-6)
+    assert np.allclose(quad.grad(got), numpy_true_ui("js"), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 1.2])
 def test_sid_alpha_gradients(quad, alpha):
     inner, sq = common.score_identity_terms(quad.x_g, quad.x0_teacher, quad.x0_fake)
-    assert np.allclose(quad.grad(common.sid_loss(inner, sq, alpha)), SID_ALPHA[alpha], atol=1e-6)
+    got = quad.grad(common.sid_loss(inner, sq, alpha))
+    assert np.allclose(got, numpy_sid(alpha), rtol=0, atol=1e-8)
+    if alpha == 0.5:  # the exact Fisher gradient (docs/objectives.md §5)
+        assert np.allclose(got, numpy_true_ui("rkl"), rtol=1e-5, atol=1e-6)
 
 
 def test_uni_instruct_rkl_is_sid_half_and_sim_l2_is_sid_one(quad):
@@ -158,7 +253,7 @@ def test_uni_instruct_rkl_is_sid_half_and_sim_l2_is_sid_one(quad):
 
 def sim_true_gradient(distance, huber_c_score):
     """``grad_theta E_{x ~ q_theta0,t}[d(s_theta(x) - s_p(x))]``: the SIM objective with the sampling
-    distribution held fixed (``checks/sim_check.py``); ``d`` acts on the score difference."""
+    distribution held fixed (docs/objectives.md §13.6); ``d`` acts on the score difference."""
     nodes, w = _nodes()
     x = (THETA0[0] + np.sqrt(THETA0[1] ** 2 + SIGMA**2) * nodes)[:, None]
     s_p = SIM_TEACHER.score(x, _t(len(x)))[:, 0]
@@ -174,14 +269,14 @@ def sim_true_gradient(distance, huber_c_score):
 @pytest.mark.parametrize("distance", ["l2", "pseudo_huber"])
 def test_sim_gradient_flows_through_u(sim_quad, distance):
     quad = sim_quad
-    c_score = 2.0  # sim_check.py's constant on the score difference; on Delta it is c sigma^2 / alpha
+    c_score = 2.0  # §13.6's constant on the score difference; on Delta it is c sigma^2 / alpha
     c_x0 = c_score * SIGMA**2
     # l2: d(y) = y^2 is 2 alpha^2/sigma^4 x the x0 distance 1/2 Delta^2; pseudo-Huber: alpha/sigma^2
     weight = quad.exact_weight if distance == "l2" else 1 / SIGMA**2
     inner, sq = common.score_identity_terms(quad.x_g, quad.x0_teacher, quad.x0_fake)
     got = quad.grad(sim.sim_loss(inner, sq, distance, c_x0), weight)
     true = sim_true_gradient(distance, c_score)
-    assert np.allclose(true, SIM_TRUE[distance], atol=1e-6)
+    assert np.allclose(true, numpy_sim_true(distance, c_score), rtol=0, atol=1e-8)
     assert np.abs(got - true).max() <= 1e-4 * np.abs(true).max(), (got, true)
     # Detaching u = grad d keeps the mean component but halves the scale component: the wrong gradient.
     delta = (quad.x0_fake - quad.x0_teacher).detach()
