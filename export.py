@@ -1,8 +1,9 @@
 """Export a run's student as a diffusers pipeline: ``python export.py --run RUN_DIR [--out DIR]``.
 
-The directory loads with ``import fdistill; DiffusionPipeline.from_pretrained(DIR)`` and samples exactly like the
-run's student (``fdistill/pipelines.py``); ``DIR/fdistill.json`` records how it was made. Default ``DIR``:
-``RUN_DIR/pipeline``. ``--checkpoint`` exports an intermediate checkpoint of the run instead of its final weights.
+The directory is a stock diffusers pipeline: ``DiffusionPipeline.from_pretrained(DIR)`` loads it without fdistill
+and samples exactly like the run's student (``fdistill/pipelines.py``); ``DIR/fdistill.json`` records how it was
+made and ``DIR/README.md`` is its model card. Default ``DIR``: ``RUN_DIR/pipeline``. ``--checkpoint`` exports an
+intermediate checkpoint of the run instead of its final weights.
 """
 
 import argparse

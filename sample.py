@@ -72,8 +72,7 @@ def _label_tensor(labels, device):
 
 
 def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
-    """An exported student, sampled through plain diffusers (which finds ``fdistill.FDistillScheduler`` in the
-    already imported ``fdistill`` package)."""
+    """An exported student, sampled through plain diffusers at its first ``steps`` sampling timesteps."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -82,11 +81,12 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
     pipe = DiffusionPipeline.from_pretrained(model_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     steps = 1 if steps is None else steps
-    _check_steps(steps, len(pipe.scheduler.config.timesteps))
+    times = info["student_times"]
+    _check_steps(steps, len(times))
 
     def draw(n, labels, generator):
-        images = pipe(batch_size=n, class_labels=labels, num_inference_steps=steps, generator=generator,
-                      output_type="pt").images
+        images = pipe(batch_size=n, class_labels=labels, num_inference_steps=None, timesteps=times[:steps],
+                      generator=generator, output_type="pt").images
         return images, steps
 
     embeds = pipe.unet.config.num_class_embeds
@@ -95,7 +95,8 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
 
 
 def student_sampler(student, steps: int | None, renoise: str, device) -> Sampler:
-    """A run's student: ``Generator.sample`` with the run's re-noising mode."""
+    """A run's student: ``Generator.sample`` with the run's re-noising mode (students of diffusers teachers
+    re-noise as the exported pipeline does)."""
     steps = 1 if steps is None else steps
     _check_steps(steps, student.max_steps)
     images = len(student.sample_shape) > 1

@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from fdistill.lcm_sampling import LCMSampling
 from fdistill.schedules import Schedule, broadcast_to, to_x0
 
 DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -45,6 +46,11 @@ class Denoiser(nn.Module):
     def noise_level_features(self, t: torch.Tensor) -> torch.Tensor:
         """``c_noise = log(sigma/alpha)/4`` per sample (EDM's noise conditioning, any schedule), float32."""
         return (torch.log(self.schedule.sigma(t) / self.schedule.alpha(t)) / 4).float()
+
+    def stock_sampling(self):
+        """The diffusers scheduler arithmetic a student of this network samples with (:mod:`fdistill.lcm_sampling`),
+        or ``None`` when it samples with fdistill's own (:class:`fdistill.generator.Generator`)."""
+        return None
 
     def null_condition(self, cond):
         """The unconditional input of classifier-free guidance for a batch of conditions ``cond``."""
@@ -78,22 +84,36 @@ class UNetDenoiser(Denoiser):
         self.text_conditioned = getattr(cfg, "cross_attention_dim", None) is not None
         self.num_class_embeds = getattr(cfg, "num_class_embeds", None)
         self.conditional = self.text_conditioned or self.num_class_embeds is not None
-        self._features: list[torch.Tensor] = []
+        self._features: list[torch.Tensor] | None = None  # a list only while forward_with_features runs
         # A deep-copied UNet carries its source denoiser's hook, which would feed that denoiser's list.
         unet.mid_block._forward_hooks.clear()
-        unet.mid_block.register_forward_hook(lambda _m, _i, out: self._features.append(out))
+        unet.mid_block.register_forward_hook(lambda _m, _i, out: self._capture(out))
 
-    def forward_with_features(self, x_t, t, cond=None):
-        self._features.clear()
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+    def unet_output(self, x_t, t, cond=None) -> torch.Tensor:
+        """The UNet's raw output (epsilon, v or x0, as ``prediction_type`` says) at times ``t``."""
         timestep = t.to(x_t.dtype)
         if self.text_conditioned:
-            out = self.unet(x_t, timestep, encoder_hidden_states=cond).sample
-        else:
-            out = self.unet(x_t, timestep, class_labels=cond).sample
-        x0 = x0_from_unet_output(out, self.prediction_type, x_t, self.schedule, t)
-        features, self._features = list(self._features), []
-        return x0, features
+            return self.unet(x_t, timestep, encoder_hidden_states=cond).sample
+        return self.unet(x_t, timestep, class_labels=cond).sample
+
+    def _capture(self, feature: torch.Tensor) -> None:
+        if self._features is not None:
+            self._features.append(feature)
+
+    def forward_with_features(self, x_t, t, cond=None):
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        self._features = []
+        try:
+            out = self.unet_output(x_t, t, cond)
+            features = self._features
+        finally:
+            self._features = None
+        return x0_from_unet_output(out, self.prediction_type, x_t, self.schedule, t), features
+
+    def stock_sampling(self):
+        if getattr(self.schedule, "scheduler_config", None) is None:
+            return None
+        return LCMSampling(self.schedule, self.prediction_type)
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         """The last class index of a class-conditional UNet: the label its training dropped classes to. A text

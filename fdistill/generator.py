@@ -1,9 +1,12 @@
 """The student generator: a denoiser evaluated at a fixed time (one step) or a short list of times.
 
-One step (docs/objectives.md §2.2): ``x_g = D_theta(sigma(t_0) z, t_0)`` read as an x0-prediction. Few steps with
-``t_0 > t_1 > ... > t_N = 0``: ``x0_hat = D(x, t_i)``, then ``x <- alpha(t_{i+1}) x0_hat + sigma(t_{i+1}) eps'``
-where ``eps'`` is fresh noise ("sde", the multistep consistency sampler) or the noise implied by ``(x, x0_hat)``
-at ``t_i`` ("ode", DDIM-like). The last ``x0_hat`` is the sample.
+One step (docs/objectives.md §2.2): ``x_g = D_theta(s z, t_0)`` read as an x0-prediction, with ``s`` the std
+of ``x_{t_0}`` for unit-variance data, ``sqrt(alpha^2 + sigma^2)`` (1 for VP schedules, as stock diffusers
+samplers draw their first input). Few steps with ``t_0 > t_1 > ...``: ``x0_hat = D(x, t_i)``, then
+``x <- alpha(t_{i+1}) x0_hat + sigma(t_{i+1}) eps'`` where ``eps'`` is fresh noise ("sde", the multistep
+consistency sampler) or the noise implied by ``(x, x0_hat)`` at ``t_i`` ("ode", DDIM-like). The last ``x0_hat``
+is the sample. A student of a diffusers teacher does all this with the arithmetic of diffusers' stock
+``LCMScheduler`` (:mod:`fdistill.lcm_sampling`, "sde" only), so that plain diffusers serves it exactly.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ EPSILON_STUDENT_NOISE = 2.5
 
 
 def time_at_noise_level(schedule: Schedule, noise_level: float) -> float:
-    """The schedule time where ``sigma/alpha = noise_level`` (EDM's sigma), clamped to the schedule's range."""
+    """The schedule time where ``sigma/alpha = noise_level`` (EDM's sigma), clamped to the schedule's range and
+    rounded to the nearest timestep on a discrete schedule."""
     snr = torch.tensor([1.0 / noise_level], dtype=torch.float64)  # alpha / sigma
-    return float(schedule.t_from_snr(snr).clamp(schedule.t_min, schedule.t_max))
+    t = float(schedule.t_from_snr(snr).clamp(schedule.t_min, schedule.t_max))
+    return float(round(t)) if schedule.discrete else t
 
 
 def default_student_times(teacher: Denoiser) -> list[float]:
@@ -46,12 +51,10 @@ def student_times(teacher: Denoiser, times: list[float] | None = None, noise_lev
 
 
 def input_scale(schedule: Schedule, t0: float) -> float:
-    """``sigma(t_0)`` as a Python float: the student's first input is ``input_scale * z`` for unit noise ``z``.
-
-    A float rather than a tensor so that every sampler (``Generator``, the exported diffusers scheduler's
-    ``init_noise_sigma``) multiplies the noise by exactly the same number.
-    """
-    return float(schedule.sigma(t0))
+    """``sqrt(alpha(t_0)^2 + sigma(t_0)^2)`` as a Python float: the student's first input is ``input_scale * z``
+    for unit noise ``z``, the std of ``x_{t_0}`` for unit-variance data (1 for VP schedules)."""
+    t0 = torch.tensor(t0, dtype=torch.float64)
+    return float(torch.sqrt(schedule.alpha(t0) ** 2 + schedule.sigma(t0) ** 2))
 
 
 def renoise(schedule: Schedule, x: torch.Tensor, x0: torch.Tensor, t: float, t_next: float, mode: str = "sde",
@@ -60,8 +63,7 @@ def renoise(schedule: Schedule, x: torch.Tensor, x0: torch.Tensor, t: float, t_n
 
     ``x`` is the input at time ``t`` whose x0-prediction is ``x0``. ``eps`` is fresh noise drawn from
     ``generator`` ("sde") or the noise that ``(x, x0)`` imply at ``t`` ("ode"). The noise is drawn on the
-    generator's device and moved, so a CPU generator seeds a GPU sampler too. Shared by :meth:`Generator.sample`
-    and :class:`fdistill.pipelines.FDistillScheduler`, which therefore agree bit for bit.
+    generator's device and moved, so a CPU generator seeds a GPU sampler too.
     """
     if mode == "sde":
         device = generator.device if generator is not None else x.device
@@ -89,6 +91,12 @@ class Generator(nn.Module):
             raise ValueError(f"generator times must decrease strictly, got {times}")
         self.net = net
         self.times = [float(t) for t in times]
+        lo, hi = net.schedule.t_min, net.schedule.t_max
+        if not all(lo <= t <= hi for t in self.times):
+            raise ValueError(f"sampling times must lie in the schedule's range [{lo:g}, {hi:g}], got {self.times}")
+        self.stock = net.stock_sampling()
+        if self.stock is not None:
+            self.stock.check_times(self.times)
 
     @property
     def schedule(self):
@@ -105,14 +113,29 @@ class Generator(nn.Module):
     def noise(self, n: int, generator=None, device=None) -> torch.Tensor:
         return torch.randn((n, *self.sample_shape), generator=generator, device=device)
 
+    def first_input(self, z: torch.Tensor, t0: float) -> torch.Tensor:
+        """The input at the first sampling time ``t0`` for unit noise ``z``."""
+        return z if self.stock is not None else input_scale(self.schedule, t0) * z
+
     def step(self, x_t: torch.Tensor, t: float, cond=None) -> torch.Tensor:
         """One denoising step at time ``t`` (the gradient-carrying call)."""
-        return self.net(x_t, torch.full((x_t.shape[0],), t, dtype=torch.float64, device=x_t.device), cond)
+        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.float64, device=x_t.device)
+        if self.stock is None:
+            return self.net(x_t, t_batch, cond)
+        return self.stock.denoise(self.net.unet_output(x_t, t_batch, cond), x_t, t)
+
+    def next_input(self, x, x0, t: float, t_next: float, mode: str = "sde", generator=None) -> torch.Tensor:
+        """The input at ``t_next`` after the step at ``t`` (input ``x``) predicted ``x0``."""
+        if self.stock is None:
+            return renoise(self.schedule, x, x0, t, t_next, mode, generator)
+        if mode != "sde":
+            raise ValueError(f"a student of a diffusers teacher samples with fresh noise (renoise sde), not {mode}")
+        return self.stock.renoise(x0, t_next, generator)
 
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         """One-step sample from unit noise ``z``."""
         t0 = self.times[0]
-        return self.step(input_scale(self.schedule, t0) * z, t0, cond)
+        return self.step(self.first_input(z, t0), t0, cond)
 
     def sample(self, z, cond=None, steps: int = 1, mode: str = "sde", generator=None) -> torch.Tensor:
         """``steps``-step sample from unit noise ``z``; gradients flow through every call if enabled."""
@@ -121,19 +144,17 @@ class Generator(nn.Module):
         if mode not in RENOISE_MODES:
             raise ValueError(f"unknown re-noising mode {mode!r}; use one of {RENOISE_MODES}")
         times = self.times[:steps]
-        x = input_scale(self.schedule, times[0]) * z
+        x = self.first_input(z, times[0])
         for t, t_next in zip(times, times[1:], strict=False):
-            x = renoise(self.schedule, x, self.step(x, t, cond), t, t_next, mode, generator)
+            x = self.next_input(x, self.step(x, t, cond), t, t_next, mode, generator)
         return self.step(x, times[-1], cond)
 
     def backward_simulation(self, z: torch.Tensor, cond=None, steps: int = 1, generator=None) -> torch.Tensor:
         """A ``steps``-step sample from unit noise ``z`` (the "sde" sampler) with gradient through the last step
         only: DMD2's and rCM's data-free backward simulation (docs/objectives.md §9, student step 2)."""
-        t_last = self.times[steps - 1]
         if steps == 1:
-            return self.step(input_scale(self.schedule, t_last) * z, t_last, cond)
+            return self(z, cond)
+        t_prev, t_last = self.times[steps - 2], self.times[steps - 1]
         with torch.no_grad():
             x0 = self.sample(z, cond, steps - 1, mode="sde", generator=generator)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = torch.full((len(x0),), t_last, dtype=torch.float64)
-        return self.step(self.schedule.diffuse(x0, t, eps), t_last, cond)
+        return self.step(self.next_input(x0, x0, t_prev, t_last, "sde", generator), t_last, cond)

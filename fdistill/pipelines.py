@@ -1,27 +1,23 @@
-"""Export a trained student as a diffusers pipeline that samples exactly like :meth:`Generator.sample`.
+"""Export a trained student as a diffusers pipeline that plain diffusers serves, with stock classes only.
 
-The exported directory is a stock ``ConsistencyModelPipeline`` (the student's ``UNet2DModel`` and an
-:class:`FDistillScheduler`) written by ``save_pretrained``, plus ``fdistill.json`` describing how it was made.
-``model_index.json`` names the scheduler's library as ``fdistill``; diffusers resolves that from the imported
-``fdistill`` package (whose lazy ``__getattr__`` provides :class:`FDistillScheduler`), so no
-``trust_remote_code`` and no code in the directory::
+The directory is a stock ``ConsistencyModelPipeline``: the student's ``UNet2DModel`` and a stock ``LCMScheduler``
+configured with the teacher's noise table (:mod:`fdistill.lcm_sampling`), written by ``save_pretrained``, plus
+``fdistill.json`` (how it was made) and ``README.md`` (a model card with the Hub's metadata block). Loading it
+needs diffusers alone, no fdistill::
 
-    import fdistill  # recent diffusers only load components of libraries the caller has imported
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained("runs/x/pipeline")
-    images = pipe(batch_size=8, class_labels=[0, 1, 2, 3, 4, 5, 6, 7], num_inference_steps=1,
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(batch_size=8, class_labels=[0, 1, 2, 3, 4, 5, 6, 7], num_inference_steps=None,
+                  timesteps=[999], generator=torch.Generator().manual_seed(0)).images
 
-Pass ``class_labels`` to a class-conditional student: without them ``ConsistencyModelPipeline`` draws labels
-uniformly from every class embedding, the null (unconditional) class included.
+``timesteps`` are the student's first ``K`` sampling times for a ``K``-step sample (``fdistill.json`` lists them).
+Pass ``class_labels`` to a class-conditional student: without them the pipeline draws labels uniformly from
+every class embedding, the null (unconditional) class included.
 
-With the same seed, ``pipe(..., output_type="pt")`` equals ``(student.sample(z, cond, K, renoise, g) / 2 + 0.5)
-.clamp(0, 1)`` bit for bit, ``z = student.noise(n, generator=g)``: the pipeline draws its latents with the same
-generator, the scheduler's ``init_noise_sigma`` and re-noising are the functions ``Generator.sample`` calls
-(:func:`~fdistill.generator.input_scale`, :func:`~fdistill.generator.renoise`), its x0 read-out is
-``UNetDenoiser``'s (float64 ``to_x0`` with the schedule's coefficients), and the UNet receives the same float32
-timesteps.
+With the same seed, ``pipe(..., output_type="pt")`` equals ``(student.sample(z, cond, K, "sde", g) / 2 + 0.5)
+.clamp(0, 1)`` bit for bit, ``z = student.noise(n, generator=g)``: the pipeline draws its latents and the noise
+between steps from the same generator in the same order, and the scheduler's arithmetic is the student's.
 """
 
 from __future__ import annotations
@@ -29,144 +25,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from diffusers import ConfigMixin, ConsistencyModelPipeline, SchedulerMixin, UNet2DModel
-from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
-
 from fdistill.config import ConfigError
-from fdistill.denoisers import DIFFUSERS_PREDICTION, UNetDenoiser, x0_from_unet_output
-from fdistill.generator import RENOISE_MODES, Generator, input_scale, renoise
-from fdistill.schedules import DiscreteVPSchedule
+from fdistill.generator import Generator
 
 METADATA_FILE = "fdistill.json"
-LOAD_HINT = ("import fdistill; from diffusers import DiffusionPipeline; pipe = DiffusionPipeline.from_pretrained(DIR); "
-             "pipe(batch_size=N, class_labels=[...], num_inference_steps=K, generator=torch.Generator()"
-             ".manual_seed(SEED)). Pass class_labels: without them the pipeline draws random labels, the null "
-             "class included.")
+MODEL_CARD = "README.md"
 
 
-@dataclass
-class FDistillSchedulerOutput(BaseOutput):
-    """``prev_sample``: the next UNet input (after the last step, the sample); ``pred_original_sample``: x0."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
-
-
-class FDistillScheduler(SchedulerMixin, ConfigMixin):
-    """The few-step sampler of an fdistill student, in the form ``ConsistencyModelPipeline`` drives.
-
-    ``alphas_cumprod`` is the teacher's discrete VP table (any beta schedule), ``prediction_type`` how the UNet's
-    output reads as x0, ``timesteps`` the student's sampling times ``t_0 > t_1 > ...`` (teacher time units,
-    possibly fractional) and ``renoise`` how the input of the next step is made ("sde": fresh noise from the
-    pipeline's generator; "ode": the noise implied by the current step). ``num_inference_steps=K`` samples with
-    the first ``K`` times, as ``Generator.sample(steps=K)`` does.
-    """
-
-    config_name = "scheduler_config.json"
-    order = 1
-
-    @register_to_config
-    def __init__(self, alphas_cumprod: list[float], prediction_type: str = "epsilon",
-                 timesteps: list[float] | None = None, renoise: str = "sde"):
-        if prediction_type not in DIFFUSERS_PREDICTION:
-            raise ValueError(f"unsupported prediction_type {prediction_type!r}; "
-                             f"use one of {sorted(DIFFUSERS_PREDICTION)}")
-        if renoise not in RENOISE_MODES:
-            raise ValueError(f"unknown renoise mode {renoise!r}; use one of {RENOISE_MODES}")
-        times = [float(t) for t in timesteps or []]
-        if not times or any(a <= b for a, b in zip(times, times[1:], strict=False)):
-            raise ValueError(f"timesteps must be a non-empty, strictly decreasing list of student times, got {times}")
-        self.schedule = DiscreteVPSchedule(alphas_cumprod)
-        self.student_times = times
-        self.set_timesteps(len(times))
-
-    @property
-    def init_noise_sigma(self) -> float:
-        """The scale of the pipeline's unit-noise latents: ``sigma(t_0)``, as ``Generator`` scales ``z``."""
-        return input_scale(self.schedule, self.student_times[0])
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
-        """Sample with the first ``num_inference_steps`` student times, or with explicit ``timesteps``.
-
-        Explicit ``timesteps`` must be student times in decreasing order starting at ``t_0`` (the latents are
-        scaled for ``t_0`` before the pipeline calls this). The UNet receives them as float32, the dtype
-        ``UNetDenoiser`` gives a float32 UNet; the float64 times stay here for the arithmetic.
-        """
-        trained = self.student_times
-        if timesteps is not None:
-            chosen = [float(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
-            ordered = all(a > b for a, b in zip(chosen, chosen[1:], strict=False))
-            if not chosen or chosen[0] != trained[0] or not ordered or not set(chosen) <= set(trained):
-                raise ValueError(f"timesteps must be student times {trained} in decreasing order starting at "
-                                 f"{trained[0]}, got {chosen}")
-        else:
-            if num_inference_steps is None or not 1 <= num_inference_steps <= len(trained):
-                raise ValueError(f"this student was trained to sample with 1..{len(trained)} steps "
-                                 f"(times {trained}); num_inference_steps={num_inference_steps} is not available")
-            chosen = trained[:num_inference_steps]
-        self.sampling_times = chosen
-        self.num_inference_steps = len(chosen)
-        self.timesteps = torch.tensor(chosen, dtype=torch.float32, device=device)
-        self._step_index = None
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The student's UNet takes ``x_t`` itself (no input scaling)."""
-        return sample
-
-    def x0_from_output(self, model_output: torch.Tensor, sample: torch.Tensor, t: float) -> torch.Tensor:
-        """The x0-prediction of a UNet output at student time ``t``, read as ``UNetDenoiser`` reads it."""
-        t_batch = torch.full((sample.shape[0],), t, dtype=torch.float64, device=sample.device)
-        return x0_from_unet_output(model_output, self.config.prediction_type, sample, self.schedule, t_batch)
-
-    def _index_of(self, timestep) -> int:
-        matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
-        if len(matches) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not one of this sampler's {self.sampling_times}")
-        return int(matches[0, 0])
-
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True):
-        """x0 from the UNet output; then the next input, re-noised to the next time (after the last: x0)."""
-        if isinstance(generator, list):
-            raise ValueError("the fdistill sampler takes one torch.Generator for the whole batch, not a list")
-        index = self._index_of(timestep) if self._step_index is None else self._step_index
-        t = self.sampling_times[index]
-        x0 = self.x0_from_output(model_output, sample, t)
-        if index + 1 < len(self.sampling_times):
-            t_next = self.sampling_times[index + 1]
-            prev = renoise(self.schedule, sample, x0, t, t_next, self.config.renoise, generator)
-        else:
-            prev = x0
-        self._step_index = index + 1
-        if not return_dict:
-            return prev, x0
-        return FDistillSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-
-# ``model_index.json`` records a component's library from its class's module; ``fdistill`` re-exports this class
-# lazily, so the record is the package, which is all a caller has to import.
-FDistillScheduler.__module__ = "fdistill"
-
-
-def exact_alphas_cumprod(schedule: DiscreteVPSchedule) -> list[float]:
-    """``alpha_bar`` values whose logarithms are the schedule's table exactly (it keeps only the logarithms).
-
-    diffusers tables are float32, so rounding ``exp(log alpha_bar)`` to float32 recovers them; a float64 table
-    usually survives the round trip as it is. Either is checked, so the exported scheduler rebuilds the very
-    same schedule.
-    """
-    target = schedule.log_alpha_bar
-    guess = torch.exp(target)
-    for candidate in (guess.float().double(), guess):
-        if torch.equal(DiscreteVPSchedule(candidate).log_alpha_bar, target):
-            return candidate.tolist()
-    raise ValueError("the student's alpha_bar table cannot be written out exactly; export needs a schedule built "
-                     "from a diffusers scheduler")
+def load_snippet(times: list[int], class_embeds: int | None) -> str:
+    """How to sample the export with plain diffusers (``DIR`` stands for its path or hub id)."""
+    labels = f", class_labels={list(range(min(4, class_embeds - 1)))}" if class_embeds else ""
+    return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
+            f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
+            f"images = pipe(batch_size=4{labels}, num_inference_steps=None, timesteps={times[:1]},\n"
+            f"              generator=torch.Generator().manual_seed(0)).images  # K steps: timesteps={times}[:K]")
 
 
 def _fdistill_version() -> str:
@@ -178,62 +52,102 @@ def _fdistill_version() -> str:
         return "unknown"
 
 
-def _exportable_unet(student: Generator) -> UNetDenoiser:
-    """The student's ``UNetDenoiser``, or an error saying why this student cannot be exported."""
-    net = student.net
-    if not isinstance(net, UNetDenoiser):
-        hint = (" (sCM/rCM students sample in TrigFlow time, which the exported scheduler does not implement yet)"
+def exportable_unet(student: Generator):
+    """The student's UNet denoiser, or an error saying why this student cannot be exported."""
+    from diffusers import UNet2DModel
+
+    net, kind = student.net, type(student.net).__name__
+    unet = getattr(net, "unet", None)
+    if unet is None:
+        hint = (" (sCM/rCM students sample in TrigFlow time, which stock schedulers do not implement)"
                 if hasattr(net, "velocity") else "")
-        raise ValueError(f"export needs a diffusers UNet student; this student is a {type(net).__name__}{hint}")
+        raise ValueError(f"export needs a diffusers UNet student; this student is a {kind}{hint}")
     if net.text_conditioned:
         raise NotImplementedError("export of text-conditioned (UNet2DConditionModel) students is not supported yet")
-    if not isinstance(net.unet, UNet2DModel):
-        raise ValueError(f"export needs a diffusers UNet2DModel student, not a {type(net.unet).__name__}")
-    if not isinstance(net.schedule, DiscreteVPSchedule):
-        raise ValueError(f"export needs a discrete VP (diffusers) schedule, not {type(net.schedule).__name__}")
+    if not isinstance(unet, UNet2DModel):
+        raise ValueError(f"export needs a diffusers UNet2DModel student, not a {type(unet).__name__}")
+    if student.stock is None:
+        raise ValueError("export needs a student on a diffusers scheduler's timesteps (a diffusers teacher)")
     return net
 
 
-def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | None = None,
-                    renoise: str = "sde") -> Path:
+def model_card(info: dict) -> str:
+    """``README.md`` of an exported student: the Hub's metadata block, what it is, its metrics, how to load it."""
+    teacher = info.get("teacher") or {}
+    base = teacher.get("source") if teacher.get("kind") == "pretrained" else None
+    header = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+              "tags:", "- fdistill", "- distillation", "- one-step", f"- {info.get('objective', 'unknown')}"]
+    header += [f"base_model: {base}"] if base else []
+    header += ["---", ""]
+    times, objective = info["student_times"], info.get("objective", "unknown")
+    guidance = teacher.get("guidance_scale", 1.0)
+    channels, *size = info["sample_shape"]
+    classes = f"; classes 0..{info['num_classes'] - 1}" if info.get("num_classes") else ""
+    lines = [f"# One-step student ({objective}, distilled with fdistill)", "",
+             f"A {info['max_steps']}-step student (sampling timesteps {times}) of the teacher "
+             f"`{teacher.get('source') or teacher.get('kind', 'unknown')}`"
+             f"{f' with guidance scale {guidance}' if guidance != 1 else ''}, trained for "
+             f"{info.get('training_steps', '?')} steps with the `{objective}` objective (weights: "
+             f"{info.get('ema') or 'trained, no EMA'}). Images are {'x'.join(map(str, size))} with {channels} "
+             f"channel(s){classes}.", ""]
+    results = info.get("results")
+    if results:
+        lines += ["## Metrics", "", "| model | NFE | FD | class accuracy | samples/s |", "|---|---|---|---|---|"]
+        for r in results:
+            fd, acc = r.get("fd"), r.get("class_accuracy")
+            lines.append(f"| {r['model']} | {r['nfe']} | {'-' if fd is None else f'{fd:.2f}'} | "
+                         f"{'-' if acc is None else f'{acc:.3f}'} | {r.get('samples_per_second', 0):.1f} |")
+        first = results[0]
+        lines += ["", f"Protocol: {first.get('num_samples')} samples, seed {first.get('seed')}, labels "
+                      f"{first.get('labels')}; FD in `{first.get('feature_net')}` features (weights "
+                      f"{first.get('weights_hash')}) against {first.get('reference')} ({first.get('num_reference')} "
+                      "images); the teacher row is its multi-step sampler under the same protocol.", ""]
+    lines += ["## Use", "", "Plain diffusers, no fdistill needed:", "", "```python",
+              load_snippet(times, info.get("num_class_embeds")).replace("DIR", '"PATH_OR_HUB_ID"'), "```", ""]
+    if info.get("num_class_embeds"):
+        lines += [f"Pass `class_labels`: class {info['null_class']} is the null (unconditional) class, which the "
+                  "pipeline would otherwise draw among random labels.", ""]
+    return "\n".join(header + lines)
+
+
+def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | None = None) -> Path:
     """Write ``student`` as a diffusers ``ConsistencyModelPipeline`` directory and return its path.
 
-    ``metadata`` (objective, training steps, teacher, ...) goes into ``fdistill.json`` next to what the export
-    knows itself (times, renoise mode, prediction type, classes, fdistill version, how to load); its keys win, e.g.
-    ``num_classes`` for a UNet whose last class embedding is a real class rather than the null one. The directory
-    is written beside ``out_dir`` and renamed into place, so ``out_dir`` never holds a partial export; an
-    existing ``out_dir`` is replaced only if it is an earlier export (or empty).
+    ``metadata`` (objective, training steps, teacher, metrics, ...) goes into ``fdistill.json`` and the model card
+    next to what the export knows itself (times, prediction type, classes, fdistill version, how to load); its
+    keys win, e.g. ``num_classes`` for a UNet whose last class embedding is a real class rather than the null one.
+    The directory is written beside ``out_dir`` and renamed into place, so ``out_dir`` never holds a partial
+    export; an existing ``out_dir`` is replaced only if it is an earlier export (or empty).
     """
-    net = _exportable_unet(student)
-    if renoise not in RENOISE_MODES:
-        raise ValueError(f"unknown renoise mode {renoise!r}; use one of {RENOISE_MODES}")
+    from diffusers import ConsistencyModelPipeline
+
+    net = exportable_unet(student)
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
         raise ConfigError(f"{out} exists and is not an exported pipeline; choose another output directory")
-    scheduler = FDistillScheduler(alphas_cumprod=exact_alphas_cumprod(net.schedule),
-                                  prediction_type=net.prediction_type, timesteps=student.times, renoise=renoise)
-    class_embeds = net.unet.config.num_class_embeds
+    class_embeds = net.num_class_embeds
+    times = [int(t) for t in student.times]
     info = {
-        "format": "fdistill student pipeline (diffusers ConsistencyModelPipeline + fdistill.FDistillScheduler)",
+        "format": "diffusers ConsistencyModelPipeline + LCMScheduler (stock classes), exported by fdistill",
         "fdistill_version": _fdistill_version(),
-        "student_times": list(student.times),
+        "student_times": times,
         "max_steps": student.max_steps,
-        "renoise": renoise,
         "prediction_type": net.prediction_type,
         "sample_shape": list(net.sample_shape),
         # fdistill's convention (UNetDenoiser.null_condition): the last class embedding is the null class.
         "num_class_embeds": class_embeds,
         "num_classes": class_embeds - 1 if class_embeds else None,
         "null_class": class_embeds - 1 if class_embeds else None,
-        "load": LOAD_HINT,
+        "load": load_snippet(times, class_embeds),
         **(metadata or {}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ConsistencyModelPipeline(unet=net.unet, scheduler=scheduler).save_pretrained(tmp)
+        ConsistencyModelPipeline(unet=net.unet, scheduler=student.stock.scheduler()).save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / MODEL_CARD).write_text(model_card(info))
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

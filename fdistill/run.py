@@ -100,7 +100,13 @@ def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: T
     """Student (and fake score / discriminator when the objective uses them) for the unguided ``teacher``; the
     networks' teacher is the one objectives read, guided when ``teacher.guidance_scale`` asks for it."""
     times = student_times(teacher, cfg.generator.times, cfg.generator.noise_level)
-    student = objective.build_student(task.trainable_copy(), times)
+    try:
+        student = objective.build_student(task.trainable_copy(), times)
+    except ValueError as e:
+        raise ConfigError(f"generator.times={times}: {str(e).splitlines()[0]}") from None
+    if student.stock is not None and cfg.eval.renoise != "sde":
+        raise ConfigError("eval.renoise=ode: students of diffusers teachers re-noise with fresh noise, as the "
+                          "exported pipeline does; use eval.renoise=sde")
     fake_score = task.trainable_copy() if objective.needs_fake_score else None
     discriminator = None
     if objective.needs_discriminator:
@@ -120,9 +126,9 @@ def build_experiment(cfg: Config, options) -> tuple[Networks, Objective, Task]:
     task = build_task(cfg, teacher)
     try:
         objective = build_objective(options, teacher.schedule)
-        return build_networks(cfg, teacher, objective, task), objective, task
     except ValueError as e:
         raise ConfigError(f"objective {options.name}: {str(e).splitlines()[0]}") from None
+    return build_networks(cfg, teacher, objective, task), objective, task
 
 
 def _write_config(run_dir: Path, cfg: Config, resuming: bool) -> str | None:
@@ -175,6 +181,7 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, run_dir / "metrics.json")
     metadata = export_metadata(cfg, options, summary.steps, cfg.eval.ema, str(run_dir))
+    metadata["results"] = metrics["results"]
     try:
         task.export(eval_nets.student, run_dir / "pipeline", metadata)
     except (ValueError, NotImplementedError) as e:
@@ -231,18 +238,21 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoin
     run_dir = Path(run_dir)
     cfg, options = _run_config(run_dir)
     ema_name = cfg.eval.ema if ema == "auto" else ema
+    extra = {}
     if checkpoint is None:
         _, nets, task = load_run(run_dir, ema=ema_name)
-        metrics = run_dir / "metrics.json"
-        steps = json.loads(metrics.read_text()).get("steps") if metrics.is_file() else cfg.train.steps
-        source = str(run_dir)
+        metrics_file = run_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        steps, source = metrics.get("steps", cfg.train.steps), str(run_dir)
+        if ema_name == cfg.eval.ema and "results" in metrics:  # the weights metrics.json describes
+            extra = {"results": metrics["results"]}
     else:
         nets, _, task = build_experiment(cfg, options)
         path = checkpoints.find(run_dir, str(checkpoint))
         steps, source = checkpoints.load_student(path, nets.student, ema_name), str(path)
     try:
         out = task.export(nets.student, Path(out_dir or run_dir / "pipeline"),
-                          export_metadata(cfg, options, steps, ema_name, source))
+                          export_metadata(cfg, options, steps, ema_name, source) | extra)
     except (ValueError, NotImplementedError) as e:
         raise ConfigError(f"cannot export {run_dir}: {e}") from None
     if out is None:

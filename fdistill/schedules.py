@@ -39,6 +39,7 @@ class Schedule:
     name = "schedule"
     t_min: float
     t_max: float
+    discrete = False  # whether the network's natural times are integers (a diffusers scheduler's timesteps)
 
     def alpha(self, t) -> torch.Tensor:
         raise NotImplementedError
@@ -101,18 +102,25 @@ class DiscreteVPSchedule(Schedule):
     """VP schedule of a diffusers DDPM-type scheduler, from its ``alphas_cumprod``.
 
     Time is the scheduler's timestep index ``t in [0, N-1]`` (what the UNet receives); non-integer times
-    interpolate ``log alpha_bar`` linearly so that continuous-time objectives (sCM) can use it too.
+    interpolate ``log alpha_bar`` linearly so that continuous-time objectives (sCM) can use it too. Built from a
+    diffusers scheduler, it keeps that scheduler's config and float32 table, from which students are served
+    (``fdistill.lcm_sampling``).
     """
 
     name = "discrete_vp"
+    discrete = True
 
-    def __init__(self, alphas_cumprod):
+    def __init__(self, alphas_cumprod, scheduler_config: dict | None = None):
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod).clone()
         self.log_alpha_bar = torch.log(_f64(alphas_cumprod))
         self.t_min, self.t_max = 0.0, float(len(self.log_alpha_bar) - 1)
+        self.scheduler_config = scheduler_config
 
     @classmethod
     def from_diffusers(cls, scheduler) -> "DiscreteVPSchedule":
-        return cls(scheduler.alphas_cumprod)
+        # without diffusers' private keys: "_use_default_values" would make another scheduler class built from
+        # this config fall back to its own defaults for every key the source scheduler left at its default
+        return cls(scheduler.alphas_cumprod, {k: v for k, v in scheduler.config.items() if not k.startswith("_")})
 
     def _log_alpha_bar(self, t):
         t = _f64(t).clamp(self.t_min, self.t_max)

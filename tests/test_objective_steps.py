@@ -106,7 +106,7 @@ def test_trainable_copies_do_not_feed_the_teacher_feature_list():
     x, t = torch.randn(2, 3, 8, 8), torch.full((2,), 500.0, dtype=torch.float64)
     nets.fake_score(x, t)
     nets.student.net(x, t)
-    assert nets.teacher._features == []
+    assert nets.teacher._features is None
     assert len(nets.teacher.forward_with_features(x, t)[1]) == 1
 
 

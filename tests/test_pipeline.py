@@ -1,5 +1,6 @@
-"""diffusers interoperability: teachers load from pipeline directories, students export to a diffusers pipeline
-that samples bit for bit like ``Generator.sample``, and ``sample.py`` samples exported students and teachers."""
+"""diffusers interoperability: teachers load from pipeline directories, students export to a stock diffusers
+pipeline that samples bit for bit like ``Generator.sample`` without fdistill, and ``sample.py`` samples exported
+students and teachers."""
 
 import importlib.util
 import json
@@ -21,7 +22,7 @@ from fdistill.config import ConfigError, dump_config, load_config
 from fdistill.containers import Batch
 from fdistill.denoisers import MLPDenoiser, UNetDenoiser
 from fdistill.generator import Generator
-from fdistill.pipelines import FDistillScheduler, export_pipeline
+from fdistill.pipelines import export_pipeline
 from fdistill.run import build_experiment, export_run, student_file
 from fdistill.schedules import DiscreteVPSchedule, EDMSchedule
 from fdistill.teachers import load_diffusers_teacher
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
                  norm_num_groups=4, down_block_types=["DownBlock2D", "DownBlock2D"],
                  up_block_types=["UpBlock2D", "UpBlock2D"])
-TIMES = [999.0, 500.5]  # a fractional time exercises the interpolated schedule and float timesteps
+TIMES = [999, 500]
 LABELS = [0, 1, 2, 1]
 
 
@@ -53,15 +54,15 @@ def load_pipeline(path):
 
 
 @torch.no_grad()
-def reference_images(student, steps, mode, seed=3):
+def reference_images(student, steps, seed=3):
     """What the exported pipeline must reproduce: ``Generator.sample`` with the pipeline's seeding."""
     g = torch.Generator().manual_seed(seed)
     z = student.noise(len(LABELS), generator=g)
-    return (student.sample(z, torch.tensor(LABELS), steps=steps, mode=mode, generator=g) / 2 + 0.5).clamp(0, 1)
+    return (student.sample(z, torch.tensor(LABELS), steps=steps, generator=g) / 2 + 0.5).clamp(0, 1)
 
 
 def pipeline_images(pipe, steps, seed=3):
-    return pipe(batch_size=len(LABELS), class_labels=LABELS, num_inference_steps=steps,
+    return pipe(batch_size=len(LABELS), class_labels=LABELS, num_inference_steps=None, timesteps=TIMES[:steps],
                 generator=torch.Generator().manual_seed(seed), output_type="pt").images
 
 
@@ -94,47 +95,47 @@ def test_hub_id_offline_fails_at_once_with_one_line():
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
-@pytest.mark.parametrize("mode", ["sde", "ode"])
-def test_exported_pipeline_samples_bit_for_bit_like_the_generator(tmp_path, prediction_type, mode):
+def test_exported_pipeline_is_stock_diffusers_and_samples_bit_for_bit_like_the_generator(tmp_path, prediction_type):
     student = tiny_student(prediction_type)
-    out = export_pipeline(student, tmp_path / "pipe", {"objective": "test"}, renoise=mode)
+    out = export_pipeline(student, tmp_path / "pipe", {"objective": "test"})
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "ConsistencyModelPipeline"
-    assert index["scheduler"] == ["fdistill", "FDistillScheduler"]
+    assert index["scheduler"] == ["diffusers", "LCMScheduler"] and index["unet"] == ["diffusers", "UNet2DModel"]
     pipe = load_pipeline(out)
-    assert isinstance(pipe.scheduler, FDistillScheduler)
-    assert pipe.scheduler.init_noise_sigma == float(student.schedule.sigma(TIMES[0]))
+    assert pipe.scheduler.config.prediction_type == prediction_type and pipe.scheduler.init_noise_sigma == 1.0
+    assert torch.equal(pipe.scheduler.alphas_cumprod, student.schedule.alphas_cumprod)
     for steps in (1, 2):
-        expected = reference_images(student, steps, mode)
+        expected = reference_images(student, steps)
         got = pipeline_images(pipe, steps)
-        assert got.dtype == expected.dtype and torch.equal(got, expected), (prediction_type, mode, steps)
-    assert not torch.equal(reference_images(student, 1, mode), reference_images(student, 2, mode))
+        assert got.dtype == expected.dtype and torch.equal(got, expected), (prediction_type, steps)
+    assert not torch.equal(reference_images(student, 1), reference_images(student, 2))
     info = json.loads((out / "fdistill.json").read_text())
-    assert info["student_times"] == TIMES and info["renoise"] == mode and info["prediction_type"] == prediction_type
+    assert info["student_times"] == TIMES and info["prediction_type"] == prediction_type
     assert info["objective"] == "test" and info["num_class_embeds"] == 4 and info["null_class"] == 3
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "- test" in card and "timesteps=[999]" in card
 
 
-def test_plain_diffusers_loads_the_export_after_import_fdistill(tmp_path):
-    """A fresh interpreter: ``import fdistill`` (cheap, no torch) is all diffusers needs; no remote code."""
+def test_plain_diffusers_loads_the_export_without_fdistill(tmp_path):
+    """A fresh interpreter that never imports fdistill samples the export, equal to fdistill's samples."""
     student = tiny_student()
-    out = export_pipeline(student, tmp_path / "pipe", renoise="sde")
-    torch.save(reference_images(student, 2, "sde"), tmp_path / "expected.pt")
+    out = export_pipeline(student, tmp_path / "pipe")
+    torch.save(reference_images(student, 2), tmp_path / "expected.pt")
     script = f"""
 import sys
-import fdistill
-assert "torch" not in sys.modules and "fdistill.pipelines" not in sys.modules
 import torch
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained({str(out)!r})
-assert "fdistill.pipelines" in sys.modules
-images = pipe(batch_size=4, class_labels={LABELS}, num_inference_steps=2, generator=torch.Generator().manual_seed(3),
-              output_type="pt").images
+images = pipe(batch_size=4, class_labels={LABELS}, num_inference_steps=None, timesteps={TIMES},
+              generator=torch.Generator().manual_seed(3), output_type="pt").images
+assert not any(m == "fdistill" or m.startswith("fdistill.") for m in sys.modules), "fdistill was imported"
 assert torch.equal(images, torch.load({str(tmp_path / 'expected.pt')!r})), "not bit-exact"
 print("ok")
 """
     # CPU kernels may sum in another order with another thread count: give the child this process's count
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
@@ -153,14 +154,15 @@ def test_export_refuses_students_it_cannot_represent(tmp_path):
     assert not any(tmp_path.iterdir()), "a refused export must leave nothing behind"
 
 
-def test_more_steps_than_trained_is_an_error(tmp_path):
-    pipe = load_pipeline(export_pipeline(tiny_student(), tmp_path / "pipe"))
-    with pytest.raises(ValueError, match=r"1\.\.2 steps"):
-        pipe.scheduler.set_timesteps(3)
-    with pytest.raises(ValueError, match=r"1\.\.2 steps"):
-        pipeline_images(pipe, 3)
-    with pytest.raises(ValueError, match="student times"):
-        pipe.scheduler.set_timesteps(timesteps=[999.0, 200.0])
+def test_students_of_diffusers_teachers_sample_at_integer_timesteps_with_fresh_noise():
+    schedule = DiscreteVPSchedule.from_diffusers(DDPMScheduler())
+    with pytest.raises(ValueError, match="integer timesteps 0..999"):
+        Generator(UNetDenoiser(tiny_unet(), schedule, "epsilon"), [999.0, 500.5])
+    with pytest.raises(ValueError, match=r"range \[0, 999\], got \[2000.0\]"):
+        Generator(UNetDenoiser(tiny_unet(), schedule, "epsilon"), [2000])
+    student = tiny_student()
+    with pytest.raises(ValueError, match="fresh noise"):
+        student.sample(student.noise(2), torch.tensor([0, 1]), steps=2, mode="ode")
 
 
 def test_export_replaces_an_earlier_export_but_nothing_else(tmp_path):
@@ -185,9 +187,9 @@ def image_run(tmp_path_factory):
     run_dir.mkdir()
     source = run_dir.parent / "experiment.yaml"
     source.write_text(json.dumps({
-        "teacher": {"kind": "unet", "unet": TINY_UNET}, "generator": {"times": [800.0, 400.5]},
+        "teacher": {"kind": "unet", "unet": TINY_UNET}, "generator": {"times": [800, 400]},
         "objective": {"name": "dmd"}, "train": {"batch_size": 4}, "log": {"tensorboard": False},
-        "ema": {"averages": [{"name": "ema", "decay": 0.5}]}, "eval": {"renoise": "ode", "ema": "ema"}}))
+        "ema": {"averages": [{"name": "ema", "decay": 0.5}]}, "eval": {"ema": "ema"}}))
     cfg, options = load_config(str(source), [f"run.dir={run_dir}"])
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     nets, objective, _ = build_experiment(cfg, options)
@@ -218,7 +220,7 @@ def test_export_run_from_a_checkpoint_with_and_without_ema(image_run, tmp_path):
         assert all(torch.equal(v, expected[k]) for k, v in unet.state_dict().items()), ema
         info = json.loads((out / "fdistill.json").read_text())
         assert info["ema"] == ema and info["training_steps"] == steps and info["objective"] == "dmd"
-        assert info["renoise"] == "ode" and info["student_times"] == times
+        assert info["student_times"] == times and "results" not in info  # a checkpoint was never evaluated
     with pytest.raises(ConfigError, match="no EMA 'slow'"):
         export_run(run_dir, tmp_path / "export-slow", checkpoint="latest", ema="slow")
     with pytest.raises(ConfigError, match="not a checkpoint directory"):
@@ -248,7 +250,7 @@ def sample_cli():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    return export_pipeline(tiny_student(), tmp_path_factory.mktemp("export") / "pipe", renoise="sde")
+    return export_pipeline(tiny_student(), tmp_path_factory.mktemp("export") / "pipe")
 
 
 def test_sample_cli_writes_folder_grid_and_npz(sample_cli, exported, tmp_path):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdistill.denoisers import Denoiser, per_sample
-from fdistill.schedules import Schedule
+from fdistill.schedules import Schedule, sigma_to_time
 
 
 def diffuse(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None):
@@ -224,12 +224,12 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 def student_input_times(schedule: Schedule, times: list[float], init_sigma: float | None) -> list[float]:
     """One-step input time of SiD-type students (§2.2): the generic default ``[t_max]`` becomes the time
-    whose SNR matches EDM ``sigma = init_sigma`` (2.5 SiD/SIM/UI, 1.0 Diff-Instruct); explicit times stay."""
+    whose SNR matches EDM ``sigma = init_sigma`` (2.5 SiD/SIM/UI, 1.0 Diff-Instruct), rounded to a timestep on a
+    discrete schedule; explicit times stay."""
     if init_sigma is None or list(times) != [schedule.t_max]:
         return list(times)
-    from fdistill.schedules import sigma_to_time
-
-    return [float(sigma_to_time(schedule, init_sigma))]
+    t = float(sigma_to_time(schedule, init_sigma))
+    return [float(round(t)) if schedule.discrete else t]
 
 
 def score_identity_terms(x_g, x0_teacher, x0_fake) -> tuple[torch.Tensor, torch.Tensor]:

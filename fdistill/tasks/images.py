@@ -127,4 +127,4 @@ class ImageTask(Task):
     def export(self, student, out_dir: Path, metadata: dict) -> Path:
         from fdistill.pipelines import export_pipeline
 
-        return export_pipeline(student, out_dir, metadata, self.cfg.eval.renoise)
+        return export_pipeline(student, out_dir, metadata)
