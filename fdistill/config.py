@@ -196,14 +196,37 @@ def _load_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     return OmegaConf.merge(merged, cfg)
 
 
-def _parse_overrides(overrides: list[str]) -> DictConfig:
+def _apply_overrides(user: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply ``key=value`` items in order; ``ema.averages.0.decay=0.99`` sets a field of list element 0."""
     for item in overrides:
-        if "=" not in item:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except Exception as e:
-        raise ConfigError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
+        try:
+            value = OmegaConf.from_dotlist([f"value={text}"])["value"]
+        except Exception as e:  # yaml and grammar errors come in many types
+            raise ConfigError(f"cannot parse override {item!r}: {str(e).splitlines()[0]}") from None
+        _check_list_path(user, key)
+        try:
+            OmegaConf.update(user, key, value, merge=True, force_add=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+    return user
+
+
+def _check_list_path(user: DictConfig, key: str) -> None:
+    """A numeric part of ``key`` indexes a list: the list must be set (by a file or an earlier override) and
+    long enough, since a list element cannot be created alone."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[1:], start=1):
+        if not part.isdigit():
+            continue
+        parent = ".".join(parts[:i])
+        items = OmegaConf.select(user, parent)
+        if not isinstance(items, ListConfig) or int(part) >= len(items):
+            have = f"{len(items)} elements" if isinstance(items, ListConfig) else "no list set"
+            raise ConfigError(f"override {key}: {parent} has no element {part} ({have} here); set the whole list, "
+                              f"e.g. {parent}=[{{...}}], in the config file or an earlier override")
 
 
 _LIST_SECTIONS = {"ema.averages": EMASpec}  # lists of typed items, checked one by one for precise errors
@@ -276,8 +299,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> tuple[Config, An
     """Load, merge and validate; returns ``(config, objective_options)``."""
     schema = OmegaConf.structured(Config)
     valid = _valid_keys(Config)
-    user = _load_yaml(Path(path)) if path else OmegaConf.create()
-    user = OmegaConf.merge(user, _parse_overrides(list(overrides)))
+    user = _apply_overrides(_load_yaml(Path(path)) if path else OmegaConf.create(), list(overrides))
     objective = user.pop("objective", None)
     _check_list_items(user)
     cfg = _merge(schema, user, valid)

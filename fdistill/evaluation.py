@@ -153,23 +153,39 @@ def evaluate_images(nets: Networks, ec: EvalConfig, protocol: ImageProtocol) -> 
         rate = protocol.num_samples / (time.time() - start)
         entry = image_entry(x, protocol, reference, f"{model}_nfe{nfe}")
         results.append({"model": model, "nfe": nfe, **extra, **entry, "samples_per_second": rate, **common})
-        shown[model] = shown.get(model, x)  # the student's fewest-step samples
+        shown.setdefault(model, (x, f"{model}, {nfe} step{'s' if nfe > 1 else ''}"))  # the student's fewest steps
     nets.student.train(was_training)
     if protocol.samples_dir is not None:
-        write_comparison_grid(shown["student"], shown["teacher"], protocol.samples_dir / GRID_FILE,
+        write_comparison_grid(*shown["student"], *shown["teacher"], protocol.samples_dir / GRID_FILE,
                               protocol.num_classes or 8)
     return results
 
 
-def write_comparison_grid(student: torch.Tensor, teacher: torch.Tensor, path: Path, columns: int,
-                          rows: int = 4) -> None:
-    """The first ``rows x columns`` samples of each side by side: student left, teacher right. With labels
-    ``i % K`` and ``columns = K`` every column is one class, the same on both sides."""
-    from torchvision.utils import make_grid, save_image
+def upscaled_grid(images: torch.Tensor, columns: int, min_size: int = 64) -> torch.Tensor:
+    """``make_grid`` of images in [-1, 1] as [0, 1] RGB, upscaled (nearest) so each image is at least
+    ``min_size`` pixels: 16-pixel digits are too small to judge at their own size."""
+    from torchvision.utils import make_grid
+
+    scale = max(1, -(-min_size // images.shape[-1]))
+    big = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
+    return make_grid((big.clamp(-1, 1) + 1) / 2, nrow=columns, padding=scale, pad_value=1.0)
+
+
+def write_comparison_grid(student: torch.Tensor, student_title: str, teacher: torch.Tensor, teacher_title: str,
+                          path: Path, columns: int, rows: int = 4) -> None:
+    """The first ``rows x columns`` samples of each side by side, student left and teacher right, each under its
+    title. With labels ``i % K`` and ``columns = K`` every column is one class, the same on both sides."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import to_pil_image
 
     n = rows * columns
-    left, right = (make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=columns, padding=1, pad_value=1.0)
-                   for x in (student, teacher))
-    gap = torch.ones(left.shape[0], left.shape[1], 6)
+    left, right = (to_pil_image(upscaled_grid(x[:n], columns)) for x in (student, teacher))
+    gap, header = 24, 20
+    canvas = Image.new("RGB", (left.width + gap + right.width, header + max(left.height, right.height)), "white")
+    canvas.paste(left, (0, header))
+    canvas.paste(right, (left.width + gap, header))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), student_title, fill="black")
+    draw.text((left.width + gap + 4, 4), teacher_title, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat([left, gap, right], dim=2), path)
+    canvas.save(path)

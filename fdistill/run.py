@@ -69,7 +69,8 @@ def prepare_run_dir(run_dir: Path, accelerator, resume: str | None = None,
     if existing and not (resume or overwrite):
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume, replace it with "
                           f"--overwrite, or choose another run.dir")
-    start = checkpoints.resolve(run_dir, resume) if resume else None
+    note = print if accelerator.is_main_process else (lambda message: None)
+    start = checkpoints.resolve(run_dir, resume, note) if resume else None
     accelerator.wait_for_everyone()
     if overwrite and existing and accelerator.is_main_process:
         shutil.rmtree(run_dir)
@@ -152,14 +153,15 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     run_dir = Path(cfg.run.dir)
     start = prepare_run_dir(run_dir, accelerator, resume, overwrite)
     nets, objective, task = build_experiment(cfg, options)
-    batches = task.batches(objective.needs_real_data)
-    if accelerator.is_main_process:  # only once the experiment builds: a run dir with a config is a run
+    trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, accelerator, run_dir, progress,
+                      preview=task.preview, metrics=task.training_metrics)
+    if start is not None:
+        trainer.load_checkpoint(start)
+    if accelerator.is_main_process:  # only once the experiment builds and resumes: a run dir with a config is a run
         note = _write_config(run_dir, cfg, resume is not None)
         if note:
             print(note)
-    trainer = Trainer(nets, objective, batches, cfg, accelerator, run_dir, progress, preview=task.preview,
-                      metrics=task.training_metrics)
-    summary = trainer.fit(start)
+    summary = trainer.fit()
     weights = trainer.student_weights()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -175,6 +177,7 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
         "final_losses": summary.last_logs,
         "nonfinite_steps": summary.nonfinite_steps,
         "protocol": {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed, "ema": cfg.eval.ema},
+        "environment": environment(accelerator, cfg),
         "results": task.evaluate(eval_nets, run_dir, progress),
     }
     tmp = run_dir / "metrics.json.tmp"
@@ -187,6 +190,33 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     except (ValueError, NotImplementedError) as e:
         print(f"no pipeline written: {e}")
     return metrics
+
+
+def environment(accelerator: Accelerator, cfg: Config) -> dict:
+    """Where the run's numbers come from: device, processes, precision, library versions, fdistill's version and
+    the commit of its checkout (``None`` outside a git checkout)."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    def package(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"device": f"{device.type} ({name})", "processes": accelerator.num_processes,
+            "threads": torch.get_num_threads(), "mixed_precision": cfg.train.mixed_precision,
+            "python": platform.python_version(), "torch": torch.__version__, "diffusers": package("diffusers"),
+            "accelerate": package("accelerate"), "fdistill": package("fdistill"), "commit": commit}
 
 
 def load_run(run_dir: str | Path, ema: str | None = "auto", device=None) -> tuple[Config, Networks, Task]:

@@ -2,18 +2,20 @@
 
 Kinds: ``ring`` (an analytic Gaussian-mixture ring with exact scores), ``unet`` (a diffusers ``UNet2DModel``
 built from ``teacher.unet``, for tests), ``pretrained`` (a diffusers model or pipeline from a local directory or
-a hub id) and ``embedded`` (the shipped digits teacher). A new kind is one builder in :data:`TEACHER_BUILDERS`.
+a hub id) and ``embedded`` (the shipped digits teacher). A new kind is one builder in :data:`TEACHER_BUILDERS` and
+the keys it reads in :data:`TEACHER_KEYS`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fdistill.config import Config, ConfigError
+from fdistill.config import Config, ConfigError, TeacherConfig
 from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, UNetDenoiser, freeze, ring_mixture
 from fdistill.guidance import GuidedDenoiser
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
@@ -54,6 +56,25 @@ def embedded_teacher(cfg: Config) -> Denoiser:
 TEACHER_BUILDERS: dict[str, Callable[[Config], Denoiser]] = {
     "ring": ring_teacher, "unet": unet_teacher, "pretrained": pretrained_teacher, "embedded": embedded_teacher,
 }
+# the teacher.* keys each kind reads, beyond kind and guidance (which every kind reads)
+TEACHER_KEYS = {
+    "ring": {"schedule", "num_modes", "radius", "std", "weights"},
+    "unet": {"unet", "prediction_type"},
+    "pretrained": {"pretrained", "prediction_type"},
+    "embedded": {"prediction_type"},
+}
+ALL_KINDS_READ = {"kind", "guidance_scale", "guidance_interval"}
+
+
+def check_teacher_keys(tc: TeacherConfig) -> None:
+    """A ``teacher.*`` key that ``teacher.kind`` does not read, set away from its default, is an error."""
+    defaults = TeacherConfig()
+    for f in fields(TeacherConfig):
+        if f.name in ALL_KINDS_READ | TEACHER_KEYS[tc.kind] or getattr(tc, f.name) == getattr(defaults, f.name):
+            continue
+        readers = ", ".join(kind for kind, keys in TEACHER_KEYS.items() if f.name in keys)
+        raise ConfigError(f"teacher.{f.name} is not read by teacher.kind={tc.kind} (teacher.kind={readers} reads "
+                          "it); remove it or change teacher.kind")
 
 
 def build_teacher(cfg: Config) -> Denoiser:
@@ -61,6 +82,7 @@ def build_teacher(cfg: Config) -> Denoiser:
     builder = TEACHER_BUILDERS.get(cfg.teacher.kind)
     if builder is None:
         raise ConfigError(f"unknown teacher.kind {cfg.teacher.kind!r}; choose one of {', '.join(TEACHER_BUILDERS)}")
+    check_teacher_keys(cfg.teacher)
     return freeze(builder(cfg))
 
 

@@ -4,6 +4,7 @@ same result as one process with the same global batch (there: 2 accumulation mic
 import builtins
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import fdistill.run
-from fdistill.config import load_config
+from fdistill.config import ConfigError, load_config
 from fdistill.run import run_experiment
 from fdistill.training.checkpoint import full_tensor
 from fdistill.training.trainer import Trainer
@@ -106,6 +107,25 @@ def test_two_processes_match_each_other_and_one_process(replicated, tmp_path):
     assert single.keys() == rank0["student"].keys()
     for k, v in single.items():
         torch.testing.assert_close(v, rank0["student"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process_or_is_refused(replicated, tmp_path):
+    """Resuming needs the same micro-batches per step (each runs under its own seed): 2 processes x 1 becomes
+    1 process x 2 with the same device batch, which continues the run; another layout is refused in one line."""
+    out, run = replicated
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    step10 = str(resumed / "checkpoints" / "step-00000010")
+    cfg, options = load_config(TINY, [*COMMON, f"run.dir={resumed}"])
+    run_experiment(cfg, options, progress=False, resume=step10)
+    rank0 = torch.load(out / "rank0.pt")
+    for k, v in load_file(str(resumed / "student.safetensors")).items():
+        torch.testing.assert_close(v, rank0["student"][k], rtol=1e-4, atol=1e-5)
+    AcceleratorState._reset_state(True)
+    layout = [c for c in COMMON if not c.startswith("train.device_batch_size")]
+    cfg, options = load_config(TINY, [*layout, f"run.dir={resumed}"])
+    with pytest.raises(ConfigError, match="written with 2 micro-batches per step .* this launch has 1"):
+        run_experiment(cfg, options, progress=False, resume=step10)
 
 
 def test_fsdp_matches_replicated_training(replicated, tmp_path):

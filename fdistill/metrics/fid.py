@@ -331,6 +331,14 @@ def reference_statistics(reference, feature_net: FeatureNet, backend: str = "cle
     return compute_statistics(reference, feature_net, backend, **kwargs)
 
 
+def check_sample_count(stats: ReferenceStats, what: str) -> None:
+    """A Frechet distance needs a full-rank covariance: more images than feature dimensions."""
+    dim = len(stats.mu)
+    if stats.num_samples <= dim:
+        raise ValueError(f"{what}: {stats.num_samples} images give a singular covariance of {dim}-d "
+                         f"{stats.feature_net} features, so the FD would mean nothing; use at least {dim + 1}")
+
+
 def _torchmetrics_fd(a: ReferenceStats, b: ReferenceStats) -> float:
     """torchmetrics' FID computation on the two sets' sums, loaded into its metric states."""
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -364,7 +372,9 @@ def compute_fid(samples, reference, features: str | nn.Module = "fdistill-digits
         reference = load_statistics(reference)
         reference.check_compatible(net)
     fake = compute_statistics(samples, net, backend, **opts)  # bad samples fail before reference images
+    check_sample_count(fake, "samples")
     ref = reference_statistics(reference, net, backend, **opts)
+    check_sample_count(ref, "reference")
     if keep and ref.features is None:
         raise ValueError("KID and precision/recall need reference features: build the statistics with "
                          "`eval/fid.py ref --keep-features` or pass the reference images")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fdistill.config import Config
+from fdistill.config import Config, ConfigError
 from fdistill.containers import Batch, Networks
 from fdistill.denoisers import Denoiser
 
@@ -22,8 +22,16 @@ class Task:
     methods below receive) may wrap it in guidance.
     """
 
+    unread: dict[str, str] = {}  # config keys this task does not read -> who does
+
     def __init__(self, cfg: Config, teacher: Denoiser):
         self.cfg, self.teacher = cfg, teacher
+        defaults = Config()
+        for key, reader in self.unread.items():
+            section, name = key.split(".")
+            if getattr(getattr(cfg, section), name) != getattr(getattr(defaults, section), name):
+                raise ConfigError(f"{key} is not read by a teacher.kind={cfg.teacher.kind} run ({reader}); "
+                                  "remove it")
 
     def trainable_copy(self) -> Denoiser:
         """A fresh trainable network to start a student or a fake score from."""

@@ -18,7 +18,7 @@ from fdistill.config import ConfigError
 from fdistill.containers import Networks
 from fdistill.data.images import IMAGE_DATASETS, ImageBatches, build_image_dataset, reference_images
 from fdistill.denoisers import Denoiser, UNetDenoiser
-from fdistill.evaluation import ImageProtocol, evaluate_images, student_samples
+from fdistill.evaluation import ImageProtocol, evaluate_images, student_samples, upscaled_grid
 from fdistill.tasks.base import Task
 
 PREVIEW_ROWS = 4
@@ -26,6 +26,8 @@ PREVIEW_ROWS = 4
 
 class ImageTask(Task):
     teacher: UNetDenoiser
+    unread = {f"model.{name}": "the MLPs of analytic teachers read it; image students copy the teacher's UNet"
+              for name in ("hidden", "depth", "sigma_data")}
 
     def trainable_copy(self) -> Denoiser:
         teacher = self.teacher
@@ -46,6 +48,9 @@ class ImageTask(Task):
                               f"{', '.join(IMAGE_DATASETS)}")
         if kind == "folder" and not cfg.data.path:
             raise ConfigError("data.kind=folder needs data.path=<directory of PNG/JPEG images>")
+        if kind != "folder" and cfg.data.path:
+            raise ConfigError(f"data.path is read only with data.kind=folder, not {kind}; remove it or set "
+                              "data.kind=folder")
         kwargs = {"digits": {"size": size}, "shapes": {"size": size},
                   "folder": {"root": cfg.data.path, "size": size, "channels": channels}}[kind]
         try:
@@ -100,7 +105,7 @@ class ImageTask(Task):
         g = torch.Generator().manual_seed(self.cfg.eval.seed)
         cond = (torch.arange(n) % columns).to(nets.device) if classes else None
         x = nets.student(nets.student.noise(n, generator=g).to(nets.device), cond).float().cpu()
-        save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=columns, padding=1, pad_value=1.0)
+        save_image(upscaled_grid(x, columns), path)
 
     def training_metrics(self, nets: Networks) -> dict[str, float]:
         """The FD of ``log.fd_samples`` one-step student samples (labels ``i % K``, eval seed) against the run's

@@ -24,6 +24,9 @@ PREVIEW_SAMPLES = 2000
 
 
 class ToyTask(Task):
+    unread = {"data.path": "image folders read it", "eval.reference": "image runs read it",
+              "eval.features": "image runs read it", "log.fd_every": "image runs read it"}
+
     def trainable_copy(self) -> Denoiser:
         m = self.cfg.model
         return MLPDenoiser(self.teacher.sample_shape[0], self.teacher.schedule, m.hidden, m.depth, m.sigma_data)

@@ -35,15 +35,41 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def resolve(run_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint ``--resume`` names: ``latest`` (``None`` when the run has none yet) or a directory."""
+def unreadable(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (its trainer state does not load), or ``None``."""
+    try:
+        torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated pickles, missing files and bad zips raise many types
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
+
+
+def resolve(run_dir: str | Path, resume: str, note=print) -> Path | None:
+    """The checkpoint ``--resume`` names: ``latest`` (the newest readable one, after a ``note`` for each newer
+    one skipped; ``None`` after a note when the run has none) or a directory (which must be readable)."""
     if resume == "latest":
         found = checkpoint_dirs(run_dir)
-        return found[-1] if found else None
+        if not found:
+            note(f"no checkpoint in {Path(run_dir) / CHECKPOINTS}: starting from step 0")
+            return None
+        for path in reversed(found):
+            problem = unreadable(path)
+            if problem is None:
+                return path
+            note(f"skipping unreadable checkpoint {path} ({problem})")
+        raise ConfigError(f"no checkpoint of {run_dir} is readable (the newest: {found[-1].name}); resume from "
+                          "another checkpoint directory with --resume-from DIR, or start again with --overwrite")
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"--resume {resume}: not a checkpoint directory (expected {path / STATE_FILE})")
+    problem = unreadable(path)
+    if problem is not None:
+        raise ConfigError(f"--resume-from {resume}: unreadable checkpoint ({problem}); give another one")
     return path
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the earlier checkpoints are intact."""
 
 
 def save(accelerator, run_dir: str | Path, step: int, keep_last: int) -> Path:
@@ -58,12 +84,20 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last: int) -> Path:
             shutil.rmtree(stale)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _fsync_tree(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_dirs(run_dir)
+        intact = f"checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint was touched"
+        raise CheckpointWriteError(f"could not write checkpoint {final.name} ({e.strerror or e}); {intact}; free "
+                                   "space and continue with --resume") from None
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(root)
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

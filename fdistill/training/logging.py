@@ -1,5 +1,6 @@
 """What a run shows and records, on the main process only: a progress bar with it/s and the named loss terms,
-and scalars in ``RUN_DIR/train_log.csv`` and TensorBoard (through accelerate's trackers)."""
+scalars in ``RUN_DIR/train_log.csv`` and TensorBoard (through accelerate's trackers), and at the end a plot of
+them, ``RUN_DIR/losses.png``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from fdistill.config import LogConfig
 
 CSV_FILE = "train_log.csv"
+PLOT_FILE = "losses.png"
 CSV_HEADER = ["step", "name", "value"]
 
 
@@ -25,6 +27,7 @@ class RunLogger:
         self.sums, self.counts = defaultdict(float), defaultdict(int)
         self.bar = tqdm(total=steps, initial=start, disable=not (progress and self.main), dynamic_ncols=True,
                         desc="train")
+        self.run_dir = run_dir
         self.csv = _open_csv(run_dir / CSV_FILE, start) if self.main and run_dir is not None else None
         if cfg.tensorboard and run_dir is not None:
             accelerator.init_trackers("tensorboard")
@@ -69,6 +72,7 @@ class RunLogger:
         self.bar.close()
         if self.csv is not None:
             self.csv.close()
+            plot_scalars(self.run_dir / CSV_FILE, self.run_dir / PLOT_FILE)
         for tracker in self.acc.trackers:
             tracker.finish()
 
@@ -82,3 +86,34 @@ def _open_csv(path: Path, start: int):
     f = path.open("w", newline="")
     csv.writer(f).writerows([CSV_HEADER, *rows])
     return f
+
+
+def plot_scalars(csv_path: Path, png_path: Path) -> None:
+    """One panel per scalar of a ``train_log.csv`` (step against value), written atomically to ``png_path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = defaultdict(list)
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            series[row["name"]].append((int(row["step"]), float(row["value"])))
+    names = sorted(n for n in series if n != "nonfinite_fraction")
+    if not names:
+        return
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        steps, values = zip(*series[name], strict=True)
+        ax.plot(steps, values, lw=1)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)

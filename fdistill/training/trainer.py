@@ -36,7 +36,7 @@ import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
-from fdistill.config import Config, OptimConfig, batch_layout
+from fdistill.config import Config, ConfigError, OptimConfig, batch_layout
 from fdistill.containers import Batch, Networks
 from fdistill.objectives.base import Objective
 from fdistill.training import checkpoint
@@ -119,7 +119,7 @@ class Trainer:
         self.clip = {k: optim[k].grad_clip for k in optim}
         self.ema = EMASet(nets.student, cfg.ema.averages, cfg.train.batch_size)
         self.step, self.nonfinite_total, self.nonfinite_run, self.wall_seconds = 0, 0, 0, 0.0
-        self._stop_signal = 0
+        self._stop_signal, self.resumed_from = 0, None
         accelerator.register_for_checkpointing(self)
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -246,13 +246,18 @@ class Trainer:
                                     f"writing a checkpoint; lower the learning rate or resume an earlier one")
 
     # ---------------------------------------------------------------------------------------- the loop
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from checkpoint ``path`` (all processes); a layout that cannot continue it raises at once."""
+        checkpoint.load(self.acc, path)
+        self.resumed_from = path
+
     def fit(self, resume_from: Path | None = None) -> TrainSummary:
         if resume_from is not None:
-            checkpoint.load(self.acc, resume_from)
+            self.load_checkpoint(resume_from)
         steps, log_cfg = self.cfg.train.steps, self.cfg.log
         log = self.log = RunLogger(self.acc, self.run_dir, log_cfg, steps, self.step, self.progress)
-        if resume_from is not None:
-            log.note(f"resumed from {resume_from} at step {self.step}")
+        if self.resumed_from is not None:
+            log.note(f"resumed from {self.resumed_from} at step {self.step}")
         start = time.time() - self.wall_seconds
         with self._signals():
             while self.step < steps:
@@ -339,7 +344,8 @@ class Trainer:
         """Everything a resumed run needs; gathers sharded tensors (call on every process)."""
         state = {
             "counters": {"step": self.step, "nonfinite_total": self.nonfinite_total,
-                         "nonfinite_run": self.nonfinite_run, "wall_seconds": self.wall_seconds},
+                         "nonfinite_run": self.nonfinite_run, "wall_seconds": self.wall_seconds,
+                         "micro_batches": self.micro_batches},
             "modules": {n: checkpoint.full_state_dict(m) for n, m in self._stateful().items()},
             "optimizers": {k: checkpoint.full_optimizer_state(o) for k, o in self.optimizers.items() if o},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
@@ -348,8 +354,19 @@ class Trainer:
         checkpoint.assert_finite(state)
         return state
 
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step (processes x accumulation): each runs the objective under its own seed."""
+        return self.acc.num_processes * self.accumulation
+
     def load_state_dict(self, state: dict) -> None:
         counters = state["counters"]
+        saved = counters.get("micro_batches", self.micro_batches)
+        if saved != self.micro_batches:
+            device_batch = self.cfg.train.batch_size // saved
+            raise ConfigError(f"the checkpoint was written with {saved} micro-batches per step (processes x "
+                              f"accumulation) and this launch has {self.micro_batches}; resume with "
+                              f"train.device_batch_size={device_batch} on a number of processes that divides {saved}")
         self.step, self.wall_seconds = counters["step"], counters["wall_seconds"]
         self.nonfinite_total, self.nonfinite_run = counters["nonfinite_total"], counters["nonfinite_run"]
         for name, module in self._stateful().items():

@@ -1,0 +1,279 @@
+"""Draw samples from a student or a teacher: ``python sample.py --model MODEL --num N --out OUT``.
+
+``MODEL`` is an exported student (``export.py``; sampled through diffusers), a run directory (its student, or
+its teacher with ``--teacher``), a diffusers teacher directory, or ``embedded`` (the shipped digits teacher).
+``--run`` is another name for ``--model``. Students sample with ``--steps`` 1..(the number of times they were
+trained with); teachers integrate the probability-flow ODE with ``--steps`` Euler steps (DDIM; default 35), or
+a run's teacher with its evaluation sampler.
+
+Images: ``OUT`` is a folder (one PNG per image, 000000.png, ...), a ``.png`` grid, or a ``.npz`` holding
+``images`` (uint8, N x H x W x C), ``labels`` (-1 for an unconditional model), ``seed`` and ``nfe``. Runs on
+2-D data write ``.npz`` (key ``samples``) or a ``.png`` scatter plot.
+
+Class-conditional models draw ``--class-labels`` in turn (``3`` or ``0,5,7``); by default image ``i`` gets label
+``i % C`` over the ``C`` data classes. The last class embedding is the null (unconditional) class, which is only
+drawn when asked for.
+
+Seeds: one ``torch.Generator`` seeded with ``--seed`` draws all the noise, batch by batch (each batch's input
+noise, then the fresh noise of its multi-step sampling). The same seed and ``--batch-size`` give the same
+images, whether an exported student or the run directory it came from is sampled.
+"""
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fdistill.cli import user_errors
+from fdistill.config import ConfigError
+from fdistill.evaluation import write_png_folder
+
+DEFAULT_TEACHER_STEPS = 35
+DEFAULT_IMAGE_BATCH = 250
+
+
+@dataclass
+class Sampler:
+    """What to sample: ``draw(n, labels, generator)`` gives ``n`` images in [0, 1] (or ``n`` 2-D samples) and
+    the number of network evaluations it took per sample."""
+
+    name: str  # "student" or "teacher"
+    draw: Callable[[int, list | None, torch.Generator], tuple[torch.Tensor, int]]
+    images: bool
+    num_class_embeds: int | None = None
+    num_classes: int | None = None  # data classes: the labels drawn by default
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` model output to ``[0, 1]`` images, exactly as diffusers' ``ConsistencyModelPipeline`` does."""
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+def _class_info(net) -> tuple[int | None, int | None]:
+    """``(num_class_embeds, num_classes)`` of a denoiser; fdistill's convention makes the last class embedding
+    the null class, so the data classes are the others."""
+    embeds = net.num_class_embeds
+    return embeds, (max(embeds - 1, 1) if embeds else None)
+
+
+def _check_steps(steps: int, max_steps: int) -> None:
+    if not 1 <= steps <= max_steps:
+        raise ConfigError(f"--steps {steps}: this student samples with 1..{max_steps} steps")
+
+
+def _label_tensor(labels, device):
+    return None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
+
+
+def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
+    """An exported student, sampled through plain diffusers at its first ``steps`` sampling timesteps."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    info = json.loads((model_dir / "fdistill.json").read_text())
+    diffusers_logging.disable_progress_bar()
+    pipe = DiffusionPipeline.from_pretrained(model_dir).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    steps = 1 if steps is None else steps
+    times = info["student_times"]
+    _check_steps(steps, len(times))
+
+    def draw(n, labels, generator):
+        images = pipe(batch_size=n, class_labels=labels, num_inference_steps=None, timesteps=times[:steps],
+                      generator=generator, output_type="pt").images
+        return images, steps
+
+    embeds = pipe.unet.config.num_class_embeds
+    classes = info.get("num_classes", max(embeds - 1, 1) if embeds else None)
+    return Sampler("student", draw, True, embeds, classes)
+
+
+def student_sampler(student, steps: int | None, renoise: str, device) -> Sampler:
+    """A run's student: ``Generator.sample`` with the run's re-noising mode (students of diffusers teachers
+    re-noise as the exported pipeline does)."""
+    steps = 1 if steps is None else steps
+    _check_steps(steps, student.max_steps)
+    images = len(student.sample_shape) > 1
+    student.eval()
+
+    def draw(n, labels, generator):
+        z = student.noise(n, generator=generator).to(device)
+        x = student.sample(z, _label_tensor(labels, device), steps, renoise, generator)
+        return (to_unit(x) if images else x), steps
+
+    return Sampler("student", draw, images, *_class_info(student.net))
+
+
+def teacher_sampler(teacher, steps: int, method: str, device) -> Sampler:
+    """A teacher's probability-flow ODE sampler (``fdistill.sampling.sample_ode``)."""
+    from fdistill.sampling import sample_ode
+
+    if steps < 1:
+        raise ConfigError(f"--steps {steps}: a teacher needs at least 1 ODE step")
+    images = len(teacher.sample_shape) > 1
+    teacher.eval()
+
+    def draw(n, labels, generator):
+        z = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
+        x, nfe = sample_ode(teacher, z, steps, method, _label_tensor(labels, device))
+        return (to_unit(x) if images else x), nfe
+
+    return Sampler("teacher", draw, images, *_class_info(teacher))
+
+
+def open_model(model: str, teacher: bool, steps: int | None, device) -> Sampler:
+    """The sampler for ``--model``: an exported student, a run, a diffusers teacher or the embedded teacher."""
+    from fdistill.teachers import EMBEDDED_TEACHER_DIR, load_diffusers_teacher
+
+    path = EMBEDDED_TEACHER_DIR if model == "embedded" else Path(model)
+    if not path.is_dir():
+        raise ConfigError(f"--model {model}: directory not found (give an exported student, a run directory, a "
+                          "diffusers model directory or 'embedded')")
+    if (path / "fdistill.json").is_file():
+        if teacher:
+            raise ConfigError(f"{path} is an exported student and holds no teacher; drop --teacher")
+        return pipeline_sampler(path, steps, device)
+    if (path / "config.yaml").is_file():
+        from fdistill.run import load_run
+
+        cfg, nets, _ = load_run(path, device=device)
+        if teacher:
+            teacher_steps = cfg.eval.teacher_steps if steps is None else steps
+            return teacher_sampler(nets.teacher, teacher_steps, cfg.eval.teacher_sampler, device)
+        return student_sampler(nets.student, steps, cfg.eval.renoise, device)
+    if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file():
+        teacher_net = load_diffusers_teacher(path).to(device)
+        if teacher_net.text_conditioned:
+            raise ConfigError(f"{path} is a text-conditioned teacher; sample.py takes class-conditional or "
+                              "unconditional UNets")
+        return teacher_sampler(teacher_net, DEFAULT_TEACHER_STEPS if steps is None else steps, "euler", device)
+    raise ConfigError(f"{path} is not a model directory: config.yaml (a run), fdistill.json (an exported student) "
+                      "and model_index.json (a diffusers pipeline) not found")
+
+
+def parse_labels(text: str | None, n: int, sampler: Sampler) -> list[int] | None:
+    """Per-image labels: ``--class-labels`` repeated in turn, or ``i % num_classes``; ``None`` if unconditional."""
+    if sampler.num_class_embeds is None:
+        if text is not None:
+            raise ConfigError("--class-labels given, but this model is not class-conditional")
+        return None
+    if text is None:
+        return [i % sampler.num_classes for i in range(n)]
+    try:
+        given = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--class-labels {text!r}: give integers separated by commas, e.g. 0,3,7") from None
+    bad = [c for c in given if not 0 <= c < sampler.num_class_embeds]
+    if bad:
+        raise ConfigError(f"--class-labels {bad}: this model has labels 0..{sampler.num_class_embeds - 1} "
+                          f"({sampler.num_class_embeds - 1} is the null class)")
+    return [given[i % len(given)] for i in range(n)]
+
+
+def scatter_png(samples: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if samples.shape[1] != 2:
+        raise ConfigError(f"a scatter plot needs 2-D samples, these have {samples.shape[1]} dimensions; use .npz")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _pil(image: np.ndarray):
+    """One H x W x C uint8 image as PIL: grayscale as mode "L", three channels as "RGB"."""
+    from PIL import Image
+
+    if image.shape[2] == 1:
+        return Image.fromarray(image[:, :, 0], mode="L")
+    if image.shape[2] == 3:
+        return Image.fromarray(image, mode="RGB")
+    raise ConfigError(f"PNG output needs 1 or 3 channels, these images have {image.shape[2]}; use .npz")
+
+
+def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
+    """N x H x W x C images on a near-square grid with white ``pad``-pixel gaps (torchvision's ``make_grid``)."""
+    from torchvision.utils import make_grid
+
+    channels = images.shape[3]
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    grid = make_grid(nchw, nrow=math.ceil(math.sqrt(len(images))), padding=pad, pad_value=255)
+    return grid[:channels].permute(1, 2, 0).numpy()  # make_grid turns one channel into three
+
+
+def write_images(images: np.ndarray, labels, out: Path, seed: int, nfe: int) -> None:
+    if out.suffix == ".npz":
+        labels = np.full(len(images), -1) if labels is None else np.asarray(labels)
+        np.savez(out, images=images, labels=labels, seed=seed, nfe=nfe)
+    elif out.suffix == ".png":
+        _pil(image_grid(images)).save(out)
+    else:
+        write_png_folder(torch.from_numpy(images).permute(0, 3, 1, 2), out)
+
+
+def main(argv=None):
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--model", "--run", dest="model", required=True,
+                        help="exported student, run directory, diffusers teacher directory, or 'embedded'")
+    parser.add_argument("--num", type=int, default=4000)
+    parser.add_argument("--out", required=True, help="images: folder, .png grid or .npz; 2-D runs: .npz or .png")
+    parser.add_argument("--steps", type=int,
+                        help=f"student steps (default 1) or teacher ODE steps (default {DEFAULT_TEACHER_STEPS}, "
+                             "a run's teacher: its eval.teacher_steps)")
+    parser.add_argument("--class-labels", help="comma-separated labels used in turn (default: i %% classes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int,
+                        help=f"samples per batch (default {DEFAULT_IMAGE_BATCH} images, all 2-D samples at once)")
+    parser.add_argument("--teacher", action="store_true", help="sample a run's teacher instead of its student")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    with user_errors():
+        from tqdm import tqdm
+
+        out = Path(args.out)
+        if args.num < 1 or (args.batch_size is not None and args.batch_size < 1):
+            raise ConfigError("--num and --batch-size must be at least 1")
+        sampler = open_model(args.model, args.teacher, args.steps, torch.device(args.device))
+        if not sampler.images and out.suffix not in (".npz", ".png"):
+            raise ConfigError(f"--out must end in .npz or .png for 2-D samples, got {out.name}")
+        if sampler.images and out.suffix not in (".npz", ".png", ""):
+            raise ConfigError(f"--out must be a folder, a .png grid or a .npz file, got {out.name}")
+        labels = parse_labels(args.class_labels, args.num, sampler)
+        batch = args.batch_size or (DEFAULT_IMAGE_BATCH if sampler.images else args.num)
+        generator = torch.Generator().manual_seed(args.seed)
+        start, parts = time.time(), []
+        with torch.no_grad():
+            for first in tqdm(range(0, args.num, batch), desc=f"sampling ({sampler.name})", unit="batch",
+                              disable=None):
+                n = min(batch, args.num - first)
+                x, nfe = sampler.draw(n, None if labels is None else labels[first:first + n], generator)
+                parts.append(x.cpu())
+        rate = args.num / (time.time() - start)
+        x = torch.cat(parts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if sampler.images:
+            images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            write_images(images, labels, out, args.seed, nfe)
+        elif out.suffix == ".npz":
+            np.savez(out, samples=x.float().numpy(), nfe=nfe, seed=args.seed)
+        else:
+            scatter_png(x.float().numpy(), out, f"{sampler.name}, {nfe} NFE")
+    what = "images" if sampler.images else "samples"
+    print(f"wrote {args.num} {what} ({nfe} NFE, {rate:.1f} samples/s) to {out}")
+
+
+if __name__ == "__main__":
+    main()
