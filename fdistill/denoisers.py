@@ -52,6 +52,11 @@ class Denoiser(nn.Module):
         or ``None`` when it samples with fdistill's own (:class:`fdistill.generator.Generator`)."""
         return None
 
+    def served_as(self, times: list[float]) -> tuple[Denoiser, list[float]]:
+        """The network and sampling times that sample like this one at ``times`` and that a stock diffusers
+        scheduler can drive when any can: the network itself, unless it wraps one in another time variable."""
+        return self, list(times)
+
     def null_condition(self, cond):
         """The unconditional input of classifier-free guidance for a batch of conditions ``cond``."""
         raise ValueError(f"{type(self).__name__} takes no condition, so it has no unconditional input to guide with")

@@ -27,14 +27,15 @@ from fdistill.sampling import sample_ode
 @torch.no_grad()
 def student_samples(nets: Networks, n: int, steps: int, seed: int, renoise: str = "sde", cond=None,
                     batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
-    """``n`` student samples; one generator seeded with ``seed`` draws each batch's noise in turn."""
+    """``n`` samples of the student as it is served (:meth:`~fdistill.generator.Generator.servable`); one generator
+    seeded with ``seed`` draws each batch's noise in turn."""
     g = torch.Generator().manual_seed(seed)
-    device = nets.device
+    device, student = nets.device, nets.student.servable()
     out = []
     for rows in _batches(n, batch_size, progress, f"student {steps} step"):
-        z = nets.student.noise(len(rows), generator=g).to(device)
+        z = student.noise(len(rows), generator=g).to(device)
         c = None if cond is None else cond[rows].to(device)
-        out.append(nets.student.sample(z, c, steps=steps, mode=renoise, generator=g).float().cpu())
+        out.append(student.sample(z, c, steps=steps, mode=renoise, generator=g).float().cpu())
     return torch.cat(out)
 
 

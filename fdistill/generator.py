@@ -113,6 +113,13 @@ class Generator(nn.Module):
     def noise(self, n: int, generator=None, device=None) -> torch.Tensor:
         return torch.randn((n, *self.sample_shape), generator=generator, device=device)
 
+    def servable(self) -> Generator:
+        """The sampler that evaluation, ``sample.py`` and the export use: this generator, or, for a student trained
+        in another time variable (sCM/rCM in TrigFlow), the same weights at the matching timesteps of the teacher's
+        own schedule, which a stock diffusers scheduler drives."""
+        net, times = self.net.served_as(self.times)
+        return self if net is self.net else Generator(net, times)
+
     def first_input(self, z: torch.Tensor, t0: float) -> torch.Tensor:
         """The input at the first sampling time ``t0`` for unit noise ``z``."""
         return z if self.stock is not None else input_scale(self.schedule, t0) * z

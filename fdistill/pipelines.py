@@ -59,9 +59,7 @@ def exportable_unet(student: Generator):
     net, kind = student.net, type(student.net).__name__
     unet = getattr(net, "unet", None)
     if unet is None:
-        hint = (" (sCM/rCM students sample in TrigFlow time, which stock schedulers do not implement)"
-                if hasattr(net, "velocity") else "")
-        raise ValueError(f"export needs a diffusers UNet student; this student is a {kind}{hint}")
+        raise ValueError(f"export needs a diffusers UNet student; this student is a {kind}")
     if net.text_conditioned:
         raise NotImplementedError("export of text-conditioned (UNet2DConditionModel) students is not supported yet")
     if not isinstance(unet, UNet2DModel):
@@ -111,7 +109,8 @@ def model_card(info: dict) -> str:
 
 
 def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | None = None) -> Path:
-    """Write ``student`` as a diffusers ``ConsistencyModelPipeline`` directory and return its path.
+    """Write ``student`` (as it is served, :meth:`~fdistill.generator.Generator.servable`) as a diffusers
+    ``ConsistencyModelPipeline`` directory and return its path.
 
     ``metadata`` (objective, training steps, teacher, metrics, ...) goes into ``fdistill.json`` and the model card
     next to what the export knows itself (times, prediction type, classes, fdistill version, how to load); its
@@ -121,6 +120,7 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     """
     from diffusers import ConsistencyModelPipeline
 
+    student = student.servable()  # an sCM/rCM student: its UNet at the SNR-matched timesteps
     net = exportable_unet(student)
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):

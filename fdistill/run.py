@@ -105,7 +105,7 @@ def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: T
         student = objective.build_student(task.trainable_copy(), times)
     except ValueError as e:
         raise ConfigError(f"generator.times={times}: {str(e).splitlines()[0]}") from None
-    if student.stock is not None and cfg.eval.renoise != "sde":
+    if student.servable().stock is not None and cfg.eval.renoise != "sde":
         raise ConfigError("eval.renoise=ode: students of diffusers teachers re-noise with fresh noise, as the "
                           "exported pipeline does; use eval.renoise=sde")
     fake_score = task.trainable_copy() if objective.needs_fake_score else None

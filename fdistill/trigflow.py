@@ -66,6 +66,17 @@ class TrigFlowDenoiser(Denoiser):
         alpha, sigma = self.schedule.coefficients(t, x_t)
         return from_x0(x0, "trigflow", x_t, alpha, sigma).to(x_t.dtype)
 
+    def served_as(self, times: list[float]) -> tuple[Denoiser, list[float]]:
+        """A consistency student at TrigFlow time ``t`` is the inner network at the SNR-matched inner time, read
+        on the inner schedule: when a stock scheduler can drive the inner network, that network at those times
+        (rounded to timesteps on a discrete schedule) samples like this one and is what plain diffusers serves."""
+        if self.net.stock_sampling() is None:
+            return self, list(times)
+        t = self.clamp_time(torch.tensor(times, dtype=torch.float64))
+        inner = matched_time(self.schedule, t, self.net.schedule)[0]
+        inner = inner.round() if self.net.schedule.discrete else inner
+        return self.net, [float(s) for s in inner]
+
     def null_condition(self, cond):
         """The inner network's unconditional input (for classifier-free guidance)."""
         return self.net.null_condition(cond)

@@ -155,3 +155,10 @@ def test_a_run_records_its_environment_and_draws_its_losses(finished_run):
     assert env["mixed_precision"] == "no" and "fdistill" in env and "commit" in env
     plot = Image.open(finished_run / "losses.png")
     assert plot.width > 300 and plot.height > 200
+
+
+def test_push_to_hub_offline_is_one_line_before_anything_is_written(finished_run, tmp_path):
+    out = tmp_path / "export"
+    assert_user_error(run("export.py", "--run", finished_run, "--out", out, "--push-to-hub", "me/student"),
+                      "--push-to-hub me/student", "HF_HUB_OFFLINE")
+    assert not out.exists()

@@ -61,3 +61,17 @@ def test_ring_run_writes_config_metrics_and_samples(tmp_path):
     import numpy as np
 
     assert np.load(out)["samples"].shape == (50, 2)
+
+
+def test_the_fdistill_command_dispatches_to_each_script(capsys):
+    from fdistill.commands import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in COMMANDS)
+    assert main(["train", "--config", "configs/ring_dmd.yaml", "--dry-run", "train.steps=7"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+    assert main(["trian"]) == 2 and "unknown command 'trian'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["fid", "--help"])
+    assert e.value.code == 0 and "fdistill fid" in capsys.readouterr().out

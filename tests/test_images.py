@@ -105,9 +105,9 @@ def test_tiny_image_run_reports_protocol_writes_samples_and_pipeline(tmp_path):
     eval/fid.py reproduces the FD from, the comparison grid and the exported pipeline."""
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/quickstart.yaml"), "--no-progress",
-           f"run.dir={run}", "train.steps=3", "eval.num_samples=30", "eval.teacher_steps=3", "eval.student_steps=[1,2]",
+           f"run.dir={run}", "train.steps=3", "eval.num_samples=80", "eval.teacher_steps=3", "eval.student_steps=[1,2]",
            "generator.times=[999,500]", "log.sample_every=3", "checkpoint.every=0", "log.fd_every=3",
-           "log.fd_samples=20"]
+           "log.fd_samples=80"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
     results = json.loads((run / "metrics.json").read_text())["results"]
     assert [(r["model"], r["nfe"]) for r in results] == [("student", 1), ("student", 2), ("teacher", 3)]

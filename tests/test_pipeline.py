@@ -116,20 +116,37 @@ def test_exported_pipeline_is_stock_diffusers_and_samples_bit_for_bit_like_the_g
     assert card.startswith("---\nlibrary_name: diffusers\n") and "- test" in card and "timesteps=[999]" in card
 
 
-def test_plain_diffusers_loads_the_export_without_fdistill(tmp_path):
-    """A fresh interpreter that never imports fdistill samples the export, equal to fdistill's samples."""
-    student = tiny_student()
-    out = export_pipeline(student, tmp_path / "pipe")
-    torch.save(reference_images(student, 2), tmp_path / "expected.pt")
+def consistency_student(objective: str = "rcm") -> Generator:
+    cfg, options = load_config(None, ["teacher.kind=unet", f"objective.name={objective}",
+                                      "generator.times=[1.5676, 1.2]", "teacher.prediction_type=v_prediction"])
+    cfg.teacher.unet = {**TINY_UNET, "num_class_embeds": 4}
+    torch.manual_seed(0)
+    return build_experiment(cfg, options)[0].student.eval()
+
+
+def test_plain_diffusers_loads_the_exports_without_fdistill(tmp_path):
+    """A fresh interpreter that never imports fdistill samples v-, epsilon- and rCM students in 1 and 2 steps,
+    equal to fdistill's samples."""
+    cases = {}
+    for name, student in (("v", tiny_student("v_prediction")), ("eps", tiny_student("epsilon")),
+                          ("rcm", consistency_student())):
+        served = student.servable()
+        export_pipeline(student, tmp_path / name)
+        cases[name] = [int(t) for t in served.times]
+        torch.save({k: reference_images(served, k) for k in (1, 2)}, tmp_path / f"{name}.pt")
     script = f"""
 import sys
 import torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained({str(out)!r})
-images = pipe(batch_size=4, class_labels={LABELS}, num_inference_steps=None, timesteps={TIMES},
-              generator=torch.Generator().manual_seed(3), output_type="pt").images
+for name, times in {cases!r}.items():
+    pipe = DiffusionPipeline.from_pretrained({str(tmp_path)!r} + "/" + name)
+    pipe.set_progress_bar_config(disable=True)
+    expected = torch.load({str(tmp_path)!r} + f"/{{name}}.pt")
+    for steps in (1, 2):
+        images = pipe(batch_size=4, class_labels={LABELS}, num_inference_steps=None, timesteps=times[:steps],
+                      generator=torch.Generator().manual_seed(3), output_type="pt").images
+        assert torch.equal(images, expected[steps]), (name, steps, "not bit-exact")
 assert not any(m == "fdistill" or m.startswith("fdistill.") for m in sys.modules), "fdistill was imported"
-assert torch.equal(images, torch.load({str(tmp_path / 'expected.pt')!r})), "not bit-exact"
 print("ok")
 """
     # CPU kernels may sum in another order with another thread count: give the child this process's count
@@ -137,6 +154,23 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("objective", ["rcm", "scm"])
+def test_consistency_students_export_at_their_matched_timesteps_and_plain_diffusers_reproduces_them(tmp_path,
+                                                                                                   objective):
+    """An sCM/rCM student at TrigFlow times is served as its UNet at the SNR-matched (rounded) teacher timesteps."""
+    student = consistency_student(objective)
+    served = student.servable()
+    assert served.net is student.net.net and served.stock is not None
+    assert served.times[0] == 999 and all(t == int(t) for t in served.times) and served.times[1] < 999
+    out = export_pipeline(student, tmp_path / "pipe")
+    assert json.loads((out / "fdistill.json").read_text())["student_times"] == [int(t) for t in served.times]
+    expected = reference_images(served, 2)
+    pipe = load_pipeline(out)
+    got = pipe(batch_size=len(LABELS), class_labels=LABELS, num_inference_steps=None, timesteps=served.times,
+               generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert torch.equal(got, expected)
 
 
 def test_export_refuses_students_it_cannot_represent(tmp_path):

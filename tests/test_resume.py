@@ -107,12 +107,13 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(straight, tmp_p
         real_fsync(folder)
 
     monkeypatch.setattr(checkpoint, "_fsync_tree", crash_on_second_write)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(checkpoint.CheckpointWriteError, match="could not write checkpoint step-00000010 .*"
+                       "step-00000005 is intact"):
         _run(tmp_path / "run")
     monkeypatch.setattr(checkpoint, "_fsync_tree", real_fsync)
     root = tmp_path / "run" / "checkpoints"
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "run")] == ["step-00000005"]
-    assert (root / ".tmp-step-00000010").is_dir()
+    assert not (root / ".tmp-step-00000010").exists()  # the partial write is removed at once
     previous = torch.load(root / "step-00000005" / checkpoint.STATE_FILE, weights_only=False)
     assert previous["counters"]["step"] == 5
 

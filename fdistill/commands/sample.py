@@ -146,7 +146,7 @@ def open_model(model: str, teacher: bool, steps: int | None, device) -> Sampler:
         if teacher:
             teacher_steps = cfg.eval.teacher_steps if steps is None else steps
             return teacher_sampler(nets.teacher, teacher_steps, cfg.eval.teacher_sampler, device)
-        return student_sampler(nets.student, steps, cfg.eval.renoise, device)
+        return student_sampler(nets.student.servable(), steps, cfg.eval.renoise, device)
     if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file():
         teacher_net = load_diffusers_teacher(path).to(device)
         if teacher_net.text_conditioned:

@@ -38,6 +38,7 @@ from fdistill.metrics.kid_pr import kernel_inception_distance, precision_recall
 
 BACKENDS = ("clean", "legacy_pytorch", "legacy_tensorflow", "torchmetrics")
 FEATURE_NETS = ("inception", "fdistill-digits")
+FEATURE_DIMS = {"inception": 2048, "fdistill-digits": 64}  # an FD needs more images than this
 FULL_FID_SAMPLES = 10_000
 CLEANFID_INCEPTION = "inception-2015-12-05.pt"  # StyleGAN/clean-fid TorchScript export of the TF graph
 PYTORCH_FID_INCEPTION = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid port (clean-fid legacy_pytorch)

@@ -68,7 +68,22 @@ class ImageTask(Task):
             raise ConfigError(f"the data have {dataset.num_classes} classes but the teacher knows {classes}")
         return dataset
 
+    def check_sample_counts(self) -> None:
+        """An FD needs more images than its features have dimensions: refuse too few before training."""
+        from fdistill.metrics.fid import FEATURE_DIMS
+
+        cfg = self.cfg
+        features = cfg.eval.features or ("fdistill-digits" if cfg.data.kind == "digits" else "inception")
+        dim = FEATURE_DIMS.get(features)
+        counts = {"eval.num_samples": cfg.eval.num_samples, "log.fd_samples": cfg.log.fd_samples if cfg.log.fd_every
+                  else None}
+        for key, n in counts.items():
+            if dim is not None and n is not None and n <= dim:
+                raise ConfigError(f"{key}={n} is too few images for an FD in {dim}-d {features} features; use "
+                                  f"at least {dim + 1}")
+
     def batches(self, needs_real_data: bool):
+        self.check_sample_counts()
         conditional = self.teacher.num_class_embeds is not None
         return iter(ImageBatches(self.dataset, self.cfg.train.batch_size, needs_real_data, conditional))
 
@@ -104,7 +119,8 @@ class ImageTask(Task):
         n = PREVIEW_ROWS * columns
         g = torch.Generator().manual_seed(self.cfg.eval.seed)
         cond = (torch.arange(n) % columns).to(nets.device) if classes else None
-        x = nets.student(nets.student.noise(n, generator=g).to(nets.device), cond).float().cpu()
+        student = nets.student.servable()
+        x = student(student.noise(n, generator=g).to(nets.device), cond).float().cpu()
         save_image(upscaled_grid(x, columns), path)
 
     def training_metrics(self, nets: Networks) -> dict[str, float]:
