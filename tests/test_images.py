@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from fdistill.config import ConfigError, load_config
 from fdistill.data.images import DigitsDataset, ImageBatches
@@ -112,12 +113,14 @@ def test_tiny_image_run_reports_protocol_writes_samples_and_pipeline(tmp_path):
     results = json.loads((run / "metrics.json").read_text())["results"]
     assert [(r["model"], r["nfe"]) for r in results] == [("student", 1), ("student", 2), ("teacher", 3)]
     for r in results:
-        assert r["num_samples"] == 30 and r["seed"] == 1234 and r["feature_net"] == "fdistill-digits"
+        assert r["num_samples"] == 80 and r["seed"] == 1234 and r["feature_net"] == "fdistill-digits"
         assert r["fd"] > 0 and 0 <= r["class_accuracy"] <= 1 and 0 <= r["class_coverage"] <= 1
         assert r["samples_per_second"] > 0
-    assert (run / "samples" / "student_vs_teacher.png").is_file() and (run / "samples" / "step-00000003.png").is_file()
+    grid = Image.open(run / "samples" / "student_vs_teacher.png")
+    assert grid.width >= 2 * 10 * 64 and grid.height >= 4 * 64  # 10 digits a row per side, upscaled to 64 px
+    assert Image.open(run / "samples" / "step-00000003.png").width > 4 * 16 * 10
     folder = run / "samples" / "student_nfe1"
-    assert len(list(folder.glob("*.png"))) == 30
+    assert len(list(folder.glob("*.png"))) == 80
     out = subprocess.run([sys.executable, str(ROOT / "eval/fid.py"), "--samples", str(folder), "--ref", "digits",
                           "--features", "fdistill-digits", "--json", "--no-progress"],
                          check=True, capture_output=True, text=True).stdout
