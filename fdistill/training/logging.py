@@ -107,7 +107,7 @@ def plot_scalars(csv_path: Path, png_path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         steps, values = zip(*series[name], strict=True)
-        ax.plot(steps, values, lw=1)
+        ax.plot(steps, values, lw=1, marker="." if len(steps) < 20 else None)  # few points stay visible
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(names):]:
