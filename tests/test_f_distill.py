@@ -187,3 +187,20 @@ def test_ratio_estimate_clamps_and_bin_normalisation():
     assert torch.allclose(out, torch.tensor([1 / 1.5, 3 / 1.5, 4 / 2.5, 4 / 2.5]), rtol=1e-5)
     h = normalize_to_mean_one(torch.tensor([1.0, 2.0, 3.0]))
     assert float(h.mean()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_ratio_diagnostics_show_whether_the_weight_carries_information():
+    """The generator logs the mean and spread of r and of the normalised h(r), and the ratio bins; the critic logs
+    the discriminator's accuracy on real and on generated inputs."""
+    _, obj = ring_nets(["objective.name=f_distill", "objective.divergence=js", "objective.normalize_ratio=false"])
+    r = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    h, logs = obj.sample_weight(torch.log(r)[:, None], torch.full((4,), 1.0, dtype=torch.float64))
+    js = r / (1 + r)
+    assert torch.allclose(h, js / js.mean(), atol=1e-6)
+    assert float(logs["ratio_mean"]) == pytest.approx(1.875) and float(logs["ratio_std"]) == pytest.approx(
+        float(r.std(correction=0)))
+    assert float(logs["h_std"]) == pytest.approx(float((js / js.mean()).std(correction=0)), rel=1e-5)
+    assert {f"ratio_bin_{i}" for i in range(10)} <= logs.keys()
+    accuracy = common.discriminator_accuracy(torch.tensor([[2.0], [-1.0], [0.5], [3.0]]),
+                                             torch.tensor([[-2.0], [-1.0], [1.0], [-0.1]]))
+    assert float(accuracy["disc_acc_real"]) == 0.75 and float(accuracy["disc_acc_fake"]) == 0.75

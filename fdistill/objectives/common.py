@@ -58,6 +58,12 @@ def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor)
     return F.softplus(logits_fake.float()).mean() + F.softplus(-logits_real.float()).mean()
 
 
+def discriminator_accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How often the discriminator is right, on real and on generated inputs (0.5 each: it sits at chance)."""
+    return {"disc_acc_real": (logits_real.detach() > 0).float().mean(),
+            "disc_acc_fake": (logits_fake.detach() < 0).float().mean()}
+
+
 def add_gan_term(loss: torch.Tensor, logs: dict, gan_loss: torch.Tensor, weight: float):
     """The generator step's GAN tail: ``loss + weight * gan_loss``, with the GAN term logged as ``gan``."""
     return loss + weight * gan_loss, {**logs, "gan": gan_loss.detach()}

@@ -88,14 +88,15 @@ class DMD(Objective):
                                                                   batch.cond)
                 x_real_t = common.diffuse(self.schedule, batch.real, t_real)[0]
                 _, feat_real = nets.teacher.forward_with_features(x_real_t, t_real, batch.cond)
-            loss_disc = common.gan_discriminator_loss(nets.discriminator(feat_real), nets.discriminator(feat_fake))
+            logits_real, logits_fake = nets.discriminator(feat_real), nets.discriminator(feat_fake)
+            loss_disc = common.gan_discriminator_loss(logits_real, logits_fake)
             loss = loss + self.options.discriminator_weight * loss_disc
-            logs["discriminator"] = loss_disc.detach()
+            logs |= {"discriminator": loss_disc.detach(), **common.discriminator_accuracy(logits_real, logits_fake)}
         return loss, logs
 
-    def sample_weight(self, logits, t) -> torch.Tensor | None:
-        """Extra per-sample weight on the DMD pseudo-gradient; ``None`` for DMD itself."""
-        return None
+    def sample_weight(self, logits, t) -> tuple[torch.Tensor | None, dict]:
+        """Extra per-sample weight on the DMD pseudo-gradient (``None`` for DMD itself) and its diagnostics."""
+        return None, {}
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
         x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
@@ -106,9 +107,9 @@ class DMD(Objective):
         with torch.no_grad():
             x0_fake = nets.fake_score(x_t.detach(), t, batch.cond)
         logits = nets.discriminator(features) if self.needs_discriminator else None
-        weight = self.sample_weight(logits, t)
+        weight, weight_logs = self.sample_weight(logits, t)
         loss, _ = sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight)
-        logs = {"vsd": loss.detach()}
+        logs = {"vsd": loss.detach(), **weight_logs}
         if logits is not None:
             loss, logs = common.add_gan_term(loss, logs, common.gan_generator_loss(logits), self.options.gan_weight)
         return loss, logs

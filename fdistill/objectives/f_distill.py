@@ -57,5 +57,10 @@ class FDistill(DMD):
         return self.ratio_normalizer(r, t) if self.options.normalize_ratio else r
 
     def sample_weight(self, logits, t):
+        """``h(r)`` normalised to mean one, and what shows whether it carries information: the mean and spread of
+        ``r`` and of the normalised ``h`` (a spread near 0 means every sample gets DMD's weight), and the per-time-bin
+        running means of ``r``."""
         r = self.ratio(logits, t.to(logits.device))
-        return normalize_to_mean_one(self.divergence.h(r))
+        h = normalize_to_mean_one(self.divergence.h(r))
+        bins = {f"ratio_bin_{i}": b.detach().clone() for i, b in enumerate(self.ratio_normalizer.bins)}
+        return h, {"ratio_mean": r.mean(), "ratio_std": r.std(correction=0), "h_std": h.std(correction=0), **bins}

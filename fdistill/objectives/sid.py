@@ -132,7 +132,7 @@ class ScoreIdentity(Objective):
             logits_real, logits_fake = (self.logits(nets, f, f) for f in (feat_real, feat_fake))
             loss_disc = common.gan_discriminator_loss(logits_real, logits_fake)
             loss = loss + o.discriminator_weight * loss_disc
-            logs["discriminator"] = loss_disc.detach()
+            logs |= {"discriminator": loss_disc.detach(), **common.discriminator_accuracy(logits_real, logits_fake)}
         return loss, logs
 
     def gan_active(self, generator_step: int) -> bool:

@@ -62,7 +62,8 @@ class RunLogger:
         self.last.update(means)
         self.sums.clear()
         self.counts.clear()
-        self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in sorted(means.items())}, refresh=False)
+        shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in sorted(means.items()) if "_bin_" not in k}  # bins: CSV only
+        self.bar.set_postfix(shown, refresh=False)
         self.acc.log(means, step=step)
         if self.csv is not None:
             csv.writer(self.csv).writerows([step, k, repr(v)] for k, v in sorted(means.items()))
@@ -99,18 +100,21 @@ def plot_scalars(csv_path: Path, png_path: Path) -> None:
     with csv_path.open(newline="") as f:
         for row in csv.DictReader(f):
             series[row["name"]].append((int(row["step"]), float(row["value"])))
-    names = sorted(n for n in series if n != "nonfinite_fraction")
-    if not names:
+    panels = defaultdict(list)  # a family of per-bin scalars (name_bin_k) shares one panel
+    for name in sorted(n for n in series if n != "nonfinite_fraction"):
+        panels[name.split("_bin_")[0] + (" bins" if "_bin_" in name else "")].append(name)
+    if not panels:
         return
-    cols = min(4, len(names))
-    rows = -(-len(names) // cols)
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names, strict=False):
-        steps, values = zip(*series[name], strict=True)
-        ax.plot(steps, values, lw=1, marker="." if len(steps) < 20 else None)  # few points stay visible
-        ax.set_title(name, fontsize=8)
+    for ax, (title, names) in zip(axes.flat, panels.items(), strict=False):
+        for name in names:
+            steps, values = zip(*series[name], strict=True)
+            ax.plot(steps, values, lw=1, marker="." if len(steps) < 20 else None)  # few points stay visible
+        ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in axes.flat[len(names):]:
+    for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
     tmp = png_path.with_suffix(".tmp.png")
