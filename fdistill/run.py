@@ -103,9 +103,10 @@ def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: T
     times = student_times(teacher, cfg.generator.times, cfg.generator.noise_level)
     try:
         student = objective.build_student(task.trainable_copy(), times)
+        served = student.servable()  # e.g. an sCM student's times matched to the teacher's timesteps
     except ValueError as e:
         raise ConfigError(f"generator.times={times}: {str(e).splitlines()[0]}") from None
-    if student.servable().stock is not None and cfg.eval.renoise != "sde":
+    if served.stock is not None and cfg.eval.renoise != "sde":
         raise ConfigError("eval.renoise=ode: students of diffusers teachers re-noise with fresh noise, as the "
                           "exported pipeline does; use eval.renoise=sde")
     fake_score = task.trainable_copy() if objective.needs_fake_score else None
