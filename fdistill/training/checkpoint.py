@@ -40,7 +40,8 @@ def unreadable(path: Path) -> str | None:
     try:
         torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated pickles, missing files and bad zips raise many types
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else "unreadable"  # torch's messages run long
+        return f"{type(e).__name__}: {first}"
     return None
 
 
