@@ -68,12 +68,16 @@ class ImageTask(Task):
             raise ConfigError(f"the data have {dataset.num_classes} classes but the teacher knows {classes}")
         return dataset
 
+    @property
+    def features(self) -> str:
+        """The feature network of the FD: ``eval.features``, by default the digits classifier on the digits."""
+        return self.cfg.eval.features or ("fdistill-digits" if self.cfg.data.kind == "digits" else "inception")
+
     def check_sample_counts(self) -> None:
         """An FD needs more images than its features have dimensions: refuse too few before training."""
         from fdistill.metrics.fid import FEATURE_DIMS
 
-        cfg = self.cfg
-        features = cfg.eval.features or ("fdistill-digits" if cfg.data.kind == "digits" else "inception")
+        cfg, features = self.cfg, self.features
         dim = FEATURE_DIMS.get(features)
         counts = {"eval.num_samples": cfg.eval.num_samples, "log.fd_samples": cfg.log.fd_samples if cfg.log.fd_every
                   else None}
@@ -93,7 +97,7 @@ class ImageTask(Task):
         digits = cfg.data.kind == "digits"
         default_reference = ("digits" if digits else cfg.data.path if cfg.data.kind == "folder" else
                              torch.stack([dataset[i][0] for i in range(min(len(dataset), ec.num_samples))]))
-        features = ec.features or ("fdistill-digits" if digits else "inception")
+        features = self.features
         num_classes = getattr(dataset, "num_classes", None) if self.teacher.num_class_embeds else None
         labels = None if num_classes is None else torch.arange(ec.num_samples) % num_classes
         classifier = None
