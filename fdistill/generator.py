@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fdistill.denoisers import Denoiser
-from fdistill.schedules import Schedule, from_x0
+from fdistill.schedules import Schedule, from_x0, sigma_to_time
 
 RENOISE_MODES = ("sde", "ode")
 # sigma/alpha of a one-step student whose teacher predicts epsilon (SiD's initial noise level, sigma_init = 2.5)
@@ -25,8 +25,7 @@ EPSILON_STUDENT_NOISE = 2.5
 def time_at_noise_level(schedule: Schedule, noise_level: float) -> float:
     """The schedule time where ``sigma/alpha = noise_level`` (EDM's sigma), clamped to the schedule's range and
     rounded to the nearest timestep on a discrete schedule."""
-    snr = torch.tensor([1.0 / noise_level], dtype=torch.float64)  # alpha / sigma
-    t = float(schedule.t_from_snr(snr).clamp(schedule.t_min, schedule.t_max))
+    t = float(sigma_to_time(schedule, noise_level))
     return float(round(t)) if schedule.discrete else t
 
 

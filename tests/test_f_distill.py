@@ -204,3 +204,26 @@ def test_ratio_diagnostics_show_whether_the_weight_carries_information():
     accuracy = common.discriminator_accuracy(torch.tensor([[2.0], [-1.0], [0.5], [3.0]]),
                                              torch.tensor([[-2.0], [-1.0], [1.0], [-0.1]]))
     assert float(accuracy["disc_acc_real"]) == 0.75 and float(accuracy["disc_acc_fake"]) == 0.75
+
+
+def test_denoising_loss_is_the_weighted_x0_error_on_detached_samples_with_its_noise():
+    """The fake score's loss (shared by DMD, f-distill, Diff-Instruct and the SiD family): EDM-weighted mean
+    squared x0 error at ``x_t`` built from the returned noise; no gradient reaches the samples."""
+    nets, _ = ring_nets(["objective.name=dmd"])
+    net, schedule = nets.fake_score, nets.fake_score.schedule
+    x0 = torch.randn(16, 2, requires_grad=True)
+    t = torch.linspace(0.5, 40.0, 16, dtype=torch.float64)
+    torch.manual_seed(3)
+    loss, eps, features = common.denoising_loss(net, x0, t, None, "edm")
+    x_t = schedule.diffuse(x0.detach(), t, eps)
+    err = (net(x_t, t) - x0.detach()).pow(2).mean(1)
+    weight = common.fake_score_weight(schedule, t, "edm").float()
+    assert torch.allclose(loss, (weight * err).mean(), rtol=1e-6) and len(features) == 1
+    assert torch.autograd.grad(loss, x0, allow_unused=True)[0] is None
+
+
+def test_the_gan_tail_adds_the_weighted_generator_term():
+    nets, obj = ring_nets(["objective.name=f_distill", "objective.gan_weight=0.25"])
+    torch.manual_seed(0)
+    loss, logs = obj.generator_loss(Batch(size=64, real=nets.teacher.sample(64)[0]), nets, 0)
+    assert float(loss) == pytest.approx(float(logs["vsd"]) + 0.25 * float(logs["gan"]), rel=1e-6)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdistill.denoisers import Denoiser, per_sample
-from fdistill.schedules import Schedule, sigma_to_time
+from fdistill.generator import time_at_noise_level
+from fdistill.schedules import Schedule
 
 
 def diffuse(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None):
@@ -234,8 +235,7 @@ def student_input_times(schedule: Schedule, times: list[float], init_sigma: floa
     discrete schedule; explicit times stay."""
     if init_sigma is None or list(times) != [schedule.t_max]:
         return list(times)
-    t = float(sigma_to_time(schedule, init_sigma))
-    return [float(round(t)) if schedule.discrete else t]
+    return [time_at_noise_level(schedule, init_sigma)]
 
 
 def score_identity_terms(x_g, x0_teacher, x0_fake) -> tuple[torch.Tensor, torch.Tensor]:

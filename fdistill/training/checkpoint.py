@@ -47,7 +47,8 @@ def unreadable(path: Path) -> str | None:
 
 def resolve(run_dir: str | Path, resume: str, note=print) -> Path | None:
     """The checkpoint ``--resume`` names: ``latest`` (the newest readable one, after a ``note`` for each newer
-    one skipped; ``None`` after a note when the run has none) or a directory (which must be readable)."""
+    one skipped; ``None`` after a note when the run has none) or one checkpoint, a directory or a name, which
+    must be readable."""
     if resume == "latest":
         found = checkpoint_dirs(run_dir)
         if not found:
@@ -60,9 +61,7 @@ def resolve(run_dir: str | Path, resume: str, note=print) -> Path | None:
             note(f"skipping unreadable checkpoint {path} ({problem})")
         raise ConfigError(f"no checkpoint of {run_dir} is readable (the newest: {found[-1].name}); resume from "
                           "another checkpoint directory with --resume-from DIR, or start again with --overwrite")
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {resume}: not a checkpoint directory (expected {path / STATE_FILE})")
+    path = find(run_dir, resume)  # a directory, or a checkpoint's name in the run
     problem = unreadable(path)
     if problem is not None:
         raise ConfigError(f"--resume-from {resume}: unreadable checkpoint ({problem}); give another one")
