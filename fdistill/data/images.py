@@ -110,12 +110,12 @@ class ShapesDataset(Dataset):
         shape, colour = self.classes[label]
         radius = rng.uniform(0.22, 0.36)  # half-size, as a fraction of the image side
         centre = rng.uniform(radius, 1 - radius, size=2)
-        mask = _render_mask(shape, centre, radius, self.size)
+        mask = render_mask(shape, centre, radius, self.size)
         rgb = torch.tensor(COLOURS[colour], dtype=torch.float32).view(3, 1, 1)
         return (mask * rgb) * 2 - 1, label
 
 
-def _render_mask(
+def render_mask(
     shape: str, centre: np.ndarray, radius: float, size: int, supersample: int = 4
 ) -> torch.Tensor:
     """Coverage of ``shape`` in each pixel, in [0, 1], shaped [1, size, size]."""

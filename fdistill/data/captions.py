@@ -1,0 +1,149 @@
+"""Captioned data for text-to-image: the procedural captioned shapes, and prompt files.
+
+**Captioned shapes.** One shape per image, described by three attributes: colour (red, green, blue, yellow),
+shape (circle, square, triangle) and position (a quadrant: top left, top right, bottom left, bottom right), with
+the caption ``"a {colour} {shape} at the {position}"``. The 48 combinations split into 40 *training* ones and 8
+*held-out* ones (:data:`HELDOUT_COMBINATIONS`), chosen so that every single attribute value, and every pair of
+values, still appears in training: a teacher trained on the training split and prompted with a held-out caption
+has to compose attributes it never saw together. Image ``i`` is drawn from its own generator seeded by
+``(seed, i)``, so any length costs no memory and every image is reproducible alone. Every image's attributes are
+known, so generated images can be checked attribute by attribute (compositional accuracy).
+
+**Prompt files.** ``.txt`` (one prompt per line), ``.csv`` with a ``prompt`` column and an optional ``image``
+column, or ``.jsonl`` records with ``prompt`` and an optional ``image`` (paths relative to the file).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fdistill.data.images import COLOURS, render_mask
+
+CAPTION_COLOURS = ("red", "green", "blue", "yellow")
+CAPTION_SHAPES = ("circle", "square", "triangle")
+POSITIONS = {"top left": (0.28, 0.28), "top right": (0.72, 0.28),
+             "bottom left": (0.28, 0.72), "bottom right": (0.72, 0.72)}  # (x, y) of the quadrant's centre
+ATTRIBUTES = {"colour": CAPTION_COLOURS, "shape": CAPTION_SHAPES, "position": tuple(POSITIONS)}
+ALL_COMBINATIONS = tuple(itertools.product(range(4), range(3), range(4)))  # (colour, shape, position) indices
+# eight combinations, two per colour, such that every attribute value and every pair of values stays in training
+HELDOUT_COMBINATIONS = ((0, 0, 3), (1, 1, 2), (2, 2, 1), (3, 0, 0), (0, 2, 2), (1, 0, 1), (2, 1, 0), (3, 2, 3))
+SPLITS = ("train", "heldout", "all")
+
+
+def caption(colour: int, shape: int, position: int) -> str:
+    """The caption of one combination of attribute indices."""
+    return f"a {CAPTION_COLOURS[colour]} {CAPTION_SHAPES[shape]} at the {tuple(POSITIONS)[position]}"
+
+
+def parse_caption(text: str) -> tuple[int, int, int] | None:
+    """The attribute indices a caption names, or ``None`` when it is not a captioned-shapes caption."""
+    return CAPTION_INDEX.get(" ".join(text.lower().split()))
+
+
+CAPTION_INDEX = {caption(*combo): combo for combo in ALL_COMBINATIONS}
+
+
+def combinations(split: str) -> list[tuple[int, int, int]]:
+    """The attribute combinations of ``split`` (``train``, ``heldout`` or ``all``), in a fixed order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all":
+        return list(ALL_COMBINATIONS)
+    heldout = set(HELDOUT_COMBINATIONS)
+    return [c for c in ALL_COMBINATIONS if (c in heldout) == (split == "heldout")]
+
+
+def render_shape(colour: int, shape: int, position: int, rng: np.random.Generator, size: int) -> torch.Tensor:
+    """One image ``[3, size, size]`` in [-1, 1]: the shape on black, its radius and centre jittered by ``rng``."""
+    radius = rng.uniform(0.13, 0.19)
+    centre = np.asarray(POSITIONS[tuple(POSITIONS)[position]]) + rng.uniform(-0.05, 0.05, size=2)
+    mask = render_mask(CAPTION_SHAPES[shape], centre, radius, size)
+    rgb = torch.tensor(COLOURS[CAPTION_COLOURS[colour]], dtype=torch.float32).view(3, 1, 1)
+    return (mask * rgb) * 2 - 1
+
+
+class CaptionedShapes(Dataset):
+    """``num_images`` captioned shapes of ``split``'s combinations, each equally likely.
+
+    Items are ``(image [3, size, size] in [-1, 1], caption)``; :meth:`attributes` gives an item's
+    (colour, shape, position) indices. ``images`` (rendered on first use) serves in-memory batching.
+    """
+
+    channels = 3
+
+    def __init__(self, num_images: int = 8000, size: int = 32, split: str = "train", seed: int = 0):
+        self.num_images, self.size, self.split, self.seed = num_images, size, split, seed
+        self.combinations = combinations(split)
+        self.description = f"captioned shapes ({split}, {num_images} images, {size}px, seed {seed})"
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def _draw(self, i: int) -> tuple[tuple[int, int, int], np.random.Generator]:
+        if not 0 <= i < self.num_images:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, i])
+        return self.combinations[int(rng.integers(len(self.combinations)))], rng
+
+    def attributes(self, i: int) -> tuple[int, int, int]:
+        return self._draw(i)[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        combo, rng = self._draw(i)
+        return render_shape(*combo, rng, self.size), caption(*combo)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The distinct captions of this split."""
+        return [caption(*c) for c in self.combinations]
+
+    @property
+    def images(self) -> torch.Tensor:
+        if not hasattr(self, "_images"):
+            self._images = torch.stack([self[i][0] for i in range(self.num_images)])
+        return self._images
+
+    @property
+    def captions(self) -> list[str]:
+        return [caption(*self.attributes(i)) for i in range(self.num_images)]
+
+
+@dataclass
+class PromptRecord:
+    prompt: str
+    image: Path | None = None
+
+
+def read_prompts(path: str | Path) -> list[PromptRecord]:
+    """The prompts (and optional image paths) of a ``.txt``, ``.csv`` or ``.jsonl`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist; give a .txt (one prompt per line), .csv or "
+                                ".jsonl file with a 'prompt' column")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        records = [PromptRecord(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+    elif suffix in (".csv", ".jsonl"):
+        if suffix == ".csv":
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows and "prompt" not in rows[0]:
+            raise ValueError(f"{path} has no 'prompt' column (columns: {', '.join(rows[0])}); name the prompt "
+                             "column 'prompt'")
+        records = [PromptRecord(str(r["prompt"]), path.parent / r["image"] if r.get("image") else None)
+                   for r in rows]
+    else:
+        raise ValueError(f"prompt file {path} is neither .txt, .csv nor .jsonl; use one of those")
+    if not records:
+        raise ValueError(f"prompt file {path} holds no prompts; write one prompt per line or row")
+    return records
