@@ -29,7 +29,8 @@ class RunConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "ring"  # ring (analytic 2-D mixture) | unet (built from `unet`) | pretrained | embedded (digits)
+    # ring (analytic 2-D mixture) | unet (built from `unet`) | pretrained | embedded (digits) | embedded_t2i (shapes)
+    kind: str = "ring"
     schedule: str = "edm"  # schedule of analytic teachers: edm | vp | rf | trigflow
     num_modes: int = 8
     radius: float = 2.0
@@ -39,6 +40,7 @@ class TeacherConfig:
     prediction_type: Optional[str] = None  # overrides the scheduler's prediction_type
     guidance_scale: float = 1.0  # classifier-free guidance of the teacher, x_u + w (x_c - x_u); 1: none
     guidance_interval: Optional[List[float]] = None  # [t_lo, t_hi]: guide only at these teacher times
+    negative_prompt: str = ""  # text teachers: the prompt of guidance's unconditional pass
     unet: Dict[str, Any] = field(default_factory=dict)  # UNet2DModel config for kind=unet
 
 
@@ -70,7 +72,9 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "teacher"  # teacher: exact samples of an analytic teacher | digits | shapes | folder
+    # teacher: exact samples of an analytic teacher | digits | shapes | folder (images at `path`);
+    # text-to-image: captioned_shapes | prompts (a .txt/.csv/.jsonl prompt file at `path`, images optional)
+    kind: str = "teacher"
     path: Optional[str] = None
 
 
@@ -132,6 +136,10 @@ class EvalConfig:
     reference: Optional[str] = None  # images: folder, statistics .npz or "digits"; default: the training data
     features: Optional[str] = None  # images: fdistill-digits | inception; default: fdistill-digits on digits
     save_samples: bool = True  # images: RUN_DIR/samples/<sampler>/*.png and student_vs_teacher.png
+    # text-to-image: the open_clip model of the CLIP score ("local-dir:DIR", or a name with clip_pretrained);
+    # default: the shipped shapes CLIP on the captioned shapes, else ViT-g-14 (laion2b_s34b_b88k)
+    clip_model: Optional[str] = None
+    clip_pretrained: Optional[str] = None
 
 
 @dataclass

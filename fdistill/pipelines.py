@@ -1,7 +1,9 @@
 """Export a trained student as a diffusers pipeline that plain diffusers serves, with stock classes only.
 
-The directory is a stock ``ConsistencyModelPipeline``: the student's ``UNet2DModel`` and a stock ``LCMScheduler``
-configured with the teacher's noise table (:mod:`fdistill.lcm_sampling`), written by ``save_pretrained``, plus
+The directory is a stock ``ConsistencyModelPipeline`` (pixel students) or ``StableDiffusionPipeline`` (latent
+text-to-image students, with the teacher's VAE, text encoder and tokenizer): the student's UNet and a stock
+``LCMScheduler`` configured with the teacher's noise table (:mod:`fdistill.lcm_sampling`), written by
+``save_pretrained``, plus
 ``fdistill.json`` (how it was made) and ``README.md`` (a model card with the Hub's metadata block). Loading it
 needs diffusers alone, no fdistill::
 
@@ -34,8 +36,14 @@ METADATA_FILE = "fdistill.json"
 MODEL_CARD = "README.md"
 
 
-def load_snippet(times: list[int], class_embeds: int | None) -> str:
+def load_snippet(times: list[int], class_embeds: int | None, text: bool = False) -> str:
     """How to sample the export with plain diffusers (``DIR`` stands for its path or hub id)."""
+    if text:  # guidance_scale=1: the student is never guided, and stock SD pipelines default to 7.5
+        return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
+                f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
+                f"images = pipe(prompt=[\"a red circle at the top left\"], guidance_scale=1.0,\n"
+                f"              num_inference_steps=None, timesteps={times[:1]},\n"
+                f"              generator=torch.Generator().manual_seed(0)).images  # K steps: timesteps={times}[:K]")
     labels = f", class_labels={list(range(min(4, class_embeds - 1)))}" if class_embeds else ""
     return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
@@ -54,16 +62,15 @@ def _fdistill_version() -> str:
 
 def exportable_unet(student: Generator):
     """The student's UNet denoiser, or an error saying why this student cannot be exported."""
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
     net, kind = student.net, type(student.net).__name__
     unet = getattr(net, "unet", None)
     if unet is None:
         raise ValueError(f"export needs a diffusers UNet student; this student is a {kind}")
-    if net.text_conditioned:
-        raise NotImplementedError("export of text-conditioned (UNet2DConditionModel) students is not supported yet")
-    if not isinstance(unet, UNet2DModel):
-        raise ValueError(f"export needs a diffusers UNet2DModel student, not a {type(unet).__name__}")
+    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
+        raise ValueError(f"export needs a diffusers UNet2DModel or UNet2DConditionModel student, not a "
+                         f"{type(unet).__name__}")
     if student.stock is None:
         raise ValueError("export needs a student on a diffusers scheduler's timesteps (a diffusers teacher)")
     return net
@@ -73,7 +80,9 @@ def model_card(info: dict) -> str:
     """``README.md`` of an exported student: the Hub's metadata block, what it is, its metrics, how to load it."""
     teacher = info.get("teacher") or {}
     base = teacher.get("source") if teacher.get("kind") == "pretrained" else None
-    header = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+    text = info.get("text_to_image", False)
+    tag = "text-to-image" if text else "unconditional-image-generation"
+    header = ["---", "library_name: diffusers", f"pipeline_tag: {tag}",
               "tags:", "- fdistill", "- distillation", "- one-step", f"- {info.get('objective', 'unknown')}"]
     header += [f"base_model: {base}"] if base else []
     header += ["---", ""]
@@ -89,7 +98,20 @@ def model_card(info: dict) -> str:
              f"{info.get('ema') or 'trained, no EMA'}). Images are {'x'.join(map(str, size))} with {channels} "
              f"channel(s){classes}.", ""]
     results = info.get("results")
-    if results:
+    if results and text:
+        lines += ["## Metrics", "", "| model | NFE | prompts | CLIP score | FD | compositional accuracy | samples/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results:
+            acc = r.get("compositional_accuracy")
+            lines.append(f"| {r['model']} | {r['nfe']} | {r['prompts']} | {r['clip_score']:.2f} | {r['fd']:.2f} | "
+                         f"{'-' if acc is None else f'{acc:.3f}'} | {r['samples_per_second']:.1f} |")
+        first = results[0]
+        lines += ["", f"Protocol: {first['num_samples']} samples, seed {first['seed']}, prompt i % P for sample i; "
+                      f"teacher guidance scale {first['guidance_scale']} (negative prompt "
+                      f"{first['negative_prompt']!r}); CLIP score with `{first['clip_model']}`; FD in "
+                      f"`{first['feature_net']}` features against {first['reference']} ({first['num_reference']} "
+                      "images); samples/s include the VAE decode.", ""]
+    elif results:
         lines += ["## Metrics", "", "| model | NFE | FD | class accuracy | samples/s |", "|---|---|---|---|---|"]
         for r in results:
             fd, acc = r.get("fd"), r.get("class_accuracy")
@@ -101,16 +123,22 @@ def model_card(info: dict) -> str:
                       f"{first.get('weights_hash')}) against {first.get('reference')} ({first.get('num_reference')} "
                       "images); the teacher row is its multi-step sampler under the same protocol.", ""]
     lines += ["## Use", "", "Plain diffusers, no fdistill needed:", "", "```python",
-              load_snippet(times, info.get("num_class_embeds")).replace("DIR", '"PATH_OR_HUB_ID"'), "```", ""]
+              load_snippet(times, info.get("num_class_embeds"), text).replace("DIR", '"PATH_OR_HUB_ID"'), "```", ""]
+    if text:
+        lines += ["Keep `guidance_scale=1.0`: the teacher's guidance is distilled into the student, which is never "
+                  "guided again.", ""]
     if info.get("num_class_embeds"):
         lines += [f"Pass `class_labels`: class {info['null_class']} is the null (unconditional) class, which the "
                   "pipeline would otherwise draw among random labels.", ""]
     return "\n".join(header + lines)
 
 
-def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | None = None) -> Path:
+def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | None = None,
+                    text_parts=None) -> Path:
     """Write ``student`` (as it is served, :meth:`~fdistill.generator.Generator.servable`) as a diffusers
-    ``ConsistencyModelPipeline`` directory and return its path.
+    ``ConsistencyModelPipeline`` directory, or a ``StableDiffusionPipeline`` with ``text_parts``'s VAE, text
+    encoder and tokenizer (:class:`~fdistill.latent_pipeline.LatentPipelineParts`) for a text-conditioned
+    student, and return its path.
 
     ``metadata`` (objective, training steps, teacher, metrics, ...) goes into ``fdistill.json`` and the model card
     next to what the export knows itself (times, prediction type, classes, fdistill version, how to load); its
@@ -118,17 +146,19 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     The directory is written beside ``out_dir`` and renamed into place, so ``out_dir`` never holds a partial
     export; an existing ``out_dir`` is replaced only if it is an earlier export (or empty).
     """
-    from diffusers import ConsistencyModelPipeline
-
     student = student.servable()  # an sCM/rCM student: its UNet at the SNR-matched timesteps
     net = exportable_unet(student)
+    if net.text_conditioned and text_parts is None:
+        raise ValueError("a text-conditioned student exports with its teacher's VAE, text encoder and tokenizer; "
+                         "pass text_parts")
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
         raise ConfigError(f"{out} exists and is not an exported pipeline; choose another output directory")
     class_embeds = net.num_class_embeds
     times = [int(t) for t in student.times]
     info = {
-        "format": "diffusers ConsistencyModelPipeline + LCMScheduler (stock classes), exported by fdistill",
+        "format": f"diffusers {'StableDiffusionPipeline' if net.text_conditioned else 'ConsistencyModelPipeline'} "
+                  "+ LCMScheduler (stock classes), exported by fdistill",
         "fdistill_version": _fdistill_version(),
         "student_times": times,
         "max_steps": student.max_steps,
@@ -138,20 +168,32 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
         "num_class_embeds": class_embeds,
         "num_classes": class_embeds - 1 if class_embeds else None,
         "null_class": class_embeds - 1 if class_embeds else None,
-        "load": load_snippet(times, class_embeds),
+        "text_to_image": net.text_conditioned,
+        "load": load_snippet(times, class_embeds, net.text_conditioned),
         **(metadata or {}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ConsistencyModelPipeline(unet=net.unet, scheduler=student.stock.scheduler()).save_pretrained(tmp)
+        stock_pipeline(net, student.stock.scheduler(), text_parts).save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MODEL_CARD).write_text(model_card(info))
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def stock_pipeline(net, scheduler, text_parts=None):
+    """The stock diffusers pipeline that samples ``net``'s UNet with ``scheduler``."""
+    from diffusers import ConsistencyModelPipeline, StableDiffusionPipeline
+
+    if not net.text_conditioned:
+        return ConsistencyModelPipeline(unet=net.unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=text_parts.vae, text_encoder=text_parts.text_encoder,
+                                   tokenizer=text_parts.tokenizer, unet=net.unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -117,7 +117,7 @@ def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: T
         with torch.no_grad():
             _, features = teacher.forward_with_features(probe, t, task.condition_probe(2))
         discriminator = discriminator_for(features)
-    return Networks(teacher=with_guidance(teacher, cfg), student=student, fake_score=fake_score,
+    return Networks(teacher=with_guidance(teacher, cfg, task.unconditional), student=student, fake_score=fake_score,
                     discriminator=discriminator)
 
 

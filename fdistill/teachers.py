@@ -2,7 +2,8 @@
 
 Kinds: ``ring`` (an analytic Gaussian-mixture ring with exact scores), ``unet`` (a diffusers ``UNet2DModel``
 built from ``teacher.unet``, for tests), ``pretrained`` (a diffusers model or pipeline from a local directory or
-a hub id) and ``embedded`` (the shipped digits teacher). A new kind is one builder in :data:`TEACHER_BUILDERS` and
+a hub id, text-to-image pipelines included), ``embedded`` (the shipped digits teacher) and ``embedded_t2i`` (the
+shipped text-to-image pipeline on the captioned shapes). A new kind is one builder in :data:`TEACHER_BUILDERS` and
 the keys it reads in :data:`TEACHER_KEYS`.
 """
 
@@ -21,6 +22,7 @@ from fdistill.guidance import GuidedDenoiser
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
 
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
+EMBEDDED_T2I_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_t2i_teacher"
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
@@ -53,15 +55,21 @@ def embedded_teacher(cfg: Config) -> Denoiser:
     return load_diffusers_teacher(EMBEDDED_TEACHER_DIR, cfg.teacher.prediction_type)
 
 
+def embedded_t2i_teacher(cfg: Config) -> Denoiser:
+    return load_diffusers_teacher(EMBEDDED_T2I_TEACHER_DIR, cfg.teacher.prediction_type)
+
+
 TEACHER_BUILDERS: dict[str, Callable[[Config], Denoiser]] = {
     "ring": ring_teacher, "unet": unet_teacher, "pretrained": pretrained_teacher, "embedded": embedded_teacher,
+    "embedded_t2i": embedded_t2i_teacher,
 }
 # the teacher.* keys each kind reads, beyond kind and guidance (which every kind reads)
 TEACHER_KEYS = {
     "ring": {"schedule", "num_modes", "radius", "std", "weights"},
     "unet": {"unet", "prediction_type"},
-    "pretrained": {"pretrained", "prediction_type"},
+    "pretrained": {"pretrained", "prediction_type", "negative_prompt"},
     "embedded": {"prediction_type"},
+    "embedded_t2i": {"prediction_type", "negative_prompt"},
 }
 ALL_KINDS_READ = {"kind", "guidance_scale", "guidance_interval"}
 
@@ -86,8 +94,20 @@ def build_teacher(cfg: Config) -> Denoiser:
     return freeze(builder(cfg))
 
 
-def with_guidance(teacher: Denoiser, cfg: Config) -> Denoiser:
-    """The teacher that objectives and the evaluation read: guided when ``teacher.guidance_scale != 1``."""
+def teacher_directory(cfg: Config) -> tuple[Path, str] | None:
+    """The local directory a diffusers teacher was loaded from and how the user named it, or ``None`` for
+    teachers built in memory (the pipeline's other parts, a text encoder and a VAE, live beside its UNet)."""
+    if cfg.teacher.kind == "pretrained":
+        return resolve_model_dir(cfg.teacher.pretrained), cfg.teacher.pretrained
+    if cfg.teacher.kind == "embedded_t2i":
+        return EMBEDDED_T2I_TEACHER_DIR, "fdistill/assets/shapes_t2i_teacher"
+    return None
+
+
+def with_guidance(teacher: Denoiser, cfg: Config, unconditional: Callable | None = None) -> Denoiser:
+    """The teacher that objectives and the evaluation read: guided when ``teacher.guidance_scale != 1``.
+    ``unconditional(cond)`` gives the unconditional input (a text task's negative-prompt embedding); by default
+    the network's own null condition."""
     tc = cfg.teacher
     if tc.guidance_scale == 1.0 and tc.guidance_interval is None:
         return teacher
@@ -96,7 +116,7 @@ def with_guidance(teacher: Denoiser, cfg: Config) -> Denoiser:
                           f"got {tc.guidance_interval}")
     try:
         interval = None if tc.guidance_interval is None else tuple(tc.guidance_interval)
-        return GuidedDenoiser(teacher, tc.guidance_scale, interval)
+        return GuidedDenoiser(teacher, tc.guidance_scale, interval, unconditional)
     except ValueError as e:
         raise ConfigError(f"teacher.guidance_scale={tc.guidance_scale}: {e}") from None
 

@@ -36,6 +36,9 @@ ALL_COMBINATIONS = tuple(itertools.product(range(4), range(3), range(4)))  # (co
 # eight combinations, two per colour, such that every attribute value and every pair of values stays in training
 HELDOUT_COMBINATIONS = ((0, 0, 3), (1, 1, 2), (2, 2, 1), (3, 0, 0), (0, 2, 2), (1, 0, 1), (2, 1, 0), (3, 2, 3))
 SPLITS = ("train", "heldout", "all")
+# every word of every caption, longest first (the order a word-level BPE tokenizer needs)
+CAPTION_WORDS = sorted({w for values in ATTRIBUTES.values() for v in values for w in v.split()} | {"a", "at", "the"},
+                       key=lambda w: (-len(w), w))
 
 
 def caption(colour: int, shape: int, position: int) -> str:

@@ -163,16 +163,21 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path, label = self.files[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB" if self.channels == 3 else "L")
-            side = min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize((self.size, self.size), Image.BICUBIC)
-            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()) / 127.5 - 1
-        return (pixels[None] if self.channels == 1 else pixels.permute(2, 0, 1)).contiguous(), label
+        return load_image(path, self.size, self.channels), label
+
+
+def load_image(path: str | Path, size: int, channels: int = 3) -> torch.Tensor:
+    """An image file centre-cropped to a square and resized to ``size`` (bicubic), ``[C, size, size]`` in [-1, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB" if channels == 3 else "L")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()) / 127.5 - 1
+    return (pixels[None] if channels == 1 else pixels.permute(2, 0, 1)).contiguous()
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -5,6 +5,10 @@ transformers and breaks with transformers 5).
 Models: an open_clip name with a pretrained tag (weights from the usual caches; offline and uncached is an
 immediate error), a local checkpoint file as ``pretrained``, a ``local-dir:DIR`` model
 (``open_clip_config.json`` plus weights), or ``pretrained=None`` for a randomly initialised model (tests).
+:func:`load_shapes_clip` loads the shipped tiny model trained on captioned shapes
+(``scripts/train_shapes_clip.py``), the CLIP of the text-to-image default: no pretrained CLIP knows 32 px
+shapes. Images are PIL images, files, or in-memory batches (float NCHW in [-1, 1] or uint8 NHWC, quantised
+as saving them to PNG would, so in-memory and folder scores agree).
 Prompts come from a text file (one per image, in sorted file order), a CSV with ``file,prompt`` columns, or
 ``metadata.jsonl`` / ``metadata.json`` records with ``file`` and ``prompt`` (read from the image folder when
 no file is given).
@@ -18,6 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,10 +30,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from fdistill.metrics.fid import module_hash
-from fdistill.metrics.image_sources import list_images
+from fdistill.metrics.image_sources import list_images, to_uint8_nchw
 
 METADATA_FILES = ("metadata.jsonl", "metadata.json")
 LOCAL_DIR = "local-dir:"
+SHAPES_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_clip"
+CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 
 
 @dataclass
@@ -93,6 +100,17 @@ def load_clip(model: str = "ViT-B-32", pretrained: str | None = "openai", device
     return ClipModel(net.eval(), preprocess, tokenizer, model, pretrained)
 
 
+def load_shapes_clip(device="cpu", path: str | Path | None = None) -> ClipModel:
+    """The shipped captioned-shapes CLIP (or ``path``'s), float32 from its float16 weights. The files are
+    checked here because open_clip silently builds a random model from a local directory without weights."""
+    folder = Path(path) if path is not None else SHAPES_CLIP_DIR
+    missing = [folder / name for name in (CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"shapes CLIP file {missing[0]} is missing; recreate it with "
+                                "`python scripts/train_shapes_clip.py`")
+    return load_clip(f"{LOCAL_DIR}{folder}", None, device)
+
+
 def _records(path: Path) -> list[dict]:
     text = path.read_text()
     if path.suffix == ".jsonl":
@@ -146,20 +164,59 @@ def _rgb(image) -> Image.Image:
         return im.convert("RGB")
 
 
+def _image_list(images) -> list:
+    """PIL images or files as given; an in-memory batch as PIL images, quantised like a saved PNG."""
+    if not isinstance(images, (torch.Tensor, np.ndarray)):
+        return list(images)
+    return [Image.fromarray(im.permute(1, 2, 0).squeeze(-1).numpy()) for im in to_uint8_nchw(images)]
+
+
+def _encode_images(clip: ClipModel, images: list, device) -> torch.Tensor:
+    pixels = torch.stack([clip.preprocess(_rgb(im)) for im in images]).to(device)
+    return clip.model.encode_image(pixels).float()
+
+
 @torch.no_grad()
-def clip_scores(images: list, prompts: list[str], clip: ClipModel, batch_size: int = 64,
+def clip_scores(images, prompts: list[str], clip: ClipModel, batch_size: int = 64,
                 progress: bool = False, device="cpu") -> torch.Tensor:
-    """Per-pair CLIP scores 100 * max(cos, 0) of PIL images (or paths) and prompts, embeddings in fp32."""
+    """Per-pair CLIP scores 100 * max(cos, 0) of images (see the module docstring) and prompts, embeddings
+    in fp32."""
+    images = _image_list(images)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     scores = []
     for i in tqdm(range(0, len(images), batch_size), desc="CLIP score", disable=not progress):
-        pixels = torch.stack([clip.preprocess(_rgb(im)) for im in images[i : i + batch_size]]).to(device)
-        tokens = clip.tokenizer(prompts[i : i + batch_size]).to(device)
-        image_emb = clip.model.encode_image(pixels).float()
-        text_emb = clip.model.encode_text(tokens).float()
+        image_emb = _encode_images(clip, images[i : i + batch_size], device)
+        text_emb = clip.model.encode_text(clip.tokenizer(prompts[i : i + batch_size]).to(device)).float()
         scores.append(100 * F.cosine_similarity(image_emb, text_emb, dim=-1).clamp(min=0))
     return torch.cat(scores).cpu()
+
+
+def clip_score_tensors(clip: ClipModel, images, prompts: list[str], batch_size: int = 64,
+                       device="cpu") -> float:
+    """Mean CLIP score of an in-memory batch (float NCHW in [-1, 1], e.g. a generator's output) and the
+    prompts it was generated from: the number a folder of the same images saved as PNG would get."""
+    return float(clip_scores(images, prompts, clip, batch_size, device=device).mean())
+
+
+@torch.no_grad()
+def clip_retrieval_accuracy(clip: ClipModel, images, prompts: list[str], candidates: list[str],
+                            batch_size: int = 64, device="cpu") -> float:
+    """Fraction of images whose own prompt is the most similar of ``candidates`` (which must contain every
+    prompt). Unlike the CLIP score, whose scale depends on the model, it says directly whether the model
+    tells an image's prompt from the others, e.g. a held-out combination from its training neighbours."""
+    images = _image_list(images)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    unknown = sorted(set(prompts) - set(candidates))
+    if unknown:
+        raise ValueError(f"{len(unknown)} prompts are not among the candidates, e.g. {unknown[0]!r}")
+    text_emb = F.normalize(clip.model.encode_text(clip.tokenizer(candidates).to(device)).float(), dim=-1)
+    index = {p: i for i, p in enumerate(candidates)}
+    target = torch.tensor([index[p] for p in prompts])
+    predicted = [(F.normalize(_encode_images(clip, images[i : i + batch_size], device), dim=-1) @ text_emb.T)
+                 .argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    return (torch.cat(predicted) == target).float().mean().item()
 
 
 def compute_clip_score(images_dir: str | Path, prompts: str | Path | None = None, model: str = "ViT-B-32",

@@ -37,8 +37,8 @@ from fdistill.metrics.image_sources import open_source
 from fdistill.metrics.kid_pr import kernel_inception_distance, precision_recall
 
 BACKENDS = ("clean", "legacy_pytorch", "legacy_tensorflow", "torchmetrics")
-FEATURE_NETS = ("inception", "fdistill-digits")
-FEATURE_DIMS = {"inception": 2048, "fdistill-digits": 64}  # an FD needs more images than this
+FEATURE_NETS = ("inception", "fdistill-digits", "fdistill-shapes")
+FEATURE_DIMS = {"inception": 2048, "fdistill-digits": 64, "fdistill-shapes": 64}  # an FD needs more images than this
 FULL_FID_SAMPLES = 10_000
 CLEANFID_INCEPTION = "inception-2015-12-05.pt"  # StyleGAN/clean-fid TorchScript export of the TF graph
 PYTORCH_FID_INCEPTION = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid port (clean-fid legacy_pytorch)
@@ -127,6 +127,8 @@ class FeatureNet(nn.Module):
 
 
 class _DigitsNet(FeatureNet):
+    """The shipped classifiers (digits, captioned-shapes attributes): their penultimate ``features``."""
+
     def embed(self, x):
         return self.net.features(x / 127.5 - 1)
 
@@ -193,8 +195,8 @@ def load_inception(weights: str | Path | None = None, backend: str = "clean") ->
 
 def load_feature_net(features: str | nn.Module = "fdistill-digits", backend: str = "clean",
                      inception_weights: str | Path | None = None) -> FeatureNet:
-    """A :class:`FeatureNet` by name (``inception``, ``fdistill-digits``) or wrapping any ``nn.Module``
-    (see :class:`FeatureNet`; build one yourself for a 1-channel or fixed-size network)."""
+    """A :class:`FeatureNet` by name (``inception``, ``fdistill-digits``, ``fdistill-shapes``) or wrapping any
+    ``nn.Module`` (see :class:`FeatureNet`; build one yourself for a 1-channel or fixed-size network)."""
     if isinstance(features, FeatureNet):
         return features
     if isinstance(features, nn.Module):
@@ -206,6 +208,12 @@ def load_feature_net(features: str | nn.Module = "fdistill-digits", backend: str
 
         net = load_digits_classifier()
         return _DigitsNet(net, "fdistill-digits", weights_hash(), in_channels=1, input_size=16)
+    if features == "fdistill-shapes":
+        from fdistill.metrics.attributes import SHAPES_ATTRIBUTES_DIR, load_attribute_classifier
+        from fdistill.metrics.features import WEIGHTS_FILE, weights_hash
+
+        net = load_attribute_classifier()
+        return _DigitsNet(net, "fdistill-shapes", weights_hash(SHAPES_ATTRIBUTES_DIR / WEIGHTS_FILE), input_size=32)
     raise ValueError(f"unknown feature network {features!r}; choose one of {', '.join(FEATURE_NETS)}")
 
 

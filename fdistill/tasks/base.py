@@ -23,6 +23,9 @@ class Task:
     """
 
     unread: dict[str, str] = {}  # config keys this task does not read -> who does
+    # guidance's unconditional input for a batch of conditions (a text task's negative prompt); None: the
+    # network's own null condition
+    unconditional = None
 
     def __init__(self, cfg: Config, teacher: Denoiser):
         self.cfg, self.teacher = cfg, teacher

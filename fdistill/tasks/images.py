@@ -26,8 +26,10 @@ PREVIEW_ROWS = 4
 
 class ImageTask(Task):
     teacher: UNetDenoiser
-    unread = {f"model.{name}": "the MLPs of analytic teachers read it; image students copy the teacher's UNet"
-              for name in ("hidden", "depth", "sigma_data")}
+    unread = {**{f"model.{name}": "the MLPs of analytic teachers read it; image students copy the teacher's UNet"
+                 for name in ("hidden", "depth", "sigma_data")},
+              **{key: "text-to-image runs read it" for key in
+                 ("teacher.negative_prompt", "eval.clip_model", "eval.clip_pretrained")}}
 
     def trainable_copy(self) -> Denoiser:
         teacher = self.teacher

@@ -25,7 +25,8 @@ PREVIEW_SAMPLES = 2000
 
 class ToyTask(Task):
     unread = {"data.path": "image folders read it", "eval.reference": "image runs read it",
-              "eval.features": "image runs read it", "log.fd_every": "image runs read it"}
+              "eval.features": "image runs read it", "log.fd_every": "image runs read it",
+              **{key: "text-to-image runs read it" for key in ("eval.clip_model", "eval.clip_pretrained")}}
 
     def trainable_copy(self) -> Denoiser:
         m = self.cfg.model
