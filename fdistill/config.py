@@ -134,7 +134,9 @@ class EvalConfig:
     ema: Optional[str] = None  # the ema.averages entry to evaluate and sample with (null: trained weights)
     batch_size: int = 250  # images generated at once
     reference: Optional[str] = None  # images: folder, statistics .npz or "digits"; default: the training data
-    features: Optional[str] = None  # images: fdistill-digits | inception; default: fdistill-digits on digits
+    # images: fdistill-digits | fdistill-shapes | inception; default: fdistill-digits on digits, fdistill-shapes on
+    # the captioned shapes, else inception
+    features: Optional[str] = None
     save_samples: bool = True  # images: RUN_DIR/samples/<sampler>/*.png and student_vs_teacher.png
     # text-to-image: the open_clip model of the CLIP score ("local-dir:DIR", or a name with clip_pretrained);
     # default: the shipped shapes CLIP on the captioned shapes, else ViT-g-14 (laion2b_s34b_b88k)

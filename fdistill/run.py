@@ -246,13 +246,14 @@ def _run_config(run_dir: Path):
 
 def export_metadata(cfg: Config, options, steps: int, ema: str | None, source: str) -> dict:
     """What an exported pipeline records about the run it came from."""
-    teacher_source = {"pretrained": cfg.teacher.pretrained, "embedded": "fdistill digits teacher"}
+    teacher_source = {"pretrained": cfg.teacher.pretrained, "embedded": "fdistill digits teacher",
+                      "embedded_t2i": "fdistill captioned-shapes text-to-image teacher"}
     return {
         "objective": options.name,
         "training_steps": steps,
         "ema": ema,
         "teacher": {"kind": cfg.teacher.kind, "source": teacher_source.get(cfg.teacher.kind),
-                    "guidance_scale": cfg.teacher.guidance_scale},
+                    "guidance_scale": cfg.teacher.guidance_scale, "negative_prompt": cfg.teacher.negative_prompt},
         "exported_from": source,
     }
 

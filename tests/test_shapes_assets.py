@@ -2,6 +2,7 @@
 real images right and wrong captions as wrong, and name the script to run when their files are missing."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,20 @@ def test_missing_asset_files_name_the_file_and_the_script(tmp_path, present):
 def test_assets_are_small():
     assert (SHAPES_ATTRIBUTES_DIR / "model.safetensors").stat().st_size < 300_000
     assert sum(f.stat().st_size for f in CLIP_DIR.iterdir()) < 4_000_000
+
+
+def test_text_to_image_teacher_reproduces_its_recorded_metrics():
+    """The shipped teacher under the protocol its provenance records (scripts/evaluate_shapes_t2i_teacher.py)."""
+    from fdistill.config import load_config
+    from fdistill.run import build_experiment
+
+    root = Path(__file__).resolve().parent.parent
+    evaluation = json.loads((root / "fdistill/assets/shapes_t2i_teacher/provenance.json").read_text())["evaluation"]
+    overrides = [f"{k}={v}" for k, v in evaluation["protocol"].items()]
+    cfg, options = load_config(root / "configs/quickstart_t2i.yaml",
+                               [*overrides, "eval.student_steps=[]", "eval.save_samples=false"])
+    nets, _, task = build_experiment(cfg, options)
+    results = {r["prompts"]: r for r in task.evaluate(nets, root / "unused")}
+    for prompts, recorded in evaluation["metrics"].items():
+        for key, value in recorded.items():
+            assert results[prompts][key] == pytest.approx(value, rel=1e-3, abs=1e-3), (prompts, key)

@@ -170,3 +170,40 @@ def test_export_is_a_stock_stable_diffusion_pipeline_that_reproduces_the_student
             latents = student.sample(student.noise(2, generator=g), task.parts.embed(prompts), k, "sde", g)
             ours = (task.parts.decode(latents) / 2 + 0.5).clamp(0, 1)
         torch.testing.assert_close(torch.tensor(served[str(k)]), ours, rtol=0, atol=0)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_tiny_text_run_evaluates_writes_grids_and_samples_from_prompts(tiny_pipeline, tmp_path):
+    """A few training steps end to end: CLIP score, FD and compositional accuracy for student and teacher on the
+    training and held-out prompts, the prompt grids, the export, and sample.py with --prompt on run and export."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/quickstart_t2i.yaml"),
+           "--no-progress", f"run.dir={run}", "teacher.kind=pretrained",
+           f"teacher.pretrained={tiny_pipeline}", "data.kind=captioned_shapes", "teacher.guidance_scale=2.0",
+           "objective.name=dmd", "train.steps=2", "train.batch_size=4", "eval.num_samples=80",
+           "eval.teacher_steps=2", "checkpoint.every=0", "log.sample_every=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True, env=env)
+    results = json.loads((run / "metrics.json").read_text())["results"]
+    assert [(r["model"], r["prompts"]) for r in results] == [
+        ("student", "training prompts"), ("teacher", "training prompts"),
+        ("student", "held-out prompts"), ("teacher", "held-out prompts")]
+    for r in results:
+        assert 0 <= r["compositional_accuracy"] <= 1 and r["fd"] > 0 and r["samples_per_second"] > 0
+        assert r["clip_model"] and r["feature_net"] == "fdistill-shapes" and r["guidance_scale"] == 2.0
+        assert r["num_samples"] == 80 and r["seed"] == 1234
+    assert (run / "samples" / "grid_training.png").is_file() and (run / "samples" / "grid_held-out.png").is_file()
+    assert "## Metrics" in (run / "pipeline" / "README.md").read_text()
+    for model, extra in ((run, []), (run / "pipeline", []), (run, ["--teacher", "--guidance-scale", "3"])):
+        out = tmp_path / f"samples_{len(list(tmp_path.iterdir()))}"
+        subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(model), "--num", "3", "--out",
+                        str(out), "--prompt", "a red circle at the top left", "--prompt", "a blue square at the top "
+                        "right", "--steps", "1" if "--teacher" not in extra else "2", *extra],
+                       check=True, capture_output=True, text=True, env=env)
+        assert len(list(out.glob("*.png"))) == 3
+        assert (out / "prompts.txt").read_text().splitlines()[2] == "a red circle at the top left"
+    bad = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(run), "--num", "2", "--out",
+                          str(tmp_path / "x")], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--prompt" in bad.stderr

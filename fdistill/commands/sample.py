@@ -12,7 +12,9 @@ Images: ``OUT`` is a folder (one PNG per image, 000000.png, ...), a ``.png`` gri
 
 Class-conditional models draw ``--class-labels`` in turn (``3`` or ``0,5,7``); by default image ``i`` gets label
 ``i % C`` over the ``C`` data classes. The last class embedding is the null (unconditional) class, which is only
-drawn when asked for.
+drawn when asked for. Text-to-image models take ``--prompt TEXT`` (repeatable) or ``--prompts FILE`` (``.txt``,
+``.csv`` or ``.jsonl``), image ``i`` getting prompt ``i % P``; teachers also take ``--guidance-scale`` and
+``--negative-prompt`` (default: the run's, or no guidance for a pipeline directory). Students are never guided.
 
 Seeds: one ``torch.Generator`` seeded with ``--seed`` draws all the noise, batch by batch (each batch's input
 noise, then the fresh noise of its multi-step sampling). The same seed and ``--batch-size`` give the same
@@ -44,10 +46,11 @@ class Sampler:
     the number of network evaluations it took per sample."""
 
     name: str  # "student" or "teacher"
-    draw: Callable[[int, list | None, torch.Generator], tuple[torch.Tensor, int]]
+    draw: Callable[[int, list | None, torch.Generator], tuple[torch.Tensor, int]]  # conditions: labels or prompts
     images: bool
     num_class_embeds: int | None = None
     num_classes: int | None = None  # data classes: the labels drawn by default
+    text: bool = False  # conditioned on prompts
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +87,14 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
     times = info["student_times"]
     _check_steps(steps, len(times))
 
+    if info.get("text_to_image"):
+        def draw_text(n, prompts, generator):
+            images = pipe(prompt=prompts, guidance_scale=1.0, num_inference_steps=None, timesteps=times[:steps],
+                          generator=generator, output_type="pt").images
+            return images, steps
+
+        return Sampler("student", draw_text, True, text=True)
+
     def draw(n, labels, generator):
         images = pipe(batch_size=n, class_labels=labels, num_inference_steps=None, timesteps=times[:steps],
                       generator=generator, output_type="pt").images
@@ -94,23 +105,33 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
     return Sampler("student", draw, True, embeds, classes)
 
 
-def student_sampler(student, steps: int | None, renoise: str, device) -> Sampler:
+def _conditioning(text_parts, device):
+    """Conditions to network inputs (prompts through the text encoder, labels as a tensor), and network outputs to
+    [0, 1] images (latents through the VAE)."""
+    if text_parts is None:
+        return (lambda labels: _label_tensor(labels, device)), to_unit
+    text_parts.to(device)
+    return text_parts.embed, (lambda latents: to_unit(text_parts.decode(latents)))
+
+
+def student_sampler(student, steps: int | None, renoise: str, device, text_parts=None) -> Sampler:
     """A run's student: ``Generator.sample`` with the run's re-noising mode (students of diffusers teachers
-    re-noise as the exported pipeline does)."""
+    re-noise as the exported pipeline does); a latent student's samples are decoded by ``text_parts``' VAE."""
     steps = 1 if steps is None else steps
     _check_steps(steps, student.max_steps)
     images = len(student.sample_shape) > 1
     student.eval()
+    condition, output = _conditioning(text_parts, device)
 
-    def draw(n, labels, generator):
+    def draw(n, conditions, generator):
         z = student.noise(n, generator=generator).to(device)
-        x = student.sample(z, _label_tensor(labels, device), steps, renoise, generator)
-        return (to_unit(x) if images else x), steps
+        x = student.sample(z, condition(conditions), steps, renoise, generator)
+        return (output(x) if images else x), steps
 
-    return Sampler("student", draw, images, *_class_info(student.net))
+    return Sampler("student", draw, images, *_class_info(student.net), text=text_parts is not None)
 
 
-def teacher_sampler(teacher, steps: int, method: str, device) -> Sampler:
+def teacher_sampler(teacher, steps: int, method: str, device, text_parts=None) -> Sampler:
     """A teacher's probability-flow ODE sampler (``fdistill.sampling.sample_ode``)."""
     from fdistill.sampling import sample_ode
 
@@ -118,16 +139,33 @@ def teacher_sampler(teacher, steps: int, method: str, device) -> Sampler:
         raise ConfigError(f"--steps {steps}: a teacher needs at least 1 ODE step")
     images = len(teacher.sample_shape) > 1
     teacher.eval()
+    condition, output = _conditioning(text_parts, device)
 
-    def draw(n, labels, generator):
+    def draw(n, conditions, generator):
         z = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
-        x, nfe = sample_ode(teacher, z, steps, method, _label_tensor(labels, device))
-        return (to_unit(x) if images else x), nfe
+        x, nfe = sample_ode(teacher, z, steps, method, condition(conditions))
+        return (output(x) if images else x), nfe
 
-    return Sampler("teacher", draw, images, *_class_info(teacher))
+    return Sampler("teacher", draw, images, *_class_info(teacher), text=text_parts is not None)
 
 
-def open_model(model: str, teacher: bool, steps: int | None, device) -> Sampler:
+def guided_text_teacher(teacher, text_parts, scale: float | None, negative_prompt: str | None):
+    """A text teacher with ``--guidance-scale``/``--negative-prompt`` applied over the run's own guidance."""
+    from fdistill.guidance import GuidedDenoiser
+
+    if scale is None and negative_prompt is None:
+        return teacher
+    base = teacher.net if isinstance(teacher, GuidedDenoiser) else teacher
+    scale = scale if scale is not None else getattr(teacher, "scale", 1.0)
+    if scale == 1.0:
+        return base
+    negative = text_parts.embed(["" if negative_prompt is None else negative_prompt])
+    return GuidedDenoiser(base, scale, getattr(teacher, "interval", None),
+                          lambda cond: negative.to(cond.device).expand(len(cond), -1, -1))
+
+
+def open_model(model: str, teacher: bool, steps: int | None, device, guidance_scale: float | None = None,
+               negative_prompt: str | None = None) -> Sampler:
     """The sampler for ``--model``: an exported student, a run, a diffusers teacher or the embedded teacher."""
     from fdistill.teachers import EMBEDDED_TEACHER_DIR, load_diffusers_teacher
 
@@ -142,19 +180,44 @@ def open_model(model: str, teacher: bool, steps: int | None, device) -> Sampler:
     if (path / "config.yaml").is_file():
         from fdistill.run import load_run
 
-        cfg, nets, _ = load_run(path, device=device)
+        cfg, nets, task = load_run(path, device=device)
+        text_parts = getattr(task, "parts", None)
         if teacher:
             teacher_steps = cfg.eval.teacher_steps if steps is None else steps
-            return teacher_sampler(nets.teacher, teacher_steps, cfg.eval.teacher_sampler, device)
-        return student_sampler(nets.student.servable(), steps, cfg.eval.renoise, device)
+            guided = guided_text_teacher(nets.teacher, text_parts, guidance_scale, negative_prompt) \
+                if text_parts is not None else nets.teacher
+            return teacher_sampler(guided, teacher_steps, cfg.eval.teacher_sampler, device, text_parts)
+        return student_sampler(nets.student.servable(), steps, cfg.eval.renoise, device, text_parts)
     if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file():
         teacher_net = load_diffusers_teacher(path).to(device)
-        if teacher_net.text_conditioned:
-            raise ConfigError(f"{path} is a text-conditioned teacher; sample.py takes class-conditional or "
-                              "unconditional UNets")
-        return teacher_sampler(teacher_net, DEFAULT_TEACHER_STEPS if steps is None else steps, "euler", device)
+        teacher_steps = DEFAULT_TEACHER_STEPS if steps is None else steps
+        if not teacher_net.text_conditioned:
+            return teacher_sampler(teacher_net, teacher_steps, "euler", device)
+        from fdistill.latent_pipeline import LatentPipelineParts
+
+        text_parts = LatentPipelineParts.load(path, str(path))
+        guided = guided_text_teacher(teacher_net, text_parts, guidance_scale, negative_prompt)
+        return teacher_sampler(guided, teacher_steps, "euler", device, text_parts)
     raise ConfigError(f"{path} is not a model directory: config.yaml (a run), fdistill.json (an exported student) "
                       "and model_index.json (a diffusers pipeline) not found")
+
+
+def parse_prompts(prompts: list[str] | None, prompt_file: str | None, n: int, sampler: Sampler) -> list[str] | None:
+    """Per-image prompts of a text-to-image model: ``--prompt`` or ``--prompts`` in turn."""
+    if not sampler.text:
+        if prompts or prompt_file:
+            raise ConfigError("--prompt/--prompts given, but this model is not text-conditioned")
+        return None
+    if bool(prompts) == bool(prompt_file):
+        raise ConfigError("this model is text-to-image: give --prompt TEXT (repeatable) or --prompts FILE")
+    if prompt_file:
+        from fdistill.data.captions import read_prompts
+
+        try:
+            prompts = [r.prompt for r in read_prompts(prompt_file)]
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"--prompts: {e}") from None
+    return [prompts[i % len(prompts)] for i in range(n)]
 
 
 def parse_labels(text: str | None, n: int, sampler: Sampler) -> list[int] | None:
@@ -213,14 +276,22 @@ def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
     return grid[:channels].permute(1, 2, 0).numpy()  # make_grid turns one channel into three
 
 
-def write_images(images: np.ndarray, labels, out: Path, seed: int, nfe: int) -> None:
+def write_images(images: np.ndarray, labels, out: Path, seed: int, nfe: int, text: bool = False) -> None:
+    """Images with their conditions: a ``.npz`` (``labels``, or ``prompts`` for a text model), a ``.png`` grid, or
+    a folder of PNGs (with ``prompts.txt``, one line per image in file order, for a text model: the prompt file
+    ``eval/clip_score.py`` reads)."""
     if out.suffix == ".npz":
+        if text:
+            np.savez(out, images=images, prompts=np.asarray(labels), seed=seed, nfe=nfe)
+            return
         labels = np.full(len(images), -1) if labels is None else np.asarray(labels)
         np.savez(out, images=images, labels=labels, seed=seed, nfe=nfe)
     elif out.suffix == ".png":
         _pil(image_grid(images)).save(out)
     else:
         write_png_folder(torch.from_numpy(images).permute(0, 3, 1, 2), out)
+        if text:
+            (out / "prompts.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in labels))
 
 
 def main(argv=None):
@@ -238,6 +309,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int,
                         help=f"samples per batch (default {DEFAULT_IMAGE_BATCH} images, all 2-D samples at once)")
     parser.add_argument("--teacher", action="store_true", help="sample a run's teacher instead of its student")
+    parser.add_argument("--prompt", action="append", help="text-to-image: a prompt (repeat for several)")
+    parser.add_argument("--prompts", help="text-to-image: a .txt/.csv/.jsonl prompt file")
+    parser.add_argument("--guidance-scale", type=float, help="text teachers: classifier-free guidance scale")
+    parser.add_argument("--negative-prompt", help="text teachers: the prompt of the unconditional pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     with user_errors():
@@ -246,12 +321,17 @@ def main(argv=None):
         out = Path(args.out)
         if args.num < 1 or (args.batch_size is not None and args.batch_size < 1):
             raise ConfigError("--num and --batch-size must be at least 1")
-        sampler = open_model(args.model, args.teacher, args.steps, torch.device(args.device))
+        if not args.teacher and (args.guidance_scale is not None or args.negative_prompt is not None):
+            raise ConfigError("--guidance-scale/--negative-prompt apply to teachers (--teacher); students are "
+                              "never guided")
+        sampler = open_model(args.model, args.teacher, args.steps, torch.device(args.device), args.guidance_scale,
+                             args.negative_prompt)
         if not sampler.images and out.suffix not in (".npz", ".png"):
             raise ConfigError(f"--out must end in .npz or .png for 2-D samples, got {out.name}")
         if sampler.images and out.suffix not in (".npz", ".png", ""):
             raise ConfigError(f"--out must be a folder, a .png grid or a .npz file, got {out.name}")
-        labels = parse_labels(args.class_labels, args.num, sampler)
+        prompts = parse_prompts(args.prompt, args.prompts, args.num, sampler)
+        labels = prompts if sampler.text else parse_labels(args.class_labels, args.num, sampler)
         batch = args.batch_size or (DEFAULT_IMAGE_BATCH if sampler.images else args.num)
         generator = torch.Generator().manual_seed(args.seed)
         start, parts = time.time(), []
@@ -266,7 +346,7 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         if sampler.images:
             images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            write_images(images, labels, out, args.seed, nfe)
+            write_images(images, labels, out, args.seed, nfe, sampler.text)
         elif out.suffix == ".npz":
             np.savez(out, samples=x.float().numpy(), nfe=nfe, seed=args.seed)
         else:
