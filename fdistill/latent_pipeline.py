@@ -19,12 +19,14 @@ TEXT_PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae")
 
 
 class LatentPipelineParts:
-    """Frozen tokenizer, text encoder and VAE of a text-to-image pipeline, loaded from ``root``."""
+    """Tokenizer, text encoder and VAE of a text-to-image pipeline, loaded from ``root`` and only ever run under
+    ``torch.no_grad``. Their parameters keep ``requires_grad`` as loaded, as in a stock pipeline: PyTorch's CPU
+    convolutions take another kernel for frozen weights, and the decoded images would differ in the last bits
+    from what plain diffusers decodes."""
 
     def __init__(self, tokenizer, text_encoder, vae, source: str):
         self.tokenizer, self.source = tokenizer, source
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder, self.vae = text_encoder.eval(), vae.eval()
         self.scaling_factor = float(vae.config.scaling_factor)
         self._embeddings: dict[str, torch.Tensor] = {}
 

@@ -129,8 +129,8 @@ def render_mask(
     else:  # upward triangle inscribed in the circle of ``radius``: three half-planes
         base, apex = radius * 0.5, -radius
         inside = (y <= base) & (np.sqrt(3) * x - y <= -apex) & (-np.sqrt(3) * x - y <= -apex)
-    mask = torch.from_numpy(inside.astype(np.float32))[None, None]
-    return F.avg_pool2d(mask, supersample)[0]
+    coverage = inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3), dtype=np.float32)
+    return torch.from_numpy(coverage)[None]
 
 
 class ImageFolderDataset(Dataset):
