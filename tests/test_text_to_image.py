@@ -207,3 +207,7 @@ def test_tiny_text_run_evaluates_writes_grids_and_samples_from_prompts(tiny_pipe
     bad = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(run), "--num", "2", "--out",
                           str(tmp_path / "x")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--prompt" in bad.stderr
+    guided_student = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(run), "--num", "2",
+                                     "--out", str(tmp_path / "y"), "--prompt", "a", "--guidance-scale", "2"],
+                                    capture_output=True, text=True, env=env)
+    assert guided_student.returncode == 2 and "never guided" in guided_student.stderr

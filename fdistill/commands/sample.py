@@ -149,18 +149,14 @@ def teacher_sampler(teacher, steps: int, method: str, device, text_parts=None) -
     return Sampler("teacher", draw, images, *_class_info(teacher), text=text_parts is not None)
 
 
-def guided_text_teacher(teacher, text_parts, scale: float | None, negative_prompt: str | None):
-    """A text teacher with ``--guidance-scale``/``--negative-prompt`` applied over the run's own guidance."""
+def guided_text_teacher(teacher, text_parts, scale: float, negative_prompt: str, interval=None):
+    """The unguided text ``teacher`` guided with ``scale`` and ``negative_prompt`` (none at scale 1)."""
     from fdistill.guidance import GuidedDenoiser
 
-    if scale is None and negative_prompt is None:
+    if scale == 1.0 and interval is None:
         return teacher
-    base = teacher.net if isinstance(teacher, GuidedDenoiser) else teacher
-    scale = scale if scale is not None else getattr(teacher, "scale", 1.0)
-    if scale == 1.0:
-        return base
-    negative = text_parts.embed(["" if negative_prompt is None else negative_prompt])
-    return GuidedDenoiser(base, scale, getattr(teacher, "interval", None),
+    negative = text_parts.embed([negative_prompt])
+    return GuidedDenoiser(teacher, scale, None if interval is None else tuple(interval),
                           lambda cond: negative.to(cond.device).expand(len(cond), -1, -1))
 
 
@@ -173,6 +169,12 @@ def open_model(model: str, teacher: bool, steps: int | None, device, guidance_sc
     if not path.is_dir():
         raise ConfigError(f"--model {model}: directory not found (give an exported student, a run directory, a "
                           "diffusers model directory or 'embedded')")
+    text_guidance = guidance_scale is not None or negative_prompt is not None
+
+    def refuse_text_guidance():
+        if text_guidance:
+            raise ConfigError("--guidance-scale/--negative-prompt apply to text-to-image teachers; this one is not")
+
     if (path / "fdistill.json").is_file():
         if teacher:
             raise ConfigError(f"{path} is an exported student and holds no teacher; drop --teacher")
@@ -184,19 +186,27 @@ def open_model(model: str, teacher: bool, steps: int | None, device, guidance_sc
         text_parts = getattr(task, "parts", None)
         if teacher:
             teacher_steps = cfg.eval.teacher_steps if steps is None else steps
-            guided = guided_text_teacher(nets.teacher, text_parts, guidance_scale, negative_prompt) \
-                if text_parts is not None else nets.teacher
+            guided = nets.teacher
+            if text_parts is None:
+                refuse_text_guidance()
+            elif text_guidance:
+                tc = cfg.teacher
+                guided = guided_text_teacher(
+                    task.teacher, text_parts, tc.guidance_scale if guidance_scale is None else guidance_scale,
+                    tc.negative_prompt if negative_prompt is None else negative_prompt, tc.guidance_interval)
             return teacher_sampler(guided, teacher_steps, cfg.eval.teacher_sampler, device, text_parts)
         return student_sampler(nets.student.servable(), steps, cfg.eval.renoise, device, text_parts)
     if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file():
         teacher_net = load_diffusers_teacher(path).to(device)
         teacher_steps = DEFAULT_TEACHER_STEPS if steps is None else steps
         if not teacher_net.text_conditioned:
+            refuse_text_guidance()
             return teacher_sampler(teacher_net, teacher_steps, "euler", device)
         from fdistill.latent_pipeline import LatentPipelineParts
 
         text_parts = LatentPipelineParts.load(path, str(path))
-        guided = guided_text_teacher(teacher_net, text_parts, guidance_scale, negative_prompt)
+        guided = guided_text_teacher(teacher_net, text_parts, 1.0 if guidance_scale is None else guidance_scale,
+                                     negative_prompt or "")
         return teacher_sampler(guided, teacher_steps, "euler", device, text_parts)
     raise ConfigError(f"{path} is not a model directory: config.yaml (a run), fdistill.json (an exported student) "
                       "and model_index.json (a diffusers pipeline) not found")

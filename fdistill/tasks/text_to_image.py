@@ -277,12 +277,13 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
 
 
 def write_prompt_grid(student, teacher, num_prompts: int, path: Path) -> None:
-    """Rows of the first prompts (up to ``GRID_PROMPTS``), each written at the left, with ``GRID_SEEDS`` student
+    """Rows of up to ``GRID_PROMPTS`` prompts spread over the set, each written at the left, with ``GRID_SEEDS`` student
     samples and then ``GRID_SEEDS`` teacher samples; ``student``/``teacher`` are (uint8 images, prompts, title)
     with prompt ``i % num_prompts`` for image ``i``."""
     from PIL import Image, ImageDraw
 
     rows = min(num_prompts, GRID_PROMPTS)
+    shown = [row * num_prompts // rows for row in range(rows)]  # prompts spread over the set
     scale, text_width, header, gap = 2, 240, 16, 12
     side = student[0].shape[-1] * scale
     width = text_width + 2 * GRID_SEEDS * side + gap
@@ -291,14 +292,14 @@ def write_prompt_grid(student, teacher, num_prompts: int, path: Path) -> None:
     for column, (pixels, _, title) in enumerate((student, teacher)):
         left = text_width + column * (GRID_SEEDS * side + gap)
         draw.text((left + 2, 2), title, fill="black")
-        for row in range(rows):
+        for row, prompt in enumerate(shown):
             for seed in range(GRID_SEEDS):
-                i = row + seed * num_prompts
+                i = prompt + seed * num_prompts
                 if i >= len(pixels):
                     continue
                 image = Image.fromarray(pixels[i].permute(1, 2, 0).numpy()).resize((side, side), Image.NEAREST)
                 canvas.paste(image, (left + seed * side, header + row * side))
-    for row in range(rows):
-        draw.text((4, header + row * side + side // 2 - 6), student[1][row], fill="black")
+    for row, prompt in enumerate(shown):
+        draw.text((4, header + row * side + side // 2 - 6), student[1][prompt], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
