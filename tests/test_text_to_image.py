@@ -16,7 +16,7 @@ from fdistill.latent_pipeline import word_tokenizer
 from fdistill.objectives import OBJECTIVES
 from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
-from tests.test_objective_steps import TRIGFLOW_TIMES, has_grad, no_grad, run_until
+from tests.test_objective_steps import TRIGFLOW_TIMES, check_one_critic_and_one_generator_step
 
 
 def save_tiny_pipeline(root, prediction_type="v_prediction"):
@@ -65,16 +65,7 @@ def test_one_critic_and_one_generator_step_on_a_latent_text_pipeline(tiny_pipeli
     cfg, (nets, objective, task) = text_experiment(tiny_pipeline, name)
     assert isinstance(nets.teacher, GuidedDenoiser) and not isinstance(nets.student.net, GuidedDenoiser)
     trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, progress=False)
-    critic_logs = run_until(trainer, "critic")
-    if critic_logs is not None:
-        assert critic_logs["nonfinite_fraction"] == 0.0, critic_logs
-        for trained in objective.critic_trains:
-            module = getattr(nets, trained)
-            assert module is None or has_grad(module), f"{name}: critic step left {trained} without gradient"
-    generator_logs = run_until(trainer, "generator")
-    assert generator_logs is not None and generator_logs["nonfinite_fraction"] == 0.0, generator_logs
-    assert no_grad(nets.teacher) and no_grad(nets.fake_score) and no_grad(nets.discriminator)
-    assert has_grad(nets.student), f"{name}: generator step gave the student no gradient"
+    check_one_critic_and_one_generator_step(trainer, name)
 
 
 def test_batches_carry_prompt_embeddings_and_real_latents(tiny_pipeline):

@@ -117,16 +117,13 @@ class TextToImageTask(Task):
         return latents, prompts
 
     def batches(self, needs_real_data: bool):
-        size = self.cfg.train.batch_size
+        """Prompt embeddings drawn uniformly (with their images' latents when ``needs_real_data``), from torch's
+        global RNG, which the trainer seeds per step. The data are prepared here, so that problems show before
+        training starts."""
         if needs_real_data:
             latents, prompts = self.real_data
-            table = self.parts.embed(prompts).cpu()
-            while True:
-                index = torch.randint(len(latents), (size,))
-                yield Batch(size=size, real=latents[index], cond=table[index])
-        table = self.parts.embed(self.training_prompts).cpu()
-        while True:
-            yield Batch(size=size, cond=table[torch.randint(len(table), (size,))])
+            return _stream(self.cfg.train.batch_size, self.parts.embed(prompts).cpu(), latents)
+        return _stream(self.cfg.train.batch_size, self.parts.embed(self.training_prompts).cpu())
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
@@ -258,6 +255,12 @@ class TextToImageTask(Task):
         from fdistill.pipelines import export_pipeline
 
         return export_pipeline(student, out_dir, metadata, text_parts=self.parts)
+
+
+def _stream(size: int, conditions: torch.Tensor, latents: torch.Tensor | None = None):
+    while True:
+        index = torch.randint(len(conditions), (size,))
+        yield Batch(size=size, real=None if latents is None else latents[index], cond=conditions[index])
 
 
 def _prompt_records(path: str):
