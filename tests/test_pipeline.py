@@ -183,7 +183,7 @@ def test_export_refuses_students_it_cannot_represent(tmp_path):
                                      attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     schedule = DiscreteVPSchedule.from_diffusers(DDPMScheduler())
-    with pytest.raises(NotImplementedError, match="text-conditioned"):
+    with pytest.raises(ValueError, match="exports with its teacher's VAE, text encoder and tokenizer"):
         export_pipeline(Generator(UNetDenoiser(text_unet, schedule), [999.0]), tmp_path / "text")
     assert not any(tmp_path.iterdir()), "a refused export must leave nothing behind"
 
