@@ -178,8 +178,8 @@ class TextToImageTask(Task):
         was_training = nets.student.training
         nets.student.eval()
         steps = [k for k in ec.student_steps if k <= nets.student.max_steps]
-        results, grids = [], {}
-        for prompt_set in self.prompt_sets():
+        results, grids, prompt_sets = [], {}, self.prompt_sets()
+        for prompt_set in prompt_sets:
             reference = reference_statistics(prompt_set.reference, feature_net, "clean", progress=False)
             index = torch.arange(ec.num_samples) % len(prompt_set.prompts)
             prompts = [prompt_set.prompts[i] for i in index]
@@ -215,7 +215,7 @@ class TextToImageTask(Task):
                                                             f"{'s' if nfe > 1 else ''}"))
         nets.student.train(was_training)
         if samples_dir is not None:
-            for prompt_set in self.prompt_sets():
+            for prompt_set in prompt_sets:
                 student, teacher = grids[(prompt_set.name, "student")], grids[(prompt_set.name, "teacher")]
                 write_prompt_grid(student, teacher, len(prompt_set.prompts),
                                   samples_dir / f"grid_{prompt_set.name.split()[0]}.png")
