@@ -55,7 +55,6 @@ class LatentPipelineParts:
     def to(self, device) -> LatentPipelineParts:
         self.text_encoder.to(device)
         self.vae.to(device)
-        self._embeddings = {k: v.to(device) for k, v in self._embeddings.items()}
         return self
 
     @property
@@ -64,20 +63,20 @@ class LatentPipelineParts:
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """``[N, L, D]`` text-encoder hidden states of ``prompts`` (cached per prompt), as the pipeline's
-        ``encode_prompt`` computes them with no CLIP skip."""
+        """``[N, L, D]`` text-encoder hidden states of ``prompts`` on the parts' device, as the pipeline's
+        ``encode_prompt`` computes them with no CLIP skip; cached per prompt in CPU memory."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
         if new:
             ids = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
-            for prompt, hidden in zip(new, self.text_encoder(ids)[0], strict=True):
+            for prompt, hidden in zip(new, self.text_encoder(ids)[0].cpu(), strict=True):
                 self._embeddings[prompt] = hidden
-        return torch.stack([self._embeddings[p] for p in prompts])
+        return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (unclamped) of latents in the denoiser's (scaled) space."""
-        return self.vae.decode(latents.to(self.device) / self.scaling_factor).sample
+        return self.vae.decode(latents.to(self.device, self.vae.dtype) / self.scaling_factor).sample
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -340,6 +340,8 @@ def main(argv=None):
             raise ConfigError(f"--out must end in .npz or .png for 2-D samples, got {out.name}")
         if sampler.images and out.suffix not in (".npz", ".png", ""):
             raise ConfigError(f"--out must be a folder, a .png grid or a .npz file, got {out.name}")
+        if sampler.text and args.class_labels is not None:
+            raise ConfigError("--class-labels given, but this model is text-to-image; give --prompt or --prompts")
         prompts = parse_prompts(args.prompt, args.prompts, args.num, sampler)
         labels = prompts if sampler.text else parse_labels(args.class_labels, args.num, sampler)
         batch = args.batch_size or (DEFAULT_IMAGE_BATCH if sampler.images else args.num)

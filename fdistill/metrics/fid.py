@@ -126,7 +126,7 @@ class FeatureNet(nn.Module):
         return self.embed(x).flatten(1).float()
 
 
-class _DigitsNet(FeatureNet):
+class _ClassifierFeatureNet(FeatureNet):
     """The shipped classifiers (digits, captioned-shapes attributes): their penultimate ``features``."""
 
     def embed(self, x):
@@ -207,13 +207,14 @@ def load_feature_net(features: str | nn.Module = "fdistill-digits", backend: str
         from fdistill.metrics.features import load_digits_classifier, weights_hash
 
         net = load_digits_classifier()
-        return _DigitsNet(net, "fdistill-digits", weights_hash(), in_channels=1, input_size=16)
+        return _ClassifierFeatureNet(net, "fdistill-digits", weights_hash(), in_channels=1, input_size=16)
     if features == "fdistill-shapes":
         from fdistill.metrics.attributes import SHAPES_ATTRIBUTES_DIR, load_attribute_classifier
         from fdistill.metrics.features import WEIGHTS_FILE, weights_hash
 
         net = load_attribute_classifier()
-        return _DigitsNet(net, "fdistill-shapes", weights_hash(SHAPES_ATTRIBUTES_DIR / WEIGHTS_FILE), input_size=32)
+        return _ClassifierFeatureNet(net, "fdistill-shapes", weights_hash(SHAPES_ATTRIBUTES_DIR / WEIGHTS_FILE),
+                                     input_size=32)
     raise ValueError(f"unknown feature network {features!r}; choose one of {', '.join(FEATURE_NETS)}")
 
 

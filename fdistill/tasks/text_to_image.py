@@ -76,6 +76,7 @@ class TextToImageTask(Task):
         self.records = _prompt_records(cfg.data.path) if cfg.data.kind == "prompts" else []
         self.parts = LatentPipelineParts.load(*located)
         self.negative = self.parts.embed([cfg.teacher.negative_prompt])
+        self._clip = None  # the CLIP score's model, loaded at the first evaluation
 
     def unconditional(self, cond: torch.Tensor) -> torch.Tensor:
         """The negative prompt's embedding for each condition in ``cond`` (guidance's unconditional input)."""
@@ -139,6 +140,9 @@ class TextToImageTask(Task):
                                       f"name images in {self.cfg.data.path}")
                 reference = torch.stack([_load_image(p, self.pixel_size) for p in images])
             return [PromptSet("prompts", self.training_prompts, reference)]
+        if ec.reference is not None:
+            raise ConfigError("eval.reference is not read with data.kind=captioned_shapes, whose reference images are "
+                              "rendered for each prompt set; remove it")
         sets = []
         for split, name in (("train", "training prompts"), ("heldout", "held-out prompts")):
             combos = combinations(split)
@@ -151,16 +155,23 @@ class TextToImageTask(Task):
         return self.cfg.eval.features or ("fdistill-shapes" if self.cfg.data.kind == "captioned_shapes"
                                           else "inception")
 
-    @cached_property
-    def clip(self):
+    def clip(self, device):
+        """The CLIP model of the score, on ``device`` (loaded once)."""
         from fdistill.metrics.clip_score import load_clip, load_shapes_clip
 
+        if self._clip is not None:
+            self._clip.model.to(device)
+            return self._clip
         ec = self.cfg.eval
+        if ec.clip_model is None and ec.clip_pretrained is not None:
+            raise ConfigError("eval.clip_pretrained is read with eval.clip_model; set both, or neither")
         if ec.clip_model is None and self.cfg.data.kind == "captioned_shapes":
-            return load_shapes_clip()
+            self._clip = load_shapes_clip(device)
+            return self._clip
         model, pretrained = (ec.clip_model, ec.clip_pretrained) if ec.clip_model else DEFAULT_CLIP
         try:
-            return load_clip(model, pretrained)
+            self._clip = load_clip(model, pretrained, device)
+            return self._clip
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             raise ConfigError(f"eval.clip_model: {str(e).splitlines()[0]}") from None
 
@@ -183,7 +194,7 @@ class TextToImageTask(Task):
             reference = reference_statistics(prompt_set.reference, feature_net, "clean", progress=False)
             index = torch.arange(ec.num_samples) % len(prompt_set.prompts)
             prompts = [prompt_set.prompts[i] for i in index]
-            cond = self.parts.embed(prompts)
+            cond = RowsOf(self.parts.embed(prompt_set.prompts).cpu(), index)
             for model, k in [("student", k) for k in steps] + [("teacher", None)]:
                 start = time.time()
                 if model == "student":
@@ -202,12 +213,13 @@ class TextToImageTask(Task):
                     write_png_folder(pixels, samples_dir / name)
                 fd = compute_fid(pixels.permute(0, 2, 3, 1), reference, feature_net, backend="clean", progress=False)
                 entry = {"model": model, "nfe": nfe, **extra, "prompts": prompt_set.name,
-                         "clip_score": self._clip_score(pixels, prompts), "fd": fd["value"]}
+                         "clip_score": self._clip_score(pixels, prompts, nets.device), "fd": fd["value"]}
                 if prompt_set.combinations is not None:
                     entry.update(self._compositional(pixels, [prompt_set.combinations[i] for i in index]))
                 entry.update({"samples_per_second": rate, "guidance_scale": cfg.teacher.guidance_scale,
                               "negative_prompt": cfg.teacher.negative_prompt, "num_samples": ec.num_samples,
-                              "seed": ec.seed, "clip_model": self.clip.name, "feature_net": fd["feature_net"],
+                              "seed": ec.seed, "clip_model": self.clip(nets.device).name,
+                              "feature_net": fd["feature_net"],
                               "weights_hash": fd["weights_hash"], "reference": fd["reference"],
                               "num_reference": fd["num_reference"], "teacher": self.parts.source})
                 results.append(entry)
@@ -221,10 +233,10 @@ class TextToImageTask(Task):
                                   samples_dir / f"grid_{prompt_set.name.split()[0]}.png")
         return results
 
-    def _clip_score(self, pixels: torch.Tensor, prompts: list[str]) -> float:
+    def _clip_score(self, pixels: torch.Tensor, prompts: list[str], device) -> float:
         from fdistill.metrics.clip_score import clip_score_tensors
 
-        return clip_score_tensors(self.clip, pixels.float() / 127.5 - 1, prompts)
+        return clip_score_tensors(self.clip(device), pixels.float() / 127.5 - 1, prompts, device=device)
 
     @cached_property
     def _attribute_classifier(self):
@@ -255,6 +267,17 @@ class TextToImageTask(Task):
         from fdistill.pipelines import export_pipeline
 
         return export_pipeline(student, out_dir, metadata, text_parts=self.parts)
+
+
+class RowsOf:
+    """The conditions of samples ``index``, one row of ``table`` (one embedding per distinct prompt) each,
+    gathered only for the rows a sampler asks for, so that a large evaluation never holds one per sample."""
+
+    def __init__(self, table: torch.Tensor, index: torch.Tensor):
+        self.table, self.index = table, index
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.table[self.index[rows]]
 
 
 def _stream(size: int, conditions: torch.Tensor, latents: torch.Tensor | None = None):
