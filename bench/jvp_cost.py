@@ -6,7 +6,8 @@ Both modes are timed in one process, round-robin (a block of ``--iters`` sCD gen
 per round), so that load on a shared machine affects both alike; the table shows the median over rounds of
 the seconds per iteration (loss, backward, AdamW step) and their ratio. Setups: the ring MLP student of
 ``configs/ring_scm.yaml`` and a tiny diffusers UNet with attention (16x16x3) teacher/student, both fed a
-fixed random batch (the cost does not depend on the data). Writes ``bench/results/jvp_cost.json``.
+fixed random batch (the cost does not depend on the data) with the task's probe conditions. Writes
+``bench/results/jvp_cost.json``. ``bench/speed.py`` reuses :class:`SCMIteration` on the shipped digits teacher.
 """
 
 from __future__ import annotations
@@ -43,16 +44,19 @@ SETUPS = {  # name: (config file, overrides, batch size)
 class SCMIteration:
     """One sCD generator iteration (loss, backward, optimizer step) of a setup in one JVP mode."""
 
-    def __init__(self, config, overrides, batch_size: int, mode: str):
+    def __init__(self, config, overrides, batch_size: int, mode: str, device: str | torch.device = "cpu"):
         path = str(ROOT / config) if config else None
         cfg, options = load_config(path, overrides + ["objective.name=scm", f"objective.jvp={mode}"])
-        self.nets, self.objective, _ = build_experiment(cfg, options)
+        self.nets, self.objective, task = build_experiment(cfg, options)
+        self.nets.to(device)
+        self.objective.to(device)
         params = list(self.nets.student.parameters()) + list(self.objective.generator_parameters())
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
         self.parameters = sum(p.numel() for p in self.nets.student.parameters())
         shape = (batch_size, *self.nets.teacher.sample_shape)
         real = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        self.batch, self.step = Batch(size=batch_size, real=real), 0
+        self.batch = Batch(size=batch_size, real=real, cond=task.condition_probe(batch_size)).to(device)
+        self.step = 0
 
     def __call__(self):
         loss, _ = self.objective.generator_loss(self.batch, self.nets, self.step)
@@ -62,10 +66,19 @@ class SCMIteration:
         self.step += 1
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued GPU work, so that the clock measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seconds_per_iteration(run: SCMIteration, iters: int) -> float:
+    device = run.batch.real.device
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(iters):
         run()
+    synchronize(device)
     return (time.perf_counter() - start) / iters
 
 

@@ -29,13 +29,16 @@ class RunConfig:
 
 @dataclass
 class TeacherConfig:
-    # ring (analytic 2-D mixture) | unet (built from `unet`) | pretrained | embedded (digits) | embedded_t2i (shapes)
+    # ring (analytic 2-D ring of Gaussians) | mixture (analytic Gaussian mixture in any dimension) |
+    # unet (built from `unet`) | pretrained | embedded (digits) | embedded_t2i (shapes)
     kind: str = "ring"
     schedule: str = "edm"  # schedule of analytic teachers: edm | vp | rf | trigflow
-    num_modes: int = 8
-    radius: float = 2.0
-    std: float = 0.1
-    weights: Optional[List[float]] = None
+    num_modes: int = 8  # ring: modes at angles 2 pi k / num_modes
+    radius: float = 2.0  # ring
+    std: float = 0.1  # ring: every mode's standard deviation
+    weights: Optional[List[float]] = None  # ring and mixture: one per mode, normalised (default: equal)
+    means: Optional[List[List[float]]] = None  # mixture: K means of D coordinates each
+    stds: Any = None  # mixture: one number, K numbers (one per mode) or K x D (one per mode and coordinate)
     pretrained: Optional[str] = None  # hub id or local directory of a diffusers model / pipeline
     prediction_type: Optional[str] = None  # overrides the scheduler's prediction_type
     guidance_scale: float = 1.0  # classifier-free guidance of the teacher, x_u + w (x_c - x_u); 1: none
@@ -68,6 +71,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: Optional[float] = None  # max global gradient norm
     warmup_steps: int = 0  # linear learning-rate warm-up over this many updates of this optimizer
+    # learning rates of single networks this optimizer trains, overriding lr, e.g. {discriminator: 0.001}
+    lr_by_network: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +81,28 @@ class DataConfig:
     # text-to-image: captioned_shapes | prompts (a .txt/.csv/.jsonl prompt file at `path`, images optional)
     kind: str = "teacher"
     path: Optional[str] = None
+    # class-labelled image data: draw training images with these class frequencies, one per class in label
+    # order, normalised to sum 1 (default: the data's own proportions)
+    class_frequencies: Optional[List[float]] = None
+    # image data and a class-conditional teacher: teacher, student and fake score get only the null class, so
+    # the student chooses its own class frequencies (docs/images.md, "Class frequencies")
+    unconditional: bool = False
+
+    def __post_init__(self) -> None:
+        labelled, kinds = self.kind in CLASS_LABELLED_DATA, ", ".join(CLASS_LABELLED_DATA)
+        if self.class_frequencies is not None and not labelled:
+            raise ConfigError(f"data.class_frequencies needs class-labelled image data ({kinds}), not "
+                              f"data.kind={self.kind}; remove it")
+        if self.unconditional and not labelled:
+            raise ConfigError(f"data.unconditional is read with class-labelled image data ({kinds}), not "
+                              f"data.kind={self.kind}; remove it")
+        weights = self.class_frequencies or []
+        if any(not 0 <= w < float("inf") for w in weights) or (weights and sum(weights) == 0):
+            raise ConfigError(f"data.class_frequencies={list(weights)} must be finite, non-negative and not all "
+                              "zero; give one weight per class")
+
+
+CLASS_LABELLED_DATA = ("digits", "shapes", "folder")  # the data kinds whose images carry class labels
 
 
 @dataclass

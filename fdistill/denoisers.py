@@ -4,7 +4,7 @@
 features that discriminator heads read (docs/objectives.md §2.4). Adapters:
 
 * :class:`UNetDenoiser` for diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (epsilon, v_prediction or
-  sample), with features taken from the mid block by a forward hook;
+  sample), with features taken from chosen blocks (``down.i``, ``mid``, ``up.i``) by forward hooks;
 * :class:`GaussianMixtureDenoiser`, the exact posterior mean ``E[x0 | x_t]`` of a diagonal Gaussian mixture
   under any schedule: an analytic teacher with exact scores, log-densities and samples;
 * :class:`MLPDenoiser`, a small EDM-preconditioned MLP for low-dimensional data (toy student / fake score).
@@ -21,6 +21,22 @@ from fdistill.lcm_sampling import LCMSampling
 from fdistill.schedules import Schedule, broadcast_to, to_x0
 
 DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# The UNet blocks whose outputs a teacher-feature discriminator reads unless told otherwise (docs/objectives.md §2.4)
+DEFAULT_FEATURE_BLOCKS = ("mid",)
+
+
+def unet_blocks(unet: nn.Module) -> dict[str, nn.Module]:
+    """A diffusers UNet's blocks by name: ``down.0 .. down.{n-1}``, ``mid``, ``up.0 .. up.{n-1}`` (in call order)."""
+    return {**{f"down.{i}": b for i, b in enumerate(unet.down_blocks)}, "mid": unet.mid_block,
+            **{f"up.{i}": b for i, b in enumerate(unet.up_blocks)}}
+
+
+def unet_block(unet: nn.Module, name: str) -> nn.Module:
+    """The block ``name`` of :func:`unet_blocks`; a one-line ``ValueError`` naming the valid names otherwise."""
+    blocks = unet_blocks(unet)
+    if name not in blocks:
+        raise ValueError(f"unknown UNet block {name!r}; this UNet has {', '.join(blocks)}")
+    return blocks[name]
 
 
 class Denoiser(nn.Module):
@@ -57,6 +73,11 @@ class Denoiser(nn.Module):
         scheduler can drive when any can: the network itself, unless it wraps one in another time variable."""
         return self, list(times)
 
+    def read_features(self, blocks: list[str]) -> None:
+        """Make :meth:`forward_with_features` return the outputs of these named blocks (networks with blocks)."""
+        raise ValueError(f"{type(self).__name__} has one fixed feature vector and no blocks to choose; "
+                         "remove objective.discriminator_features")
+
     def null_condition(self, cond):
         """The unconditional input of classifier-free guidance for a batch of conditions ``cond``."""
         raise ValueError(f"{type(self).__name__} takes no condition, so it has no unconditional input to guide with")
@@ -89,10 +110,21 @@ class UNetDenoiser(Denoiser):
         self.text_conditioned = getattr(cfg, "cross_attention_dim", None) is not None
         self.num_class_embeds = getattr(cfg, "num_class_embeds", None)
         self.conditional = self.text_conditioned or self.num_class_embeds is not None
-        self._features: list[torch.Tensor] | None = None  # a list only while forward_with_features runs
-        # A deep-copied UNet carries its source denoiser's hook, which would feed that denoiser's list.
-        unet.mid_block._forward_hooks.clear()
-        unet.mid_block.register_forward_hook(lambda _m, _i, out: self._capture(out))
+        self._features: dict[str, torch.Tensor] | None = None  # a dict only while forward_with_features runs
+        self.read_features(DEFAULT_FEATURE_BLOCKS)
+
+    def read_features(self, blocks: list[str] | tuple[str, ...]) -> None:
+        """Return the outputs of ``blocks`` (``down.i``, ``mid``, ``up.i``; for a down block, its output after
+        downsampling) as the features of :meth:`forward_with_features`, in the order given."""
+        modules = {name: unet_block(self.unet, name) for name in blocks}
+        if not modules:
+            raise ValueError("give at least one UNet block to read features from, e.g. [down.0]")
+        # A deep-copied UNet carries its source denoiser's hooks, which would feed that denoiser's features.
+        for module in unet_blocks(self.unet).values():
+            module._forward_hooks.clear()
+        for name, module in modules.items():
+            module.register_forward_hook(self._capture_as(name))
+        self.feature_blocks = list(blocks)
 
     def unet_output(self, x_t, t, cond=None) -> torch.Tensor:
         """The UNet's raw output (epsilon, v or x0, as ``prediction_type`` says) at times ``t``."""
@@ -101,16 +133,20 @@ class UNetDenoiser(Denoiser):
             return self.unet(x_t, timestep, encoder_hidden_states=cond).sample
         return self.unet(x_t, timestep, class_labels=cond).sample
 
-    def _capture(self, feature: torch.Tensor) -> None:
-        if self._features is not None:
-            self._features.append(feature)
+    def _capture_as(self, name: str):
+        """The forward hook that keeps a block's output as feature ``name`` (a closure: deep copies of the UNet
+        share it rather than copying this denoiser)."""
+        def capture(_module, _inputs, output):
+            if self._features is not None:
+                self._features[name] = output[0] if isinstance(output, tuple) else output
+        return capture
 
     def forward_with_features(self, x_t, t, cond=None):
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        self._features = []
+        self._features = {}
         try:
             out = self.unet_output(x_t, t, cond)
-            features = self._features
+            features = [self._features[name] for name in self.feature_blocks]
         finally:
             self._features = None
         return x0_from_unet_output(out, self.prediction_type, x_t, self.schedule, t), features
@@ -185,14 +221,31 @@ class GaussianMixtureDenoiser(Denoiser):
         return x.float(), modes
 
 
+def gaussian_mixture(means, stds, weights=None) -> dict:
+    """Parameters of ``sum_k w_k N(mu_k, diag(s_k^2))`` for :class:`GaussianMixtureDenoiser`: ``means`` is
+    K x D; ``stds`` one number, K numbers (one per mode) or K x D (one per mode and coordinate); ``weights`` K
+    numbers (default equal; the denoiser normalises them)."""
+    means = torch.as_tensor(means, dtype=torch.float64)
+    stds = torch.as_tensor(stds, dtype=torch.float64)
+    num_modes = len(means)
+    weights = (torch.full((num_modes,), 1.0 / num_modes, dtype=torch.float64) if weights is None
+               else torch.as_tensor(weights, dtype=torch.float64))
+    if weights.shape != (num_modes,):
+        raise ValueError(f"the mixture has {num_modes} modes but {weights.numel()} weights were given")
+    per_mode = stds[:, None] if stds.dim() == 1 else stds
+    try:
+        variances = (per_mode**2).expand_as(means).clone()
+    except RuntimeError:
+        raise ValueError(f"stds of shape {tuple(stds.shape)} do not fit {num_modes} means of {means.shape[1]} "
+                         "coordinates; give one number, one per mode or one per mode and coordinate") from None
+    return {"weights": weights, "means": means, "variances": variances}
+
+
 def ring_mixture(num_modes=8, radius=2.0, std=0.1, weights=None) -> dict:
     """Parameters of a 2-D ring of Gaussians (angles ``2 pi k / K``), for :class:`GaussianMixtureDenoiser`."""
     angles = torch.arange(num_modes, dtype=torch.float64) * 2 * math.pi / num_modes
     means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-    weights = torch.full((num_modes,), 1.0 / num_modes) if weights is None else torch.as_tensor(weights)
-    if len(weights) != num_modes:
-        raise ValueError(f"ring has {num_modes} modes but {len(weights)} weights were given")
-    return {"weights": weights, "means": means, "variances": torch.full_like(means, std**2)}
+    return gaussian_mixture(means, std, weights)
 
 
 class MLPDenoiser(Denoiser):

@@ -7,9 +7,16 @@ samplers draw their first input). Few steps with ``t_0 > t_1 > ...``: ``x0_hat =
 consistency sampler) or the noise implied by ``(x, x0_hat)`` at ``t_i`` ("ode", DDIM-like). The last ``x0_hat``
 is the sample. A student of a diffusers teacher does all this with the arithmetic of diffusers' stock
 ``LCMScheduler`` (:mod:`fdistill.lcm_sampling`, "sde" only), so that plain diffusers serves it exactly.
+
+Backward simulation (docs/objectives.md §3.1) trains a few-step student on its own samples: ``k - 1`` steps
+without gradient, re-noising with fresh noise, then the ``k``-th step with gradient. Its times are the first
+``k`` sampling times, or random ones: ``t_0`` kept and each later ``t_i`` drawn uniformly from
+``(t_{i+1}, t_i]`` (``t_K = t_min``), on the integer timesteps of a discrete schedule.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -149,18 +156,47 @@ class Generator(nn.Module):
             raise ValueError(f"this student samples with 1..{self.max_steps} steps, not {steps}")
         if mode not in RENOISE_MODES:
             raise ValueError(f"unknown re-noising mode {mode!r}; use one of {RENOISE_MODES}")
-        times = self.times[:steps]
+        return self.sample_at(z, self.times[:steps], cond, mode, generator)
+
+    def sample_at(self, z, times: list[float], cond=None, mode: str = "sde", generator=None) -> torch.Tensor:
+        """A sample from unit noise ``z`` through the decreasing ``times`` (one step each); gradients flow through
+        every call if enabled."""
         x = self.first_input(z, times[0])
         for t, t_next in zip(times, times[1:], strict=False):
             x = self.next_input(x, self.step(x, t, cond), t, t_next, mode, generator)
         return self.step(x, times[-1], cond)
 
-    def backward_simulation(self, z: torch.Tensor, cond=None, steps: int = 1, generator=None) -> torch.Tensor:
+    def random_times(self, steps: int, generator=None) -> list[float]:
+        """``steps`` times for backward simulation (docs/objectives.md §3.1): ``t_0`` as configured and, for
+        ``i >= 1``, ``t_i`` drawn uniformly from ``(t_{i+1}, t_i]``, its stratum down to the next sampling time
+        (``t_K = t_min``), so that the times decrease strictly and each stays near the one sampling uses. On a
+        discrete schedule the draw is uniform over the stratum's integer timesteps, where diffusers' stock
+        scheduler can step."""
+        if not 1 <= steps <= self.max_steps:
+            raise ValueError(f"this student samples with 1..{self.max_steps} steps, not {steps}")
+        discrete = self.schedule.discrete
+        if discrete and any(t != int(t) for t in self.times):
+            raise ValueError(f"random times on a discrete schedule need integer generator.times, not {self.times}; "
+                             "round them or set objective.backward_simulation_times=fixed")
+        bounds = [*self.times, self.schedule.t_min]
+        device = generator.device if generator is not None else "cpu"
+        draws = torch.rand(steps - 1, generator=generator, dtype=torch.float64, device=device).tolist()
+        times = [self.times[0]]
+        for hi, lo, u in zip(bounds[1:], bounds[2:], draws, strict=False):
+            if discrete:  # the integers lo + 1 .. hi, each with probability 1 / (hi - lo)
+                times.append(float(hi - math.floor(u * (hi - lo))))
+            else:
+                times.append(hi - u * (hi - lo))
+        return times
+
+    def backward_simulation(self, z: torch.Tensor, cond=None, steps: int = 1, generator=None,
+                            random_times: bool = False) -> torch.Tensor:
         """A ``steps``-step sample from unit noise ``z`` (the "sde" sampler) with gradient through the last step
-        only: DMD2's and rCM's data-free backward simulation (docs/objectives.md §9, student step 2)."""
+        only: DMD2's and rCM's data-free backward simulation (docs/objectives.md §3.1, §9). Its times are the
+        first ``steps`` sampling times, or :meth:`random_times` with ``random_times``."""
         if steps == 1:
             return self(z, cond)
-        t_prev, t_last = self.times[steps - 2], self.times[steps - 1]
+        times = self.random_times(steps, generator) if random_times else self.times[:steps]
         with torch.no_grad():
-            x0 = self.sample(z, cond, steps - 1, mode="sde", generator=generator)
-        return self.step(self.next_input(x0, x0, t_prev, t_last, "sde", generator), t_last, cond)
+            x0 = self.sample_at(z, times[:-1], cond, "sde", generator)
+        return self.step(self.next_input(x0, x0, times[-2], times[-1], "sde", generator), times[-1], cond)

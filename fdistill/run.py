@@ -111,6 +111,14 @@ def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: T
                           "exported pipeline does; use eval.renoise=sde")
     fake_score = task.trainable_copy() if objective.needs_fake_score else None
     discriminator = None
+    if objective.discriminator_features is not None:
+        if not objective.needs_discriminator:
+            raise ConfigError("objective.discriminator_features is read only when the objective trains a "
+                              "discriminator on teacher features; remove it or give objective.gan_weight > 0")
+        try:
+            teacher.read_features(objective.discriminator_features)
+        except ValueError as e:
+            raise ConfigError(f"objective.discriminator_features: {str(e).splitlines()[0]}") from None
     if objective.needs_discriminator:
         probe = torch.zeros(2, *teacher.sample_shape)
         t = torch.full((2,), teacher.schedule.t_max, dtype=torch.float64)

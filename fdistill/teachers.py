@@ -1,6 +1,7 @@
 """Build a run's frozen teacher from the configuration (``teacher.kind``), and wrap it in guidance.
 
-Kinds: ``ring`` (an analytic Gaussian-mixture ring with exact scores), ``unet`` (a diffusers ``UNet2DModel``
+Kinds: ``ring`` (an analytic 2-D ring of Gaussians with exact scores), ``mixture`` (an analytic Gaussian mixture
+in any dimension from its means, standard deviations and weights), ``unet`` (a diffusers ``UNet2DModel``
 built from ``teacher.unet``, for tests), ``pretrained`` (a diffusers model or pipeline from a local directory or
 a hub id, text-to-image pipelines included), ``embedded`` (the shipped digits teacher) and ``embedded_t2i`` (the
 shipped text-to-image pipeline on the captioned shapes). A new kind is one builder in :data:`TEACHER_BUILDERS` and
@@ -10,6 +11,7 @@ the keys it reads in :data:`TEACHER_KEYS`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
@@ -17,7 +19,7 @@ from typing import Callable
 import torch
 
 from fdistill.config import Config, ConfigError, TeacherConfig
-from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, UNetDenoiser, freeze, ring_mixture
+from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, UNetDenoiser, freeze, gaussian_mixture, ring_mixture
 from fdistill.guidance import GuidedDenoiser
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
 
@@ -26,15 +28,93 @@ EMBEDDED_T2I_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
-def ring_teacher(cfg: Config) -> Denoiser:
-    tc = cfg.teacher
+def analytic_schedule(tc: TeacherConfig):
+    """The noise schedule an analytic teacher diffuses under (``teacher.schedule``)."""
     if tc.schedule not in SCHEDULES:
         raise ConfigError(f"unknown teacher.schedule {tc.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    try:
-        params = ring_mixture(tc.num_modes, tc.radius, tc.std, tc.weights)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return GaussianMixtureDenoiser(**params, schedule=SCHEDULES[tc.schedule]())
+    return SCHEDULES[tc.schedule]()
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def describe(value) -> str:
+    """A short account of a configured value's shape, for error messages."""
+    if isinstance(value, (list, tuple)):
+        row_lengths = sorted({len(v) for v in value if isinstance(v, (list, tuple))})
+        rows = f" (rows of {' or '.join(map(str, row_lengths))})" if row_lengths else ""
+        return f"{len(value)} entries{rows}"
+    return repr(value)
+
+
+def check_weights(weights: list[float] | None, num_modes: int, modes_from: str) -> None:
+    """``teacher.weights``: absent (equal weights) or one non-negative number per mode, not all zero."""
+    if weights is None:
+        return
+    if len(weights) != num_modes:
+        raise ConfigError(f"teacher.weights has {len(weights)} entries but {modes_from} gives {num_modes} modes; "
+                          "give one weight per mode, or leave teacher.weights out for equal weights")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"teacher.weights={list(weights)} must be non-negative and not all zero (they are "
+                          "normalised to sum to 1); fix the weights")
+
+
+def check_stds(stds, num_modes: int, dim: int) -> None:
+    """``teacher.stds``: one number, one per mode or one per mode and coordinate, all positive."""
+    shapes = (f"one number, {num_modes} numbers (one per mode) or {num_modes} rows of {dim} (one per mode and "
+              "coordinate)")
+    if stds is None:
+        raise ConfigError(f"teacher.kind=mixture needs teacher.stds: {shapes}")
+    if is_number(stds):
+        values = [stds]
+    elif isinstance(stds, (list, tuple)) and len(stds) == num_modes and all(map(is_number, stds)):
+        values = list(stds)
+    elif (isinstance(stds, (list, tuple)) and len(stds) == num_modes
+          and all(isinstance(row, (list, tuple)) and len(row) == dim and all(map(is_number, row)) for row in stds)):
+        values = [s for row in stds for s in row]
+    else:
+        raise ConfigError(f"teacher.stds ({describe(stds)}) must be {shapes} to fit teacher.means")
+    bad = [s for s in values if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise ConfigError(f"teacher.stds must be positive and finite, got {bad[0]}; give every mode a positive "
+                          "standard deviation")
+
+
+def check_means(means: list[list[float]] | None) -> None:
+    """``teacher.means``: K >= 1 means with the same D >= 1 coordinates each, all finite."""
+    if not means:
+        raise ConfigError("teacher.kind=mixture needs teacher.means: K means of D coordinates each, "
+                          "e.g. [[-2, 0], [2, 0]]")
+    dim = len(means[0])
+    for k, mean in enumerate(means):
+        if len(mean) != dim:
+            raise ConfigError(f"teacher.means is ragged: mean {k} has {len(mean)} coordinates but mean 0 has {dim}; "
+                              "give every mean the same number of coordinates")
+        if not all(math.isfinite(c) for c in mean):
+            raise ConfigError(f"teacher.means[{k}]={list(mean)} is not finite; give finite coordinates")
+    if dim == 0:
+        raise ConfigError("teacher.means has means with no coordinates; give each mean D >= 1 coordinates")
+
+
+def ring_teacher(cfg: Config) -> Denoiser:
+    tc = cfg.teacher
+    schedule = analytic_schedule(tc)
+    if tc.num_modes < 1:
+        raise ConfigError(f"teacher.num_modes must be at least 1, got {tc.num_modes}")
+    if not (math.isfinite(tc.std) and tc.std > 0):
+        raise ConfigError(f"teacher.std must be positive and finite, got {tc.std}")
+    check_weights(tc.weights, tc.num_modes, f"teacher.num_modes={tc.num_modes}")
+    return GaussianMixtureDenoiser(**ring_mixture(tc.num_modes, tc.radius, tc.std, tc.weights), schedule=schedule)
+
+
+def mixture_teacher(cfg: Config) -> Denoiser:
+    tc = cfg.teacher
+    schedule = analytic_schedule(tc)
+    check_means(tc.means)
+    check_stds(tc.stds, len(tc.means), len(tc.means[0]))
+    check_weights(tc.weights, len(tc.means), "teacher.means")
+    return GaussianMixtureDenoiser(**gaussian_mixture(tc.means, tc.stds, tc.weights), schedule=schedule)
 
 
 def unet_teacher(cfg: Config) -> Denoiser:
@@ -60,12 +140,13 @@ def embedded_t2i_teacher(cfg: Config) -> Denoiser:
 
 
 TEACHER_BUILDERS: dict[str, Callable[[Config], Denoiser]] = {
-    "ring": ring_teacher, "unet": unet_teacher, "pretrained": pretrained_teacher, "embedded": embedded_teacher,
-    "embedded_t2i": embedded_t2i_teacher,
+    "ring": ring_teacher, "mixture": mixture_teacher, "unet": unet_teacher, "pretrained": pretrained_teacher,
+    "embedded": embedded_teacher, "embedded_t2i": embedded_t2i_teacher,
 }
 # the teacher.* keys each kind reads, beyond kind and guidance (which every kind reads)
 TEACHER_KEYS = {
     "ring": {"schedule", "num_modes", "radius", "std", "weights"},
+    "mixture": {"schedule", "means", "stds", "weights"},
     "unet": {"unet", "prediction_type"},
     "pretrained": {"pretrained", "prediction_type", "negative_prompt"},
     "embedded": {"prediction_type"},

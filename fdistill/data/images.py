@@ -6,6 +6,8 @@ and expose ``num_classes``, ``channels`` and ``size`` so a run can build its net
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,12 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    @cached_property
+    def labels(self) -> torch.Tensor:
+        """Every image's class, drawn as ``__getitem__`` draws it, without rendering the images."""
+        return torch.tensor([int(np.random.default_rng([self.seed, i]).integers(self.num_classes))
+                             for i in range(self.num_images)], dtype=torch.long)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if not 0 <= i < self.num_images:
             raise IndexError(i)
@@ -162,6 +170,11 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    @cached_property
+    def labels(self) -> torch.Tensor:
+        """Every file's class, without loading the images."""
+        return torch.tensor([label for _, label in self.files], dtype=torch.long)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.files[i]
         return load_image(path, self.size, self.channels), label
@@ -205,13 +218,30 @@ class ImageBatches:
     them, and the same images' class labels as the condition of a class-conditional teacher (so the student
     learns every class in the data's proportions).
 
+    ``class_frequencies`` (one weight per class, normalised here) draws each image's class from these
+    frequencies and then the image uniformly within its class; by default images are drawn uniformly, so classes
+    come in the data's own proportions. ``null_label`` makes the run unconditional for a class-conditional
+    teacher: every condition is that label (the teacher's null class) whatever the image's class.
+
     Indices are drawn from torch's global RNG, which the trainer seeds from ``(run.seed, step)`` before each
     batch: a resumed run sees the same batches without saving any state.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, with_real: bool = True, conditional: bool = True):
+    def __init__(self, dataset: Dataset, batch_size: int, with_real: bool = True, conditional: bool = True,
+                 class_frequencies: Sequence[float] | None = None, null_label: int | None = None):
         self.dataset, self.batch_size = dataset, batch_size
-        self.with_real, self.conditional = with_real, conditional
+        self.with_real, self.conditional, self.null_label = with_real, conditional, null_label
+        self.class_frequencies = None
+        if class_frequencies is not None:
+            self.class_frequencies = normalised_frequencies(class_frequencies, dataset.num_classes)
+            labels = dataset.labels
+            self.members = torch.sort(labels, stable=True).indices  # indices grouped by class, classes in order
+            self.class_sizes = torch.bincount(labels, minlength=dataset.num_classes)
+            self.class_starts = torch.cumsum(self.class_sizes, 0) - self.class_sizes
+            empty = [c for c, f in enumerate(self.class_frequencies.tolist()) if f > 0 and not self.class_sizes[c]]
+            if empty:
+                raise ValueError(f"class frequencies give class {empty[0]} a positive share but the data hold no "
+                                 "image of it; set its frequency to 0 or add images")
 
     def _items(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self.dataset, "images"):  # in-memory sets: one gather
@@ -219,9 +249,29 @@ class ImageBatches:
         pairs = [self.dataset[int(i)] for i in index]
         return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs], dtype=torch.long)
 
+    def _index(self) -> torch.Tensor:
+        """``batch_size`` data-set indices: uniform, or a class from the class frequencies and then a member."""
+        if self.class_frequencies is None:
+            return torch.randint(len(self.dataset), (self.batch_size,))
+        classes = torch.multinomial(self.class_frequencies, self.batch_size, replacement=True)
+        sizes = self.class_sizes[classes]
+        within = torch.minimum((torch.rand(self.batch_size, dtype=torch.float64) * sizes).long(), sizes - 1)
+        return self.members[self.class_starts[classes] + within]
+
     def __iter__(self):
         while True:
-            index = torch.randint(len(self.dataset), (self.batch_size,))
-            images, labels = self._items(index)
+            images, labels = self._items(self._index())
+            if self.null_label is not None:
+                labels = torch.full_like(labels, self.null_label)
             yield Batch(size=self.batch_size, real=images if self.with_real else None,
                         cond=labels if self.conditional else None)
+
+
+def normalised_frequencies(weights: Sequence[float], num_classes: int) -> torch.Tensor:
+    """``weights`` (one non-negative number per class, not all zero) divided by their sum, in float64."""
+    f = torch.as_tensor(list(weights), dtype=torch.float64)
+    if f.ndim != 1 or len(f) != num_classes:
+        raise ValueError(f"{len(f.reshape(-1))} class frequencies for {num_classes} classes; give one per class")
+    if not torch.isfinite(f).all() or (f < 0).any() or f.sum() == 0:
+        raise ValueError(f"class frequencies {f.tolist()} must be finite, non-negative and not all zero")
+    return f / f.sum()

@@ -51,6 +51,7 @@ class Objective(nn.Module):
     needs_fake_score = True
     needs_discriminator = False
     needs_real_data = False
+    discriminator_features: list[str] | None = None  # the teacher blocks a discriminator reads (None: default)
 
     def __init__(self, options: ObjectiveOptions, schedule: Schedule):
         super().__init__()

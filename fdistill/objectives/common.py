@@ -1,4 +1,4 @@
-"""Loss terms that two or more objectives share (docs/objectives.md §0, §2.3, §2.4, §4.2, §4.3, §5-§7).
+"""Loss terms that two or more objectives share (docs/objectives.md §0, §2.3, §2.4, §3.1, §4.2, §4.3, §5-§7).
 
 What only one objective uses lives in that objective's file. Normalisers, weights and density ratios are
 computed in float32 and detached; time coefficients in float64.
@@ -6,13 +6,15 @@ computed in float32 and detached; time coefficients in float64.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdistill.containers import Batch, Networks
 from fdistill.denoisers import Denoiser, per_sample
 from fdistill.generator import time_at_noise_level
 from fdistill.schedules import Schedule
@@ -46,6 +48,65 @@ def denoising_loss(net: Denoiser, x0, t, cond=None, weighting: str = "none"):
     x0_hat, features = net.forward_with_features(x_t, t, cond)
     err = (x0_hat - x0).float().pow(2).flatten(1).mean(1)
     return (fake_score_weight(net.schedule, t, weighting).float().to(err.device) * err).mean(), eps, features
+
+
+# ---------------------------------------------------------------------------------------------------
+# The student's samples: one step, or DMD2's backward simulation for a few-step student (§3.1).
+
+BACKWARD_SIMULATION_TIMES = ("fixed", "random")
+
+
+@dataclass
+class BackwardSimulationOptions:
+    """Times of the backward simulation of a student with ``K > 1`` sampling times (§3.1): ``fixed`` (default)
+    the student's own times, exactly those its sampler uses; ``random`` keeps ``t_0`` and draws each later time
+    in its stratum ``(t_{i+1}, t_i]`` every call, which trains the student between its sampling times too."""
+
+    backward_simulation_times: str = "fixed"
+
+
+def check_backward_simulation_options(options: BackwardSimulationOptions) -> None:
+    """A one-line ``ValueError`` for an unknown ``backward_simulation_times``."""
+    if options.backward_simulation_times not in BACKWARD_SIMULATION_TIMES:
+        raise ValueError(f"objective.backward_simulation_times must be fixed or random, "
+                         f"not {options.backward_simulation_times!r}")
+
+
+def uniform_simulation_steps(step: int, max_steps: int) -> int:
+    """DMD2's number of student steps ``k`` for training step ``step``: uniform on ``1..K``, one draw per step.
+    The draw is a hash of ``step`` alone, so every micro-batch and process of a step simulates the same ``k``
+    (DMD2 broadcasts its draw to all GPUs, so none waits for a longer simulation), resuming repeats it, and
+    torch's RNG is left untouched (a one-time student draws exactly what it drew without backward simulation)."""
+    digest = hashlib.blake2b(f"backward_simulation/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % max_steps + 1
+
+
+def cyclic_simulation_steps(count: int, max_steps: int) -> int:
+    """rCM's number of student steps ``k = (count mod K) + 1`` for its ``count``-th update of a kind."""
+    return count % max_steps + 1
+
+
+def backward_simulation_samples(batch: Batch, nets: Networks, steps: int, times: str = "fixed") -> torch.Tensor:
+    """``x_g`` from fresh unit noise: the student's ``steps``-step sample with gradient through the last step only
+    (a plain one-step sample for ``steps = 1``), at its ``fixed`` or ``random`` times (§3.1)."""
+    student = nets.student
+    z = student.noise(batch.size, device=nets.device)
+    return student.backward_simulation(z, batch.cond, steps, random_times=times == "random")
+
+
+def student_samples(batch: Batch, nets: Networks, step: int, times: str = "fixed") -> torch.Tensor:
+    """``x_g`` of training step ``step`` in the score-distillation objectives, critic and generator steps alike:
+    a backward simulation of ``k = uniform_simulation_steps(step, K)`` steps (DMD2, §3.1)."""
+    steps = uniform_simulation_steps(step, nets.student.max_steps)
+    return backward_simulation_samples(batch, nets, steps, times)
+
+
+@dataclass
+class DiscriminatorFeatureOptions:
+    """Which of a UNet teacher's blocks the discriminator heads read (§2.4): ``down.i``, ``mid`` or ``up.i``, one
+    head each; ``None`` keeps the teacher's default blocks. Analytic teachers have one fixed feature vector."""
+
+    discriminator_features: Optional[List[str]] = None
 
 
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ score-space weight ``w(t) = sigma^2/alpha^2``) and uses no normaliser:
 
 with ``x_g = G(1.0 z)`` (the student's input sigma in the CIFAR command). So it is DMD (:mod:`.dmd`) without
 the per-sample normaliser: the critic step (fake-score DSM, here with EDM lognormal times and EDM weighting,
-1:1 alternation) is DMD's, and so is the optional GAN term.
+1:1 alternation) is DMD's, and so are the optional GAN term and, for a student with several sampling times, the
+backward simulation that draws ``x_g`` (docs/objectives.md §3.1).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class DiffInstruct(DMD):
         return Generator(net, common.student_input_times(self.schedule, times, self.options.init_sigma))
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
-        x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
+        x_g = common.student_samples(batch, nets, step, self.options.backward_simulation_times)
         t = self._times(batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
         gan = self.needs_discriminator

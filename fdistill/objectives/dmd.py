@@ -9,6 +9,14 @@ Integral reverse KL ``int w(t) KL(q_t || p_t) dt`` (docs/objectives.md §3). Its
 where ``x0_p`` is the (possibly guided, §2.5) teacher. The critic step trains the fake score by denoising on
 detached student samples and, with a GAN, the discriminator on teacher features of noisy real vs noisy student
 samples (DMD2's two-time-scale update). Subclasses change only the per-sample weight (f-distill).
+
+A student with ``K > 1`` sampling times ``t_0 > ... > t_{K-1}`` draws ``x_g`` by DMD2's backward simulation
+(docs/objectives.md §3.1), in critic and generator steps alike: ``k ~ U{1..K}`` once per training step,
+
+    x^(0) = s z,   x^(i) = alpha(t_i) sg(G(x^(i-1), t_{i-1})) + sigma(t_i) eps_i,   x_g = G(x^(k-1), t_{k-1}),
+
+fresh ``eps_i``, gradient through the last call only; ``objective.backward_simulation_times`` picks the
+student's own times (``fixed``) or later times drawn in ``(t_{i+1}, t_i]`` (``random``).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ def sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight=None, norma
 
 
 @dataclass
-class DMDOptions(ObjectiveOptions):
+class DMDOptions(common.DiscriminatorFeatureOptions, common.BackwardSimulationOptions, ObjectiveOptions):
     name: str = "dmd"
     critic_steps: int = 4
     time_distribution: str = "polynomial"
@@ -61,9 +69,17 @@ class DMDOptions(ObjectiveOptions):
 class DMD(Objective):
     critic_trains = ("fake_score", "discriminator")
 
+    def __init__(self, options: DMDOptions, schedule):
+        super().__init__(options, schedule)
+        common.check_backward_simulation_options(options)
+
     @property
     def needs_discriminator(self) -> bool:
         return self.options.gan_weight > 0
+
+    @property
+    def discriminator_features(self) -> list[str] | None:
+        return self.options.discriminator_features
 
     @property
     def needs_real_data(self) -> bool:
@@ -76,7 +92,7 @@ class DMD(Objective):
 
     def critic_loss(self, batch: Batch, nets: Networks, step: int):
         with torch.no_grad():
-            x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
+            x_g = common.student_samples(batch, nets, step, self.options.backward_simulation_times)
         t = self._times(batch.size, x_g.device)
         loss_fake, _, _ = common.denoising_loss(nets.fake_score, x_g, t, batch.cond, self.options.fake_score_weighting)
         logs = {"fake_score": loss_fake.detach()}
@@ -99,7 +115,7 @@ class DMD(Objective):
         return None, {}
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
-        x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
+        x_g = common.student_samples(batch, nets, step, self.options.backward_simulation_times)
         t = self._times(batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
         # The teacher sees x_t with its input gradient kept: the GAN term backpropagates through its features.

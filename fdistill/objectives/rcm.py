@@ -9,8 +9,10 @@ regulariser. Student step, ``L = scm_weight L_sCM + dmd_weight L_DMD`` (100 and 
   ``g_hat = g / (||g||_2 + 0.1)``, no prior and no adaptive weighting (:meth:`SCM.consistency_target`);
 * ``L_DMD = sum_elem (x_g - sg(x_g - grad))^2``, ``grad = (x0_q - x0_p) / max(mean|x_g - x0_p|, c)``
   (``c = 1e-5``), on ``x_g`` from a backward simulation of ``N = (k mod K) + 1`` student steps (gradient
-  through the last one only; ``K`` the student's number of times) re-noised at ``t ~ p_D`` (RF shift 5); only
-  after the tangent warm-up.
+  through the last one only; ``K`` the student's number of times; docs/objectives.md §3.1) re-noised at
+  ``t ~ p_D`` (RF shift 5); only after the tangent warm-up. The simulation runs at the student's times
+  (``backward_simulation_times: fixed``) or with its later times drawn in ``(t_{i+1}, t_i]`` (``random``; rCM's
+  code draws them from ``p_D``, each capped by the time before).
 
 Critic step: the fake score's flow-matching loss ``sum_elem (x_g - x0_q(x_t, t))^2 / sin^2 t`` on detached
 backward-simulated samples. During the first ``tangent_warmup`` steps every step is a (pure sCM) student
@@ -33,7 +35,7 @@ from fdistill.trigflow import TrigFlowDenoiser
 
 
 @dataclass
-class RCMOptions(ConsistencyOptions):
+class RCMOptions(common.BackwardSimulationOptions, ConsistencyOptions):
     name: str = "rcm"
     p_mean: float = 0.7  # p_G of the sCM term (Wan 1.3B)
     tangent_warmup: int = 1000  # pure-sCM steps; also the warm-up of the tangent
@@ -51,6 +53,10 @@ class RCM(SCM):
     critic_trains = ("fake_score",)
     needs_fake_score = True
 
+    def __init__(self, options: RCMOptions, schedule):
+        super().__init__(options, schedule)
+        common.check_backward_simulation_options(options)
+
     def student_updates_before(self, step: int) -> int:
         """How many student steps precede ``step`` (rCM's "effective iteration")."""
         warmup, freq = self.options.tangent_warmup, self.options.student_update_freq
@@ -65,9 +71,8 @@ class RCM(SCM):
         return net.clamp_time(t).to(device)
 
     def _student_samples(self, batch: Batch, nets: Networks, simulation_index: int) -> torch.Tensor:
-        student = nets.student
-        steps = simulation_index % student.max_steps + 1
-        return student.backward_simulation(student.noise(batch.size, device=nets.device), batch.cond, steps)
+        steps = common.cyclic_simulation_steps(simulation_index, nets.student.max_steps)
+        return common.backward_simulation_samples(batch, nets, steps, self.options.backward_simulation_times)
 
     def _renoise(self, net: TrigFlowDenoiser, x_g: torch.Tensor):
         t = self._dmd_times(net, len(x_g), x_g.device)

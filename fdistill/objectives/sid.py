@@ -16,6 +16,12 @@ forward pass and the GAN term; each implements only :meth:`ScoreIdentity.score_l
 ``shared`` (SiDA: the logit map is the channel mean of the fake score's features, BCE per location) or
 ``separate`` (a head on the teacher's features, §2.4). As in the official code the GAN generator term is scaled
 like the score loss, ``D N_i softplus(-l_i)`` with ``N_i`` the normaliser and ``D`` the sample size.
+
+A student with ``K > 1`` sampling times draws ``x_g`` by DMD2's backward simulation (docs/objectives.md §3.1), in
+critic and generator steps alike: ``k ~ U{1..K}`` per training step, ``k - 1`` steps of its sampler without
+gradient from ``x^(0) = s z`` (fresh noise at each re-noising), then ``x_g = G(x^(k-1), t_{k-1})`` with gradient;
+the loss above reaches the student through that last call only. ``objective.backward_simulation_times`` picks
+the student's own times (``fixed``) or later times drawn in ``(t_{i+1}, t_i]`` (``random``).
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ def normalized_gan_generator_loss(logits, normalizer, dim: int, logit_clamp: flo
 
 
 @dataclass
-class ScoreIdentityOptions(ObjectiveOptions):
+class ScoreIdentityOptions(common.DiscriminatorFeatureOptions, common.BackwardSimulationOptions,
+                           ObjectiveOptions):
     name: str = "sid"
     critic_steps: int = 1
     init_sigma: Optional[float] = 2.5  # student input sigma (SNR-matched); explicit generator.times win
@@ -80,6 +87,15 @@ class ScoreIdentity(Objective):
         if options.discriminator not in DISCRIMINATORS:
             raise ValueError(f"objective.discriminator must be one of {DISCRIMINATORS}, "
                              f"not {options.discriminator!r}")
+        common.check_backward_simulation_options(options)
+        if options.discriminator_features is not None and options.discriminator != "separate":
+            raise ValueError("objective.discriminator_features is read by the separate discriminator only (the "
+                             "shared one reads the fake score's last block); remove it or set "
+                             "objective.discriminator=separate")
+
+    @property
+    def discriminator_features(self) -> list[str] | None:
+        return self.options.discriminator_features
 
     @property
     def uses_discriminator(self) -> bool:
@@ -116,7 +132,7 @@ class ScoreIdentity(Objective):
     def critic_loss(self, batch: Batch, nets: Networks, step: int):
         o, schedule = self.options, self.schedule
         with torch.no_grad():
-            x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
+            x_g = common.student_samples(batch, nets, step, o.backward_simulation_times)
         t = self.times(o.critic_time_distribution, batch.size, x_g.device)
         loss, eps, feat_fake = common.denoising_loss(nets.fake_score, x_g, t, batch.cond, o.fake_score_weighting)
         logs = {"fake_score": loss.detach()}
@@ -144,7 +160,7 @@ class ScoreIdentity(Objective):
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
         o = self.options
-        x_g = nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
+        x_g = common.student_samples(batch, nets, step, o.backward_simulation_times)
         t = self.times("sid", batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
         # Teacher and fake score are frozen, but the gradient must flow through their input (§12 item 8).

@@ -14,7 +14,8 @@ on the x0 difference ``Delta = x0_q - x0_p`` (:func:`sim_loss`):
   ``c = 0.00054 sqrt(D)`` (iCT's constant, in x0 units) is a choice: the paper's value was not available.
 
 Training is SiD's: student input sigma 2.5, t_max = 800 time law, the DMD-type normaliser times 100, 1:1
-alternation with the fake score, no real data.
+alternation with the fake score, no real data, and DMD2's backward simulation for a student with several sampling
+times (docs/objectives.md §3.1).
 """
 
 from __future__ import annotations

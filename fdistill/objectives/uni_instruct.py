@@ -29,7 +29,8 @@ Pearson SiD(3/2).
 ``lambda(t) alpha^2/sigma^4`` is replaced by SiD's normaliser times 100. The ratio is ``exp(clamp(l, +-10))``
 clamped to [0.1, 20] and optionally normalised per time bin (§4.3). Warm-up: the first
 ``warmup_generator_steps`` generator steps are plain SiD(``warmup_alpha``) without the GAN term, as the
-official code does before 200k images.
+official code does before 200k images. A student with several sampling times draws ``x_g`` by SiD's backward
+simulation (docs/objectives.md §3.1; :mod:`.sid`).
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """The image task: a diffusers UNet teacher (class-conditional or unconditional) and an image data set.
 
 Training batches come from ``data.kind`` (digits, shapes or an image folder), whose class labels condition a
-class-conditional teacher. The run is judged by FD against the data (``eval.reference``) in a feature network's
-space (``eval.features``), plus label accuracy and class coverage from the shipped digits classifier when the
-data are the digits; the student exports as a diffusers pipeline.
+class-conditional teacher, drawn in the data's own class proportions or in ``data.class_frequencies``. With
+``data.unconditional`` every network gets the teacher's null class instead, and the student chooses its own class
+frequencies. The run is judged by FD against the data (``eval.reference``) in a feature network's space
+(``eval.features``), plus label accuracy and class coverage from the shipped digits classifier when the data are
+the digits, and for unconditional samplers their class frequencies and total-variation distances to the data's and
+the teacher's; the student exports as a diffusers pipeline.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -16,9 +20,16 @@ import torch
 
 from fdistill.config import ConfigError
 from fdistill.containers import Networks
-from fdistill.data.images import IMAGE_DATASETS, ImageBatches, build_image_dataset, reference_images
+from fdistill.data.images import (
+    IMAGE_DATASETS,
+    ImageBatches,
+    build_image_dataset,
+    normalised_frequencies,
+    reference_images,
+)
 from fdistill.denoisers import Denoiser, UNetDenoiser
 from fdistill.evaluation import ImageProtocol, evaluate_images, student_samples, upscaled_grid
+from fdistill.metrics.class_frequencies import class_frequencies, sampling_floor, total_variation
 from fdistill.tasks.base import Task
 
 PREVIEW_ROWS = 4
@@ -38,6 +49,22 @@ class ImageTask(Task):
 
     def condition_probe(self, n: int) -> torch.Tensor | None:
         return None if self.teacher.num_class_embeds is None else torch.zeros(n, dtype=torch.long)
+
+    @property
+    def null_label(self) -> int | None:
+        """The condition of every sample of a ``data.unconditional`` run (the teacher's null class), else ``None``."""
+        if not self.cfg.data.unconditional:
+            return None
+        return int(self.teacher.null_condition(torch.zeros(1, dtype=torch.long))[0])
+
+    def conditions(self, n: int) -> torch.Tensor | None:
+        """The conditions of ``n`` evaluation samples: labels ``i % K`` for a class-conditional run, the null class
+        for a ``data.unconditional`` one, ``None`` for an unconditional teacher."""
+        if self.teacher.num_class_embeds is None:
+            return None
+        if self.null_label is not None:
+            return torch.full((n,), self.null_label, dtype=torch.long)
+        return torch.arange(n) % self.dataset.num_classes
 
     @cached_property
     def dataset(self):
@@ -68,7 +95,31 @@ class ImageTask(Task):
                               "images in one sub-folder per class")
         if classes is not None and dataset.num_classes > classes:
             raise ConfigError(f"the data have {dataset.num_classes} classes but the teacher knows {classes}")
+        if cfg.data.unconditional and classes is None:
+            raise ConfigError("data.unconditional: the teacher takes no class labels, so the run is unconditional "
+                              "already; remove it")
+        if cfg.data.unconditional and (cfg.teacher.guidance_scale != 1.0 or cfg.teacher.guidance_interval):
+            raise ConfigError("teacher.guidance_scale guides towards a class, and a data.unconditional run gives the "
+                              "teacher none; remove the guidance or data.unconditional")
+        if cfg.data.class_frequencies is not None and not getattr(dataset, "num_classes", 0):
+            raise ConfigError(f"data.class_frequencies needs classes but {cfg.data.path} has none; put the images "
+                              "in one sub-folder per class")
         return dataset
+
+    @cached_property
+    def data_class_frequencies(self) -> torch.Tensor | None:
+        """The class frequencies training images are drawn with: ``data.class_frequencies`` normalised, else the
+        data's own label proportions; ``None`` for data without classes."""
+        dataset, given = self.dataset, self.cfg.data.class_frequencies
+        num_classes = getattr(dataset, "num_classes", 0)
+        if not num_classes:
+            return None
+        if given is None:
+            return torch.bincount(dataset.labels, minlength=num_classes).double() / len(dataset)
+        try:
+            return normalised_frequencies(given, num_classes)
+        except ValueError as e:
+            raise ConfigError(f"data.class_frequencies: {e} (data.kind={self.cfg.data.kind})") from None
 
     @property
     def features(self) -> str:
@@ -91,7 +142,13 @@ class ImageTask(Task):
     def batches(self, needs_real_data: bool):
         self.check_sample_counts()
         conditional = self.teacher.num_class_embeds is not None
-        return iter(ImageBatches(self.dataset, self.cfg.train.batch_size, needs_real_data, conditional))
+        frequencies = None if self.cfg.data.class_frequencies is None else self.data_class_frequencies
+        try:
+            batches = ImageBatches(self.dataset, self.cfg.train.batch_size, needs_real_data, conditional,
+                                   frequencies, self.null_label)
+        except ValueError as e:
+            raise ConfigError(f"data.class_frequencies: {e}") from None
+        return iter(batches)
 
     def protocol(self, samples_dir: Path | None, progress: bool = False) -> ImageProtocol:
         """What every sampler of this run is judged under (see :class:`~fdistill.evaluation.ImageProtocol`)."""
@@ -100,20 +157,53 @@ class ImageTask(Task):
         default_reference = ("digits" if digits else cfg.data.path if cfg.data.kind == "folder" else
                              torch.stack([dataset[i][0] for i in range(min(len(dataset), ec.num_samples))]))
         features = self.features
-        num_classes = getattr(dataset, "num_classes", None) if self.teacher.num_class_embeds else None
-        labels = None if num_classes is None else torch.arange(ec.num_samples) % num_classes
         classifier = None
         if digits and features == "fdistill-digits":
             from fdistill.metrics.features import load_digits_classifier
 
             classifier = load_digits_classifier()
-        return ImageProtocol(ec.num_samples, ec.seed, ec.batch_size, labels,
-                             reference_images(ec.reference or default_reference), features, classifier,
-                             num_classes or getattr(dataset, "num_classes", None), samples_dir, progress)
+        protocol = ImageProtocol if self.null_label is None else UnconditionalProtocol
+        return protocol(ec.num_samples, ec.seed, ec.batch_size, self.conditions(ec.num_samples),
+                        reference_images(ec.reference or default_reference), features, classifier,
+                        getattr(dataset, "num_classes", None), samples_dir, progress)
 
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
+        """The image protocol's entries; unconditional samplers judged by the digits classifier also get their
+        class frequencies and TVs (:meth:`add_class_frequencies`)."""
         samples_dir = run_dir / "samples" if self.cfg.eval.save_samples else None
-        return evaluate_images(nets, self.cfg.eval, self.protocol(samples_dir, progress))
+        protocol = self.protocol(samples_dir, progress)
+        unconditional = self.null_label is not None or protocol.labels is None
+        recorder = None
+        if unconditional and protocol.classifier is not None:
+            recorder = protocol.classifier = PredictionRecorder(protocol.classifier)
+        results = evaluate_images(nets, self.cfg.eval, protocol)
+        if self.null_label is not None:
+            for entry in results:  # the null class is no class: agreement with it measures nothing
+                entry.pop("class_accuracy", None)
+        if recorder is not None:
+            predicted = torch.cat(recorder.predicted)
+            if len(predicted) != len(results) * protocol.num_samples:
+                raise RuntimeError(f"the classifier saw {len(predicted)} images for {len(results)} samplers of "
+                                   f"{protocol.num_samples} samples each")
+            self.add_class_frequencies(results, predicted.split(protocol.num_samples), protocol.num_classes)
+        return results
+
+    def add_class_frequencies(self, results: list[dict], predicted: list[torch.Tensor], num_classes: int) -> None:
+        """Add to each entry its ``class_frequencies`` (of the classifier's argmax) and ``class_tv_to_data``, the
+        TV to the data's class frequencies; students also get ``class_tv_to_teacher``, the TV to the teacher
+        entry's frequencies under the same protocol. ``class_tv_floor`` is the TV that exact samples from the
+        data's frequencies would show at this sample count."""
+        data = self.data_class_frequencies
+        frequencies = [class_frequencies(p, num_classes) for p in predicted]
+        teacher = next(f for entry, f in zip(results, frequencies, strict=True) if entry["model"] == "teacher")
+        floor = sampling_floor(data, len(predicted[0]))
+        for entry, f in zip(results, frequencies, strict=True):
+            entry["class_frequencies"] = [round(v, 4) for v in f.tolist()]
+            entry["class_tv_to_data"] = total_variation(f, data)
+            if entry["model"] != "teacher":
+                entry["class_tv_to_teacher"] = total_variation(f, teacher)
+            entry["data_class_frequencies"] = [round(v, 4) for v in data.tolist()]
+            entry["class_tv_floor"] = floor
 
     @torch.no_grad()
     def preview(self, nets: Networks, path: Path) -> None:
@@ -124,21 +214,23 @@ class ImageTask(Task):
         columns = min(classes - 1, 10) if classes else 8
         n = PREVIEW_ROWS * columns
         g = torch.Generator().manual_seed(self.cfg.eval.seed)
-        cond = (torch.arange(n) % columns).to(nets.device) if classes else None
+        cond = None
+        if classes:
+            cond = (torch.arange(n) % columns if self.null_label is None else self.conditions(n)).to(nets.device)
         student = nets.student.servable()
         x = student(student.noise(n, generator=g).to(nets.device), cond).float().cpu()
         save_image(upscaled_grid(x, columns), path)
 
     def training_metrics(self, nets: Networks) -> dict[str, float]:
-        """The FD of ``log.fd_samples`` one-step student samples (labels ``i % K``, eval seed) against the run's
-        reference, in the evaluation's feature network and preprocessing. Far fewer samples than the final
-        evaluation, so only its trend is meaningful."""
+        """The FD of ``log.fd_samples`` one-step student samples (the evaluation's conditions, eval seed) against
+        the run's reference, in the evaluation's feature network and preprocessing. Far fewer samples than the
+        final evaluation, so only its trend is meaningful."""
         from fdistill.metrics.fid import frechet_distance_to_reference
 
-        protocol, feature_net, reference = self._training_reference
+        _, feature_net, reference = self._training_reference
         n = self.cfg.log.fd_samples
-        labels = None if protocol.labels is None else torch.arange(n) % protocol.num_classes
-        x = student_samples(nets, n, 1, self.cfg.eval.seed, cond=labels, batch_size=self.cfg.eval.batch_size)
+        x = student_samples(nets, n, 1, self.cfg.eval.seed, cond=self.conditions(n),
+                            batch_size=self.cfg.eval.batch_size)
         fd = frechet_distance_to_reference(x.clamp(-1, 1), reference, feature_net, backend="clean")
         return {"eval/fd": fd["value"]}
 
@@ -155,3 +247,26 @@ class ImageTask(Task):
         from fdistill.pipelines import export_pipeline
 
         return export_pipeline(student, out_dir, metadata)
+
+
+@dataclass
+class UnconditionalProtocol(ImageProtocol):
+    """The image protocol of a ``data.unconditional`` run: every sample's condition is the null class."""
+
+    def describe(self) -> dict:
+        return {**super().describe(), "labels": f"the null class {int(self.labels[0])} for every sample "
+                "(unconditional)"}
+
+
+class PredictionRecorder(torch.nn.Module):
+    """A classifier that also keeps the argmax class of every image it classifies, in order, so that an
+    evaluation's predictions can be read back per sampler."""
+
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier, self.predicted = classifier, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(x)
+        self.predicted.append(logits.argmax(1).cpu())
+        return logits

@@ -1,4 +1,4 @@
-"""The analytic task: a Gaussian-mixture teacher with exact scores and samples (the 2-D rings).
+"""The analytic task: a Gaussian-mixture teacher with exact scores and samples (2-D rings, mixtures in any dimension).
 
 Students and fake scores are EDM-preconditioned MLPs (``model``); training batches are the teacher's exact
 samples; the evaluation reports mode coverage, mode-weight TV, the off-mode fraction and the energy distance to
@@ -15,12 +15,21 @@ import torch
 from fdistill.config import ConfigError
 from fdistill.containers import Networks
 from fdistill.data.toy import TeacherSamples
-from fdistill.denoisers import Denoiser, MLPDenoiser
+from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, MLPDenoiser
 from fdistill.evaluation import student_samples, teacher_samples
 from fdistill.metrics.toy import energy_distance, mode_statistics
 from fdistill.tasks.base import Task
 
 PREVIEW_SAMPLES = 2000
+
+
+def principal_plane(teacher: GaussianMixtureDenoiser) -> torch.Tensor:
+    """``[D, 2]``: the directions of the largest and second-largest variance of the teacher's mixture, from its
+    exact covariance ``sum_k w_k (diag(var_k) + (mu_k - m)(mu_k - m)^T)``."""
+    weights = teacher.weights[:, None]
+    centred = teacher.means - (weights * teacher.means).sum(0)
+    covariance = torch.diag((weights * teacher.variances).sum(0)) + (weights * centred).T @ centred
+    return torch.linalg.eigh(covariance)[1][:, -2:].flip(1)
 
 
 class ToyTask(Task):
@@ -40,7 +49,7 @@ class ToyTask(Task):
 
     def _entry(self, samples: torch.Tensor, reference: torch.Tensor) -> dict:
         teacher = self.teacher
-        stats = mode_statistics(samples, teacher.means, teacher.variances.sqrt().mean(1), teacher.weights)
+        stats = mode_statistics(samples, teacher.means, teacher.variances.sqrt(), teacher.weights)
         return {**stats, "energy_distance": energy_distance(samples, reference)}
 
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
@@ -63,8 +72,9 @@ class ToyTask(Task):
 
     @torch.no_grad()
     def preview(self, nets: Networks, path: Path) -> None:
-        """One-step student samples over exact teacher samples, as a scatter plot (2-D data only)."""
-        if tuple(nets.student.sample_shape) != (2,):
+        """One-step student samples over exact teacher samples, as a scatter plot; data in more than two
+        dimensions are projected onto the plane of the teacher's two principal axes (none for 1-D data)."""
+        if nets.student.sample_shape[0] < 2:
             return
         import matplotlib
 
@@ -74,12 +84,17 @@ class ToyTask(Task):
         seed, device = self.cfg.eval.seed, nets.device
         g = torch.Generator(device=device).manual_seed(seed)
         x = nets.student(nets.student.noise(PREVIEW_SAMPLES, generator=g, device=device)).float().cpu()
-        ref = self.teacher.sample(PREVIEW_SAMPLES, generator=torch.Generator().manual_seed(seed))[0]
+        ref = self.teacher.sample(PREVIEW_SAMPLES, generator=torch.Generator().manual_seed(seed))[0].cpu()
+        title = path.stem
+        if x.shape[1] > 2:
+            plane = principal_plane(self.teacher).cpu().float()
+            x, ref = x @ plane, ref @ plane
+            title += " (teacher's principal axes 1, 2)"
         fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-        ax.scatter(ref[:, 0].cpu(), ref[:, 1].cpu(), s=1, c="0.75", label="teacher")
+        ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.75", label="teacher")
         ax.scatter(x[:, 0], x[:, 1], s=1, c="C0", label="student (1 step)")
         ax.set_aspect("equal")
         ax.legend(loc="upper right", markerscale=6, fontsize=7)
-        ax.set_title(path.stem, fontsize=8)
+        ax.set_title(title, fontsize=8)
         fig.savefig(path)
         plt.close(fig)

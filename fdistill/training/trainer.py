@@ -72,11 +72,17 @@ def step_seed(seed: int, step: int, stream) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _adamw(params, oc: OptimConfig):
-    params = [p for p in params if p.requires_grad]
-    if not params:
+def _adamw(params_by_network: dict[str, list[torch.nn.Parameter]], oc: OptimConfig, section: str):
+    """AdamW with one parameter group per network, at ``oc.lr`` unless ``oc.lr_by_network`` names the network."""
+    unknown = sorted(set(oc.lr_by_network) - set(params_by_network))
+    if unknown:
+        raise ConfigError(f"{section}.lr_by_network names {', '.join(unknown)}, which this optimizer does not "
+                          f"train; use {', '.join(params_by_network) or 'nothing'}")
+    groups = [{"params": trainable, "lr": oc.lr_by_network.get(name, oc.lr)}
+              for name, params in params_by_network.items() if (trainable := [p for p in params if p.requires_grad])]
+    if not groups:
         return None
-    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+    return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
 
 
 def _warmup(opt, steps: int):
@@ -114,7 +120,10 @@ class Trainer:
                         "critic": self._modules(objective.critic_trains)}
         extra = {"generator": objective.generator_parameters(), "critic": objective.critic_parameters()}
         optim = {"generator": cfg.student_optim, "critic": cfg.critic_optim}
-        self.optimizers = {k: _adamw(self._module_params(k) + list(extra[k]), optim[k]) for k in optim}
+        trains = {"generator": objective.generator_trains, "critic": objective.critic_trains}
+        sections = {"generator": "student_optim", "critic": "critic_optim"}
+        self.optimizers = {k: _adamw(self._params_by_network(trains[k], extra[k]), optim[k], sections[k])
+                           for k in optim}
         self.schedulers = {k: _warmup(o, optim[k].warmup_steps) for k, o in self.optimizers.items() if o}
         self.clip = {k: optim[k].grad_clip for k in optim}
         self.ema = EMASet(nets.student, cfg.ema.averages, cfg.train.batch_size)
@@ -138,8 +147,11 @@ class Trainer:
     def _modules(self, names) -> list[torch.nn.Module]:
         return [getattr(self.nets, n) for n in names if getattr(self.nets, n, None) is not None]
 
-    def _module_params(self, kind: str) -> list[torch.nn.Parameter]:
-        return [p for m in self.modules[kind] for p in m.parameters()]
+    def _params_by_network(self, names, extra) -> dict[str, list[torch.nn.Parameter]]:
+        """The parameters of each named network present (``objective`` for the objective's own), in order."""
+        params = {n: list(getattr(self.nets, n).parameters()) for n in names if getattr(self.nets, n, None) is not None}
+        extra = list(extra)
+        return {**params, "objective": extra} if extra else params
 
     def _set_trainable(self, kind: str) -> None:
         for k, mods in self.modules.items():
