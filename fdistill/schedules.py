@@ -297,6 +297,9 @@ def sigma_to_time(schedule: Schedule, sigma_edm) -> torch.Tensor:
     return schedule.t_from_snr(1.0 / _f64(sigma_edm)).clamp(schedule.t_min, schedule.t_max)
 
 
+TIME_DISTRIBUTIONS = ("uniform", "lognormal", "polynomial", "sid", "shift")
+
+
 def sample_time(schedule: Schedule, n: int, kind: str = "uniform", generator=None, **kw) -> torch.Tensor:
     """Draw ``n`` times of ``schedule`` from one of the distributions of docs/objectives.md §1.4.
 
@@ -327,4 +330,4 @@ def sample_time(schedule: Schedule, n: int, kind: str = "uniform", generator=Non
         shift = kw.get("shift", 5.0)
         s = shift * u / (1 + (shift - 1) * u)
         return sigma_to_time(schedule, s / (1 - s).clamp(min=1e-6))
-    raise ValueError(f"unknown time distribution {kind!r}")
+    raise ValueError(f"unknown time distribution {kind!r}; use one of {', '.join(TIME_DISTRIBUTIONS)}")

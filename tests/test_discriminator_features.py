@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_objective_steps import TINY_UNET, batches, check_one_critic_and_one_generator_step, tiny_unet_experiment
 
+import fdistill.objectives.dmd as dmd
 from fdistill.config import ConfigError, load_config
 from fdistill.denoisers import UNetDenoiser, unet_blocks
 from fdistill.run import build_experiment
@@ -107,3 +108,39 @@ def test_lr_by_network_refuses_a_network_the_optimizer_does_not_train():
     cfg, (nets, objective) = tiny_unet_experiment("f_distill", "student_optim.lr_by_network.discriminator=0.003")
     with pytest.raises(ConfigError, match="student_optim.lr_by_network names discriminator"):
         Trainer(nets, objective, batches(), cfg, progress=False)
+
+
+@pytest.mark.parametrize("law", [None, "lognormal"])
+def test_the_discriminator_trains_on_its_own_time_law(monkeypatch, law):
+    """The critic step noises the discriminator's real and student inputs at times drawn from
+    ``discriminator_time_distribution`` (the generator's law when unset); the fake score keeps the generator's."""
+    own_law = [] if law is None else [f"objective.discriminator_time_distribution={law}"]
+    overrides = ["objective.gan_weight=0.01", *own_law]
+    cfg, (nets, objective) = tiny_unet_experiment("dmd", *overrides)
+    drawn = []
+    real_sample_time = dmd.sample_time
+
+    def recording_sample_time(schedule, n, kind, **kw):
+        t = real_sample_time(schedule, n, kind, **kw)
+        drawn.append((kind, t))
+        return t
+
+    monkeypatch.setattr(dmd, "sample_time", recording_sample_time)
+    seen = []
+    forward = nets.teacher.forward_with_features
+    monkeypatch.setattr(nets.teacher, "forward_with_features",
+                        lambda x, t, cond=None: seen.append(t) or forward(x, t, cond))
+    objective.critic_loss(next(batches()), nets, 0)
+    expected = law or "polynomial"
+    assert [kind for kind, _ in drawn] == (["polynomial"] if law is None else ["polynomial", law]) + [expected]
+    assert len(seen) == 2
+    for t in seen:  # the discriminator's inputs: the same tensors the law produced
+        assert any(kind == expected and t is drawn_t for kind, drawn_t in drawn)
+
+
+def test_an_unknown_time_law_is_refused_before_training():
+    cfg, options = load_config(None, ["teacher.kind=unet", "objective.name=f_distill",
+                                      "objective.discriminator_time_distribution=lognormall"])
+    cfg.teacher.unet = dict(TINY_UNET)
+    with pytest.raises(ConfigError, match="discriminator_time_distribution='lognormall' is unknown"):
+        build_experiment(cfg, options)

@@ -8,7 +8,9 @@ Integral reverse KL ``int w(t) KL(q_t || p_t) dt`` (docs/objectives.md §3). Its
 
 where ``x0_p`` is the (possibly guided, §2.5) teacher. The critic step trains the fake score by denoising on
 detached student samples and, with a GAN, the discriminator on teacher features of noisy real vs noisy student
-samples (DMD2's two-time-scale update). Subclasses change only the per-sample weight (f-distill).
+samples (DMD2's two-time-scale update), its inputs noised at ``discriminator_time_distribution`` when set (else
+the generator's law); it reads the teacher blocks of ``discriminator_features`` (docs/objectives.md §2.4).
+Subclasses change only the per-sample weight (f-distill).
 
 A student with ``K > 1`` sampling times ``t_0 > ... > t_{K-1}`` draws ``x_g`` by DMD2's backward simulation
 (docs/objectives.md §3.1), in critic and generator steps alike: ``k ~ U{1..K}`` once per training step,
@@ -30,7 +32,7 @@ from fdistill.containers import Batch, Networks
 from fdistill.denoisers import per_sample
 from fdistill.objectives import common
 from fdistill.objectives.base import Objective, ObjectiveOptions, register
-from fdistill.schedules import sample_time
+from fdistill.schedules import TIME_DISTRIBUTIONS, sample_time
 
 
 def dmd_normalizer(x_g, x0_teacher, eps: float = 1e-6) -> torch.Tensor:
@@ -62,6 +64,8 @@ class DMDOptions(common.DiscriminatorFeatureOptions, common.BackwardSimulationOp
     time_range: Optional[List[float]] = None  # [lo, hi] restricts uniform time draws
     gan_weight: float = 0.0
     discriminator_weight: float = 1.0
+    # times of the discriminator's training inputs (critic step); null: time_distribution, as the generator step
+    discriminator_time_distribution: Optional[str] = None
     fake_score_weighting: str = "none"
 
 
@@ -72,6 +76,10 @@ class DMD(Objective):
     def __init__(self, options: DMDOptions, schedule):
         super().__init__(options, schedule)
         common.check_backward_simulation_options(options)
+        for key in ("time_distribution", "discriminator_time_distribution"):
+            law = getattr(options, key)
+            if law is not None and law not in TIME_DISTRIBUTIONS:
+                raise ValueError(f"objective.{key}={law!r} is unknown; use one of {', '.join(TIME_DISTRIBUTIONS)}")
 
     @property
     def needs_discriminator(self) -> bool:
@@ -85,10 +93,10 @@ class DMD(Objective):
     def needs_real_data(self) -> bool:
         return self.options.gan_weight > 0
 
-    def _times(self, n: int, device) -> torch.Tensor:
+    def _times(self, n: int, device, distribution: str | None = None) -> torch.Tensor:
         o = self.options
         bounds = {} if o.time_range is None else {"t_lo": o.time_range[0], "t_hi": o.time_range[1]}
-        return sample_time(self.schedule, n, o.time_distribution, **bounds).to(device)
+        return sample_time(self.schedule, n, distribution or o.time_distribution, **bounds).to(device)
 
     def critic_loss(self, batch: Batch, nets: Networks, step: int):
         with torch.no_grad():
@@ -98,10 +106,12 @@ class DMD(Objective):
         logs = {"fake_score": loss_fake.detach()}
         loss = loss_fake
         if self.needs_discriminator:
-            t_real = self._times(batch.size, x_g.device)
+            law = self.options.discriminator_time_distribution
+            t_fake = t if law is None else self._times(batch.size, x_g.device, law)
+            t_real = self._times(batch.size, x_g.device, law)
             with torch.no_grad():
-                _, feat_fake = nets.teacher.forward_with_features(common.diffuse(self.schedule, x_g, t)[0], t,
-                                                                  batch.cond)
+                x_fake_t = common.diffuse(self.schedule, x_g, t_fake)[0]
+                _, feat_fake = nets.teacher.forward_with_features(x_fake_t, t_fake, batch.cond)
                 x_real_t = common.diffuse(self.schedule, batch.real, t_real)[0]
                 _, feat_real = nets.teacher.forward_with_features(x_real_t, t_real, batch.cond)
             logits_real, logits_fake = nets.discriminator(feat_real), nets.discriminator(feat_fake)
