@@ -30,7 +30,8 @@ class RunConfig:
 @dataclass
 class TeacherConfig:
     # ring (analytic 2-D ring of Gaussians) | mixture (analytic Gaussian mixture in any dimension) |
-    # unet (built from `unet`) | pretrained | embedded (digits) | embedded_t2i (shapes)
+    # unet (built from `unet`) | pretrained | embedded (digits) | embedded_imbalanced (digits, imbalanced null
+    # class) | embedded_t2i (shapes)
     kind: str = "ring"
     schedule: str = "edm"  # schedule of analytic teachers: edm | vp | rf | trigflow
     num_modes: int = 8  # ring: modes at angles 2 pi k / num_modes

@@ -4,7 +4,7 @@ Sampling under fixed seeds for every task, and the image protocol (FD, class sta
 comparison grid) that the image tasks share.
 
 Every entry is computed from fixed seeds (``eval.seed``), so identical weights give identical numbers.
-Image samplers share one protocol: the same noise, class labels, sample count and reference statistics, so
+Image samplers share one protocol: the same noise, conditions, sample count and reference statistics, so
 that student and teacher numbers can be compared (Frechet distances on ~1000 samples are biased upward and
 only comparable within one protocol, which every entry records).
 """
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fdistill.config import EvalConfig
 from fdistill.containers import Networks
+from fdistill.metrics.class_frequencies import class_frequencies
 from fdistill.sampling import sample_ode
 
 
@@ -63,13 +64,16 @@ def _batches(n: int, batch_size: int | None, progress: bool, desc: str):
 
 @dataclass
 class ImageProtocol:
-    """What every image sampler is judged under. ``labels`` (one per sample, or ``None`` for unconditional
-    teachers) condition both student and teacher; ``classifier`` (optional) maps images in [-1, 1] to class
-    logits for label accuracy and class coverage; ``samples_dir`` receives each sampler's PNGs."""
+    """What every image sampler is judged under. ``conditions`` (one per sample, or ``None`` for unconditional
+    teachers) condition both student and teacher; ``labels`` (one per sample, or ``None``) are the classes the
+    samples are asked for, which class accuracy is measured against: the conditions of a class-conditional run,
+    ``None`` when every sample is conditioned on the null class. ``classifier`` (optional) maps images in [-1, 1]
+    to class logits for the class statistics; ``samples_dir`` receives each sampler's PNGs."""
 
     num_samples: int
     seed: int
     batch_size: int
+    conditions: torch.Tensor | None
     labels: torch.Tensor | None
     reference: object  # any image source of fdistill.metrics.fid, or its ReferenceStats
     features: object  # feature network name or FeatureNet
@@ -79,17 +83,24 @@ class ImageProtocol:
     progress: bool = False
 
     def describe(self) -> dict:
-        labels = None if self.labels is None else f"i % {self.num_classes} for sample i"
+        if self.conditions is None:
+            labels = None
+        elif self.labels is None:
+            labels = f"the null class {int(self.conditions[0])} for every sample (unconditional)"
+        else:
+            labels = f"i % {self.num_classes} for sample i"
         return {"num_samples": self.num_samples, "seed": self.seed, "labels": labels}
 
 
 def class_statistics(logits: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> dict:
-    """``class_accuracy``: the fraction classified as the label they were generated for (conditional only);
+    """``class_frequencies``: the fraction of the samples the classifier assigns to each class (its argmax);
     ``class_coverage``: the fraction of classes that receive at least half of their uniform share
-    ``1 / (2 K)`` of the predictions, which flags dropped modes without punishing mild imbalance."""
+    ``1 / (2 K)`` of the predictions, which flags dropped modes without punishing mild imbalance;
+    ``class_accuracy``: the fraction classified as the label they were generated for (only given ``labels``)."""
     predicted = logits.argmax(1)
-    counts = torch.bincount(predicted, minlength=num_classes)[:num_classes].double()
-    stats = {"class_coverage": float((counts >= 0.5 * len(predicted) / num_classes).double().mean())}
+    frequencies = class_frequencies(predicted, num_classes)
+    stats = {"class_frequencies": frequencies.tolist(),
+             "class_coverage": float((frequencies >= 0.5 / num_classes).double().mean())}
     if labels is not None:
         stats["class_accuracy"] = float((predicted == labels).double().mean())
     return stats
@@ -144,12 +155,12 @@ def evaluate_images(nets: Networks, ec: EvalConfig, protocol: ImageProtocol) -> 
     for model, steps in samplers:
         start = time.time()
         if model == "student":
-            x = student_samples(nets, protocol.num_samples, steps, protocol.seed, ec.renoise, protocol.labels,
+            x = student_samples(nets, protocol.num_samples, steps, protocol.seed, ec.renoise, protocol.conditions,
                                 protocol.batch_size, protocol.progress)
             nfe, extra = steps, {"renoise": ec.renoise} if steps > 1 else {}
         else:
             x, nfe = teacher_samples(nets, protocol.num_samples, ec.teacher_steps, ec.teacher_sampler,
-                                     protocol.seed, protocol.labels, protocol.batch_size, protocol.progress)
+                                     protocol.seed, protocol.conditions, protocol.batch_size, protocol.progress)
             extra = {"sampler": ec.teacher_sampler}
         rate = protocol.num_samples / (time.time() - start)
         entry = image_entry(x, protocol, reference, f"{model}_nfe{nfe}")

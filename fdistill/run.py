@@ -255,6 +255,7 @@ def _run_config(run_dir: Path):
 def export_metadata(cfg: Config, options, steps: int, ema: str | None, source: str) -> dict:
     """What an exported pipeline records about the run it came from."""
     teacher_source = {"pretrained": cfg.teacher.pretrained, "embedded": "fdistill digits teacher",
+                      "embedded_imbalanced": "fdistill class-imbalanced digits teacher",
                       "embedded_t2i": "fdistill captioned-shapes text-to-image teacher"}
     return {
         "objective": options.name,

@@ -3,9 +3,10 @@
 Kinds: ``ring`` (an analytic 2-D ring of Gaussians with exact scores), ``mixture`` (an analytic Gaussian mixture
 in any dimension from its means, standard deviations and weights), ``unet`` (a diffusers ``UNet2DModel``
 built from ``teacher.unet``, for tests), ``pretrained`` (a diffusers model or pipeline from a local directory or
-a hub id, text-to-image pipelines included), ``embedded`` (the shipped digits teacher) and ``embedded_t2i`` (the
-shipped text-to-image pipeline on the captioned shapes). A new kind is one builder in :data:`TEACHER_BUILDERS` and
-the keys it reads in :data:`TEACHER_KEYS`.
+a hub id, text-to-image pipelines included), ``embedded`` (the shipped digits teacher), ``embedded_imbalanced``
+(the shipped digits teacher fine-tuned so that its null class draws digits 0 to 9 with frequencies 0.3 down to
+0.02) and ``embedded_t2i`` (the shipped text-to-image pipeline on the captioned shapes). A new kind is one builder
+in :data:`TEACHER_BUILDERS` and the keys it reads in :data:`TEACHER_KEYS`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fdistill.guidance import GuidedDenoiser
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
 
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
+EMBEDDED_IMBALANCED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_imbalanced_teacher"
 EMBEDDED_T2I_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_t2i_teacher"
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
@@ -135,13 +137,18 @@ def embedded_teacher(cfg: Config) -> Denoiser:
     return load_diffusers_teacher(EMBEDDED_TEACHER_DIR, cfg.teacher.prediction_type)
 
 
+def embedded_imbalanced_teacher(cfg: Config) -> Denoiser:
+    return load_diffusers_teacher(EMBEDDED_IMBALANCED_TEACHER_DIR, cfg.teacher.prediction_type)
+
+
 def embedded_t2i_teacher(cfg: Config) -> Denoiser:
     return load_diffusers_teacher(EMBEDDED_T2I_TEACHER_DIR, cfg.teacher.prediction_type)
 
 
 TEACHER_BUILDERS: dict[str, Callable[[Config], Denoiser]] = {
     "ring": ring_teacher, "mixture": mixture_teacher, "unet": unet_teacher, "pretrained": pretrained_teacher,
-    "embedded": embedded_teacher, "embedded_t2i": embedded_t2i_teacher,
+    "embedded": embedded_teacher, "embedded_imbalanced": embedded_imbalanced_teacher,
+    "embedded_t2i": embedded_t2i_teacher,
 }
 # the teacher.* keys each kind reads, beyond kind and guidance (which every kind reads)
 TEACHER_KEYS = {
@@ -150,6 +157,7 @@ TEACHER_KEYS = {
     "unet": {"unet", "prediction_type"},
     "pretrained": {"pretrained", "prediction_type", "negative_prompt"},
     "embedded": {"prediction_type"},
+    "embedded_imbalanced": {"prediction_type"},
     "embedded_t2i": {"prediction_type", "negative_prompt"},
 }
 ALL_KINDS_READ = {"kind", "guidance_scale", "guidance_interval"}

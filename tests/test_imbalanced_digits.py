@@ -1,5 +1,6 @@
 """Class-imbalanced digits: training images drawn with configured class frequencies, unconditional runs of the
-class-conditional digits teacher, and the class-frequency metric (frequencies and total-variation distances)."""
+imbalanced digits teacher's null class, and the class-frequency metric (frequencies and total-variation
+distances)."""
 
 import json
 import subprocess
@@ -11,6 +12,7 @@ import torch
 
 from fdistill.config import ConfigError, load_config
 from fdistill.data.images import DigitsDataset, ImageBatches, ShapesDataset
+from fdistill.evaluation import class_statistics
 from fdistill.metrics.class_frequencies import class_frequencies, sampling_floor, total_variation
 from fdistill.run import build_experiment
 
@@ -21,7 +23,9 @@ CHI2_9DOF_999 = 27.88
 TINY_UNET = ("{sample_size: 16, in_channels: 1, out_channels: 1, block_out_channels: [8, 8], layers_per_block: 1, "
              "down_block_types: [DownBlock2D, DownBlock2D], up_block_types: [UpBlock2D, UpBlock2D], "
              "norm_num_groups: 8}")
-UNCONDITIONAL_TEACHER = ["teacher.kind=unet", f"teacher.unet={TINY_UNET}", "teacher.prediction_type=v_prediction"]
+# the quickstart's discriminator reads blocks of the digits UNet, which this two-block UNet lacks: its default blocks
+UNCONDITIONAL_TEACHER = ["teacher.kind=unet", f"teacher.unet={TINY_UNET}", "teacher.prediction_type=v_prediction",
+                         "objective.discriminator_features=null"]
 
 
 def chi_square(counts: torch.Tensor, frequencies: torch.Tensor) -> float:
@@ -46,6 +50,7 @@ def drawn_classes(stream, data: DigitsDataset, num_batches: int) -> tuple[torch.
 def test_the_imbalanced_config_draws_its_frequencies_and_conditions_on_the_null_class_only():
     cfg, options = load_config(CONFIG)
     assert cfg.data.unconditional and len(cfg.data.class_frequencies) == 10
+    assert cfg.teacher.kind == "embedded_imbalanced"
     frequencies = torch.tensor(cfg.data.class_frequencies, dtype=torch.float64)
     frequencies /= frequencies.sum()
     assert frequencies[0] == pytest.approx(0.3) and frequencies[-1] == pytest.approx(0.02)
@@ -59,6 +64,23 @@ def test_the_imbalanced_config_draws_its_frequencies_and_conditions_on_the_null_
     assert chi_square(counts, task.dataset.labels.bincount().double() / len(task.dataset)) > 10 * CHI2_9DOF_999
     assert (conditions == 10).all()  # every network sees only the teacher's null class
     assert (task.conditions(5) == 10).all() and task.protocol(None).describe()["labels"].startswith("the null")
+
+
+def test_the_protocol_keeps_conditions_apart_from_the_labels_accuracy_is_measured_against():
+    _, _, task = build_experiment(*load_config(CONFIG))
+    protocol = task.protocol(None)
+    assert (protocol.conditions == 10).all() and protocol.labels is None
+    _, _, task = build_experiment(*load_config(CONFIG, ["data.unconditional=false"]))
+    protocol = task.protocol(None)
+    assert torch.equal(protocol.labels, torch.arange(protocol.num_samples) % 10)
+    assert torch.equal(protocol.conditions, protocol.labels) and protocol.describe()["labels"] == "i % 10 for sample i"
+
+
+def test_class_statistics_give_frequencies_and_accuracy_only_against_labels():
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), 3).float()
+    stats = class_statistics(logits, None, 3)
+    assert stats == {"class_frequencies": [0.75, 0.25, 0.0], "class_coverage": pytest.approx(2 / 3)}
+    assert class_statistics(logits, torch.tensor([0, 1, 2, 1]), 3)["class_accuracy"] == 0.5
 
 
 def test_class_frequencies_replay_under_a_seed_and_keep_labels_when_conditional():
@@ -107,16 +129,17 @@ def test_sampling_floor_matches_the_tv_of_exact_samples():
 
 def test_evaluation_entries_get_frequencies_and_tvs_against_data_and_teacher():
     _, _, task = build_experiment(*load_config(CONFIG))
-    results = [{"model": "student", "nfe": 1}, {"model": "teacher", "nfe": 35}]
-    student = torch.tensor([0] * 6 + [1] * 4)  # classes 0 and 1 only
-    teacher = torch.arange(10)  # every class once
-    task.add_class_frequencies(results, [student, teacher], 10)
+    student = [0.6, 0.4] + [0.0] * 8  # classes 0 and 1 only
+    teacher = [0.1] * 10  # every class equally often
+    results = [{"model": "student", "nfe": 1, "class_frequencies": student},
+               {"model": "teacher", "nfe": 35, "class_frequencies": teacher}]
+    task.add_class_distances(results)
     s, t = results
-    assert s["class_frequencies"] == [0.6, 0.4] + [0.0] * 8 and t["class_frequencies"] == [0.1] * 10
     assert s["class_tv_to_teacher"] == pytest.approx(0.8) and "class_tv_to_teacher" not in t
     assert s["class_tv_to_data"] == pytest.approx(0.5)  # 1/2 (0.3 + 0.2 + the 0.5 of classes 2-9)
     assert t["class_tv_to_data"] == pytest.approx(0.34)  # 1/2 (0.2 + 0.1 + 0.04 + 0 + 0.02 + ... + 0.08)
     assert s["data_class_frequencies"][0] == pytest.approx(0.3)
+    assert s["class_tv_floor"] == pytest.approx(sampling_floor(s["data_class_frequencies"], 1000))
 
 
 @pytest.mark.parametrize("override, message", [

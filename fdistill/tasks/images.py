@@ -4,15 +4,14 @@ Training batches come from ``data.kind`` (digits, shapes or an image folder), wh
 class-conditional teacher, drawn in the data's own class proportions or in ``data.class_frequencies``. With
 ``data.unconditional`` every network gets the teacher's null class instead, and the student chooses its own class
 frequencies. The run is judged by FD against the data (``eval.reference``) in a feature network's space
-(``eval.features``), plus label accuracy and class coverage from the shipped digits classifier when the data are
-the digits, and for unconditional samplers their class frequencies and total-variation distances to the data's and
-the teacher's; the student exports as a diffusers pipeline.
+(``eval.features``), plus class frequencies, label accuracy and class coverage from the shipped digits classifier
+when the data are the digits, and for unconditional samplers the total-variation distances of their class
+frequencies to the data's and the teacher's; the student exports as a diffusers pipeline.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from fdistill.data.images import (
 )
 from fdistill.denoisers import Denoiser, UNetDenoiser
 from fdistill.evaluation import ImageProtocol, evaluate_images, student_samples, upscaled_grid
-from fdistill.metrics.class_frequencies import class_frequencies, sampling_floor, total_variation
+from fdistill.metrics.class_frequencies import sampling_floor, total_variation
 from fdistill.tasks.base import Task
 
 PREVIEW_ROWS = 4
@@ -162,46 +161,34 @@ class ImageTask(Task):
             from fdistill.metrics.features import load_digits_classifier
 
             classifier = load_digits_classifier()
-        protocol = ImageProtocol if self.null_label is None else UnconditionalProtocol
-        return protocol(ec.num_samples, ec.seed, ec.batch_size, self.conditions(ec.num_samples),
-                        reference_images(ec.reference or default_reference), features, classifier,
-                        getattr(dataset, "num_classes", None), samples_dir, progress)
+        conditions = self.conditions(ec.num_samples)
+        labels = conditions if self.null_label is None else None  # the null class asks for no class
+        return ImageProtocol(ec.num_samples, ec.seed, ec.batch_size, conditions, labels,
+                             reference_images(ec.reference or default_reference), features, classifier,
+                             getattr(dataset, "num_classes", None), samples_dir, progress)
 
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
-        """The image protocol's entries; unconditional samplers judged by the digits classifier also get their
-        class frequencies and TVs (:meth:`add_class_frequencies`)."""
+        """The image protocol's entries; unconditional samplers judged by the digits classifier also get the TVs
+        of their class frequencies (:meth:`add_class_distances`)."""
         samples_dir = run_dir / "samples" if self.cfg.eval.save_samples else None
         protocol = self.protocol(samples_dir, progress)
-        unconditional = self.null_label is not None or protocol.labels is None
-        recorder = None
-        if unconditional and protocol.classifier is not None:
-            recorder = protocol.classifier = PredictionRecorder(protocol.classifier)
         results = evaluate_images(nets, self.cfg.eval, protocol)
-        if self.null_label is not None:
-            for entry in results:  # the null class is no class: agreement with it measures nothing
-                entry.pop("class_accuracy", None)
-        if recorder is not None:
-            predicted = torch.cat(recorder.predicted)
-            if len(predicted) != len(results) * protocol.num_samples:
-                raise RuntimeError(f"the classifier saw {len(predicted)} images for {len(results)} samplers of "
-                                   f"{protocol.num_samples} samples each")
-            self.add_class_frequencies(results, predicted.split(protocol.num_samples), protocol.num_classes)
+        if protocol.labels is None and protocol.classifier is not None:
+            self.add_class_distances(results)
         return results
 
-    def add_class_frequencies(self, results: list[dict], predicted: list[torch.Tensor], num_classes: int) -> None:
-        """Add to each entry its ``class_frequencies`` (of the classifier's argmax) and ``class_tv_to_data``, the
-        TV to the data's class frequencies; students also get ``class_tv_to_teacher``, the TV to the teacher
-        entry's frequencies under the same protocol. ``class_tv_floor`` is the TV that exact samples from the
-        data's frequencies would show at this sample count."""
+    def add_class_distances(self, results: list[dict]) -> None:
+        """Add to each entry ``class_tv_to_data``, the TV of its ``class_frequencies`` to the data's class
+        frequencies; students also get ``class_tv_to_teacher``, the TV to the teacher entry's frequencies under the
+        same protocol. ``class_tv_floor`` is the TV that exact samples from the data's frequencies would show at
+        this sample count."""
         data = self.data_class_frequencies
-        frequencies = [class_frequencies(p, num_classes) for p in predicted]
-        teacher = next(f for entry, f in zip(results, frequencies, strict=True) if entry["model"] == "teacher")
-        floor = sampling_floor(data, len(predicted[0]))
-        for entry, f in zip(results, frequencies, strict=True):
-            entry["class_frequencies"] = [round(v, 4) for v in f.tolist()]
-            entry["class_tv_to_data"] = total_variation(f, data)
+        teacher = next(entry["class_frequencies"] for entry in results if entry["model"] == "teacher")
+        floor = sampling_floor(data, self.cfg.eval.num_samples)
+        for entry in results:
+            entry["class_tv_to_data"] = total_variation(entry["class_frequencies"], data)
             if entry["model"] != "teacher":
-                entry["class_tv_to_teacher"] = total_variation(f, teacher)
+                entry["class_tv_to_teacher"] = total_variation(entry["class_frequencies"], teacher)
             entry["data_class_frequencies"] = [round(v, 4) for v in data.tolist()]
             entry["class_tv_floor"] = floor
 
@@ -247,26 +234,3 @@ class ImageTask(Task):
         from fdistill.pipelines import export_pipeline
 
         return export_pipeline(student, out_dir, metadata)
-
-
-@dataclass
-class UnconditionalProtocol(ImageProtocol):
-    """The image protocol of a ``data.unconditional`` run: every sample's condition is the null class."""
-
-    def describe(self) -> dict:
-        return {**super().describe(), "labels": f"the null class {int(self.labels[0])} for every sample "
-                "(unconditional)"}
-
-
-class PredictionRecorder(torch.nn.Module):
-    """A classifier that also keeps the argmax class of every image it classifies, in order, so that an
-    evaluation's predictions can be read back per sampler."""
-
-    def __init__(self, classifier: torch.nn.Module):
-        super().__init__()
-        self.classifier, self.predicted = classifier, []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(x)
-        self.predicted.append(logits.argmax(1).cpu())
-        return logits
