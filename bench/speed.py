@@ -79,8 +79,9 @@ from torch.profiler import ProfilerActivity, profile
 from fdistill.config import load_config, validate_objective
 from fdistill.evaluation import student_samples, teacher_samples
 from fdistill.jvp import time_jvp
-from fdistill.objectives import OBJECTIVES, scm
+from fdistill.objectives import OBJECTIVES, build_objective, scm
 from fdistill.run import build_experiment, environment
+from fdistill.teachers import build_teacher
 from fdistill.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,14 +113,24 @@ def elapsed_ms(call, device: torch.device) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
+# quickstart settings of its discriminator on teacher features, which only objectives that train one read
+DISCRIMINATOR_KEYS = ("discriminator_features", "discriminator_time_distribution")
+
+
 def quickstart_experiment(objective: str, batch_size: int, overrides: tuple[str, ...] = ()):
-    """The quickstart run with ``objective``: the quickstart's objective keys that it has, its defaults for the
-    rest. Returns ``(cfg, options, nets, objective, task)``."""
+    """The quickstart run with ``objective``: the quickstart's objective keys that it has (its discriminator's
+    settings when it trains a discriminator on teacher features), its defaults for the rest. Returns
+    ``(cfg, options, nets, objective, task)``."""
     times = [TRIGFLOW_TIMES[objective]] if objective in TRIGFLOW_TIMES else []
     cfg, _ = load_config(str(QUICKSTART), [f"train.batch_size={batch_size}", *times, *overrides])
     shipped = OmegaConf.to_container(OmegaConf.load(QUICKSTART).objective)
     accepted = {f.name for f in fields(OBJECTIVES[objective][1])}
-    options = validate_objective({k: v for k, v in shipped.items() if k in accepted} | {"name": objective})
+    kept = {k: v for k, v in shipped.items() if k in accepted} | {"name": objective}
+    options = validate_objective({k: v for k, v in kept.items() if k not in DISCRIMINATOR_KEYS})
+    if build_objective(options, build_teacher(cfg).schedule).needs_discriminator:
+        options = validate_objective(kept)
+    else:
+        cfg.critic_optim.lr_by_network.pop("discriminator", None)
     cfg.objective = asdict(options)
     return cfg, options, *build_experiment(cfg, options)
 
