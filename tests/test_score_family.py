@@ -440,7 +440,8 @@ UNET_CASES = [
     ("sid", []),
     ("sim", []),
     ("sim", ["objective.distance=l2"]),
-    ("uni_instruct", []),  # JS, shared (SiDA) discriminator, option B
+    ("uni_instruct", []),  # JS, shared (SiDA) discriminator, option A (the ratio keeps its gradient)
+    ("uni_instruct", ["objective.ratio_grad=detached"]),  # option B: the ratio's gradient from the scores
     ("uni_instruct", ["objective.divergence=fkl", "objective.discriminator=separate",
                       "objective.ratio_grad=attached"]),
     ("uni_instruct", ["objective.divergence=pearson", "objective.estimator=official",

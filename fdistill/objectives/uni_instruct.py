@@ -13,11 +13,13 @@ fixed it is ``psi(r) * SiD(alpha_eff(r))``, ``alpha_eff(r) = 1/2 + r psi'(r) / (
 (psi = 1) is exactly SiD(alpha = 1/2)**; at ``r = 1`` FKL is SiD(1) = SIM-L2, JS and Jeffreys SiD(3/4),
 Pearson SiD(3/2).
 
-* ``ratio_grad: detached`` (option B, default): ``r`` from the discriminator is detached and the gradient
+* ``ratio_grad: attached`` (option A, default): ``r = exp(l(x_t))`` keeps its gradient through the frozen
+  discriminator: exact wherever the discriminator's log-ratio is, and no larger than what it learned.
+* ``ratio_grad: detached`` (option B): ``r`` from the discriminator is detached and the gradient
   through ``r`` is added as the pseudo-gradient ``r [2 psi'(r) (delta.c) + r psi''(r) ||delta||^2] delta`` on
-  ``x_t``, from ``grad_x log r = s_p - s_q = -delta``: no gradient through the discriminator's input.
-* ``ratio_grad: attached`` (option A): ``r = exp(l(x_t))`` keeps its gradient through the frozen
-  discriminator.
+  ``x_t``, from ``grad_x log r = s_p - s_q = -delta``: no gradient through the discriminator's input, but the
+  networks' error in ``delta`` is multiplied by ``alpha^2/sigma^2``, which diverges on images (§7.2); the
+  analytic ring configs use it.
 * ``estimator: official``: the public code's estimator, ``psi(r) Grad(SIM)`` plus the ``-r w1'(r)`` DI term,
   without the ``w1`` (FGM) and ``psi'`` terms. It is biased: on the 1-D check of docs/objectives.md §13.7
   (gradient w.r.t. the student's (mean, std), exact ratio) it gives FKL (0.143, -0.738) for the true
@@ -138,7 +140,7 @@ class UniInstructOptions(common.RatioOptions, ScoreIdentityOptions):
     divergence: str = "js"  # rkl, fkl (kl), js, jeffreys (jf), pearson (chi2), sf, sh, neyman, alpha
     alpha: float = 0.5  # parameter of divergence=alpha
     estimator: str = "exact"  # exact | official
-    ratio_grad: str = "detached"  # detached (option B) | attached (option A)
+    ratio_grad: str = "attached"  # attached (option A) | detached (option B)
     gan_weight: float = 0.01
     warmup_generator_steps: int = 0
     warmup_alpha: float = 0.5  # SiD(1/2) is the RKL member; the official code warms up with SiD(1)

@@ -1,0 +1,226 @@
+"""Write docs/results.md and its plots from the benchmark results in bench/results/.
+
+    python bench/report.py [--results bench/results] [--out docs/results.md]
+
+Reads what the benchmarks wrote (each file names the command and the machine that made it) and takes seconds:
+
+* ``quality_digits.json``: ``python bench/quality.py digits`` (33 runs; about 8 minutes on an H200 machine with 16
+  CPU cores and ``--jobs 33``, about 3 hours on 2 CPU cores);
+* ``quality_imbalanced.json``: ``python bench/quality.py imbalanced`` (12 runs, about 55 minutes on 2 cores);
+* ``quality_analytic.json`` (optional): ``python bench/quality.py analytic``;
+* ``quickstart_long_gpu.json``: the quickstart at batch 256 for longer, on an H200 GPU;
+* ``speed.json``: ``python bench/speed.py`` (about 3 minutes on 2 cores).
+
+The headline table is also written between the ``results-headline`` markers of README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADLINE = re.compile(r"(<!-- results-headline -->\n).*?(<!-- /results-headline -->)", re.S)
+
+
+def load(results: Path, name: str) -> dict | None:
+    path = results / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows_of(quality: dict) -> dict[tuple[str, str], dict]:
+    return {(row["name"], row["sampler"]): row for row in quality["summary"]}
+
+
+def mean_std(cell: dict | None, digits: int = 1) -> str:
+    return "-" if not cell else f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+
+
+def devices(quality: dict) -> str:
+    names = {run["environment"]["device"] for run in quality["runs"] if run.get("environment")}
+    return ", ".join(sorted(names)) or "unknown"
+
+
+def teacher_fd(rows: dict) -> float:
+    cells = [row["fd"]["mean"] for (_, sampler), row in rows.items() if sampler.startswith("teacher") and "fd" in row]
+    return sum(cells) / len(cells)
+
+
+def digits_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
+    rows = rows_of(quality)
+    teacher = teacher_fd(rows)
+    names = list(dict.fromkeys(name for name, _ in rows))
+    seeds = quality["seeds"]
+    unfinished = sorted({r["name"] for r in quality["runs"] if r["status"] != "ok"})
+    lines = ["## Every objective on the digits teacher", "",
+             f"`configs/digits_<objective>.yaml`, seeds {seeds}, 600 steps at batch 48 ({devices(quality)}). FD of "
+             "1000 samples (seed 1234) in the digits classifier's 64-d features against the 1797 scikit-learn "
+             f"digits; the teacher's 35-step Euler sampler scores {teacher:.2f}. Mean ± standard deviation over "
+             "seeds; x teacher is the mean's ratio to the teacher's FD. Regenerate with "
+             "`python bench/quality.py digits`.", "",
+             "| recipe | NFE | FD | x teacher | class accuracy | seeds |", "|---|---|---|---|---|---|"]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name in names:
+        for (row_name, sampler), row in rows.items():
+            if row_name != name or not sampler.startswith("student") or "fd" not in row:
+                continue
+            nfe = int(sampler.split()[1])
+            curves.setdefault(name, []).append((nfe, row["fd"]["mean"]))
+            lines.append(f"| {name} | {nfe} | {mean_std(row['fd'])} | {row['fd']['mean'] / teacher:.2f} | "
+                         f"{mean_std(row.get('class_accuracy'), 3)} | {row['fd']['n']} |")
+    if unfinished:
+        lines += ["", f"No result (runs unfinished or failed): {', '.join(unfinished)}; their status is in the JSON."]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, points in curves.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher, 35 NFE")
+    ax.set(xlabel="student NFE", ylabel="FD (digits features)", yscale="log", xticks=[1, 2, 4])
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(plots / "fd_vs_nfe.png", dpi=120)
+    plt.close(fig)
+    lines += ["", "![FD against NFE](results/fd_vs_nfe.png)", ""]
+    one_step = {name: rows[(name, "student 1 NFE")]["fd"]["mean"] / teacher
+                for name in names if (name, "student 1 NFE") in rows}
+    return lines, [f"| digits, one step, {name} | {ratio:.2f}x teacher FD |" for name, ratio in one_step.items()
+                   if name in ("f_distill", "dmd")]
+
+
+def imbalanced_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
+    rows = rows_of(quality)
+    divergences = list(dict.fromkeys(name for name, _ in rows))
+    lines = ["## Class frequencies under imbalance, per divergence", "",
+             "`configs/digits_imbalanced.yaml`: an unconditional one-step f-distill student of the imbalanced "
+             "digits teacher, data classes at frequencies 0.3 ... 0.02; class frequencies of 1000 samples from the "
+             f"digits classifier; seeds {quality['seeds']} ({devices(quality)}). TV is the total variation between "
+             "the samples' class frequencies and the data's; sampling 1000 images from the data's own frequencies "
+             "gives about 0.034. Regenerate with `python bench/quality.py imbalanced`.", "",
+             "| divergence | TV to data | TV to teacher | seeds |", "|---|---|---|---|"]
+    teacher_tv = None
+    for name in divergences:
+        row = rows.get((name, "student 1 NFE"))
+        if row and "class_tv_to_data" in row:
+            lines.append(f"| {name} | {mean_std(row['class_tv_to_data'], 3)} | "
+                         f"{mean_std(row.get('class_tv_to_teacher'), 3)} | {row['class_tv_to_data']['n']} |")
+        teacher_row = next((r for (n, s), r in rows.items() if n == name and s.startswith("teacher")), None)
+        if teacher_row and "class_tv_to_data" in teacher_row:
+            teacher_tv = teacher_row["class_tv_to_data"]["mean"]
+    if teacher_tv is not None:
+        lines += ["", f"The teacher's own 35-step samples: TV {teacher_tv:.3f} to the data."]
+    frequencies: dict[str, list[list[float]]] = {}
+    for run in quality["runs"]:
+        for result in run.get("results", []):
+            if result["model"] == "student" and "class_frequencies" in result:
+                frequencies.setdefault(run["name"], []).append(result["class_frequencies"])
+    target = [0.3, 0.2, 0.14, 0.1, 0.08, 0.06, 0.045, 0.03, 0.025, 0.02]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    width = 0.8 / (len(frequencies) + 1)
+    ax.bar([c - 0.4 + width / 2 for c in range(10)], target, width, label="data", color="k")
+    for i, (name, runs) in enumerate(frequencies.items(), start=1):
+        mean = [sum(r[c] for r in runs) / len(runs) for c in range(10)]
+        ax.bar([c - 0.4 + width / 2 + i * width for c in range(10)], mean, width, label=name)
+    ax.set(xlabel="digit class", ylabel="frequency", xticks=range(10))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plots / "class_frequencies.png", dpi=120)
+    plt.close(fig)
+    lines += ["", "![Class frequencies per divergence](results/class_frequencies.png)", ""]
+    headline = []
+    for name in ("rkl", "js", "kl"):
+        row = rows.get((name, "student 1 NFE"))
+        if row and "class_tv_to_data" in row:
+            tv = mean_std(row["class_tv_to_data"], 3)
+            headline.append(f"| imbalanced digits, class-frequency TV, {name} | {tv} |")
+    return lines, headline
+
+
+def long_run_section(long_run: dict) -> tuple[list[str], list[str]]:
+    student = next(r for r in long_run["results"] if r["model"] == "student")
+    teacher = next(r for r in long_run["results"] if r["model"] == "teacher")
+    trace = ", ".join(f"{p['fd']:.1f} ({p['step']})" for p in long_run["fd_during_training"])
+    best = min(long_run["fd_during_training"], key=lambda p: p["fd"])
+    device = long_run["environment"]["device"]
+    lines = ["## A longer quickstart on a GPU", "", long_run["description"] + f" ({device}).", "",
+             f"* End of the {long_run['steps']}-step run: one-step FD {student['fd']:.2f} against the teacher's "
+             f"{teacher['fd']:.2f} ({student['fd'] / teacher['fd']:.2f}x), "
+             f"{long_run['wall_seconds']:.0f} s of training.",
+             f"* One-step FD during the longer run (step): {trace}.", ""]
+    return lines, [f"| digits, one step, quickstart at batch 256 on a GPU, step {best['step']} | "
+                   f"{best['fd'] / teacher['fd']:.2f}x teacher FD |"]
+
+
+def speed_section(speed: dict, plots: Path) -> tuple[list[str], list[str]]:
+    rows = speed["sampling"]["rows"]
+    lines = ["## Sampling speed", "",
+             f"Samples per second of one batch of {speed['batch_size']} on {speed['device']} (median of "
+             f"{speed['repeats']} repeats; `python bench/speed.py`, where the training-step overhead, peak memory and "
+             "JVP tables are).", "", "| sampler | NFE | samples/s | speed-up | of ideal |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['sampler']} | {row['nfe']} | {row['samples_per_second']['median']:.1f} | "
+                     f"{row['speedup']['median']:.2f} | {row['speedup_over_ideal']:.2f} |")
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot([r["nfe"] for r in rows], [r["samples_per_second"]["median"] for r in rows], marker="o")
+    ax.set(xlabel="NFE", ylabel="samples/s", xscale="log", yscale="log")
+    fig.tight_layout()
+    fig.savefig(plots / "samples_per_second.png", dpi=120)
+    plt.close(fig)
+    lines += ["", "![Samples per second against NFE](results/samples_per_second.png)", ""]
+    one = next(r for r in rows if r["nfe"] == 1)
+    return lines, [f"| sampling speed-up, one step vs 35-step teacher ({speed['device']}) | "
+                   f"{one['speedup']['median']:.1f}x |"]
+
+
+def analytic_section(quality: dict) -> list[str]:
+    metrics = ["energy_distance", "mode_weight_tv", "off_mode_fraction"]
+    lines = ["## Analytic teachers", "", f"`python bench/quality.py analytic`, seeds {quality['seeds']}.", "",
+             "| teacher/objective | sampler | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for row in quality["summary"]:
+        lines.append(f"| {row['name']} | {row['sampler']} | " + " | ".join(mean_std(row.get(m), 3) for m in metrics)
+                     + " |")
+    return lines + [""]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    args = parser.parse_args(argv)
+    plots = args.out.parent / "results"
+    plots.mkdir(parents=True, exist_ok=True)
+    body: list[str] = []
+    headline = ["| result | value |", "|---|---|"]
+    sections = [("quality_digits.json", digits_section), ("quickstart_long_gpu.json", lambda d, _: long_run_section(d)),
+                ("quality_imbalanced.json", imbalanced_section), ("speed.json", speed_section)]
+    for name, section in sections:
+        data = load(args.results, name)
+        if data is None:
+            print(f"note: {args.results / name} is missing; its section is left out", file=sys.stderr)
+            continue
+        lines, head = section(data, plots)
+        body += lines
+        headline += head
+    analytic = load(args.results, "quality_analytic.json")
+    if analytic is not None:
+        body += analytic_section(analytic)
+    text = ["# Results", "", "Written by `python bench/report.py` from the files in `bench/results/`; each section "
+            "names the command that measures it again.", "", "## Headline", "", *headline, "", *body]
+    args.out.write_text("\n".join(text).rstrip() + "\n")
+    readme = ROOT / "README.md"
+    table = "\n".join(headline) + "\n"
+    if HEADLINE.search(readme.read_text()):
+        readme.write_text(HEADLINE.sub(lambda m: m.group(1) + table + m.group(2), readme.read_text()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
