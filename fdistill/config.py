@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, get_args, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -63,6 +63,38 @@ class GeneratorConfig:
     # teacher's last time, or sigma/alpha = 2.5 for epsilon-prediction teachers (docs/images.md)
     times: Optional[List[float]] = None
     noise_level: Optional[float] = None  # instead of times: one step at the time where sigma/alpha is this (SiD: 2.5)
+
+
+# diffusers' LoRA distillation scripts (train_lcm_distill_lora_*.py) adapt these UNet layers: attention and
+# feed-forward projections, the ResNet convolutions and time projections, and the down/upsampling convolutions.
+# A UNet2DModel without cross-attention (the digits teacher) has the ResNet, sampler and mid-attention ones.
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                       "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                       "time_emb_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the teacher's frozen UNet weights (peft); only the adapters train."""
+
+    rank: int = 8
+    alpha: Optional[float] = None  # the adapters' output is scaled by alpha / rank (default: rank, scale 1)
+    # names (or name endings) of the UNet layers that get adapters; names a UNet lacks are skipped
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    fake_score: bool = False  # the fake score too is the teacher plus adapters (default: a full copy)
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"student.lora.rank={self.rank} must be a positive integer, e.g. 8")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"student.lora.alpha={self.alpha} must be positive; leave it null for alpha = rank")
+        if not self.target_modules:
+            raise ConfigError("student.lora.target_modules is empty; name the UNet layers to adapt, e.g. [to_q, to_k]")
+
+
+@dataclass
+class StudentConfig:
+    lora: Optional[LoraConfig] = None  # null: the student (and fake score) train all of a copy of the teacher
 
 
 @dataclass
@@ -178,6 +210,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: Dict[str, Any] = field(default_factory=lambda: {"name": "dmd"})
     student_optim: OptimConfig = field(default_factory=OptimConfig)
@@ -190,12 +223,15 @@ class Config:
 
 
 def _valid_keys(schema, prefix: str = "") -> list[str]:
-    keys = []
+    """Every dotted key of ``schema``, into nested sections, also those that default to null (``student.lora``)."""
+    keys, hints = [], get_type_hints(schema)
     for f in fields(schema):
         keys.append(prefix + f.name)
         default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if is_dataclass(default):
-            keys += _valid_keys(type(default), prefix + f.name + ".")
+        optional = [t for t in get_args(hints[f.name]) if is_dataclass(t)]
+        section = type(default) if is_dataclass(default) else optional[0] if optional else None
+        if section is not None:
+            keys += _valid_keys(section, prefix + f.name + ".")
     return keys
 
 

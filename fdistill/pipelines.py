@@ -3,7 +3,7 @@
 The directory is a stock ``ConsistencyModelPipeline`` (pixel students) or ``StableDiffusionPipeline`` (latent
 text-to-image students, with the teacher's VAE, text encoder and tokenizer): the student's UNet and a stock
 ``LCMScheduler`` configured with the teacher's noise table (:mod:`fdistill.lcm_sampling`), written by
-``save_pretrained``, plus
+``save_pretrained`` (a LoRA student's adapters merged into the UNet's weights), plus
 ``fdistill.json`` (how it was made) and ``README.md`` (a model card with the Hub's metadata block). Loading it
 needs diffusers alone, no fdistill::
 
@@ -19,7 +19,9 @@ every class embedding, the null (unconditional) class included.
 
 With the same seed, ``pipe(..., output_type="pt")`` equals ``(student.sample(z, cond, K, "sde", g) / 2 + 0.5)
 .clamp(0, 1)`` bit for bit, ``z = student.noise(n, generator=g)``: the pipeline draws its latents and the noise
-between steps from the same generator in the same order, and the scheduler's arithmetic is the student's.
+between steps from the same generator in the same order, and the scheduler's arithmetic is the student's. A LoRA
+student's merged weights round differently from its base weights plus adapters, so its export agrees to float
+precision rather than bit for bit.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from fdistill.config import ConfigError
 from fdistill.generator import Generator
+from fdistill.lora import merged_unet
 
 METADATA_FILE = "fdistill.json"
 MODEL_CARD = "README.md"
@@ -186,13 +189,15 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
 
 
 def stock_pipeline(net, scheduler, text_parts=None):
-    """The stock diffusers pipeline that samples ``net``'s UNet with ``scheduler``."""
+    """The stock diffusers pipeline that samples ``net``'s UNet with ``scheduler``; a LoRA UNet's adapters are
+    merged into its weights (:func:`fdistill.lora.merged_unet`)."""
     from diffusers import ConsistencyModelPipeline, StableDiffusionPipeline
 
+    unet = merged_unet(net.unet)
     if not net.text_conditioned:
-        return ConsistencyModelPipeline(unet=net.unet, scheduler=scheduler)
+        return ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
     return StableDiffusionPipeline(vae=text_parts.vae, text_encoder=text_parts.text_encoder,
-                                   tokenizer=text_parts.tokenizer, unet=net.unet, scheduler=scheduler,
+                                   tokenizer=text_parts.tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

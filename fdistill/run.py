@@ -1,12 +1,13 @@
 """One experiment end to end: build, train (on any number of processes), export, evaluate, write the run dir.
 
 ``RUN_DIR/config.yaml`` holds the resolved configuration, ``RUN_DIR/student.safetensors`` the student's
-trained weights and ``RUN_DIR/student_ema_<name>.safetensors`` each EMA of them, ``RUN_DIR/checkpoints/`` the
-resumable state, ``RUN_DIR/train_log.csv`` and ``RUN_DIR/tensorboard/`` the training scalars, and
-``RUN_DIR/metrics.json`` the results (one entry per sampler, computed with the ``eval.ema`` weights), the
-objective, steps and wall time; image runs add ``RUN_DIR/samples/`` (each sampler's PNGs and a student-vs-teacher
-grid) and ``RUN_DIR/pipeline/``, the student as a diffusers pipeline (``fdistill.pipelines``). Only the main
-process writes; evaluation runs on it alone.
+trained weights (a LoRA student's adapter weights alone, :mod:`fdistill.lora`) and
+``RUN_DIR/student_ema_<name>.safetensors`` each EMA of them, ``RUN_DIR/checkpoints/`` the resumable state,
+``RUN_DIR/train_log.csv`` and ``RUN_DIR/tensorboard/`` the training scalars, and ``RUN_DIR/metrics.json`` the
+results (one entry per sampler, computed with the ``eval.ema`` weights), the objective, steps and wall time; image
+runs add ``RUN_DIR/samples/`` (each sampler's PNGs and a student-vs-teacher grid) and ``RUN_DIR/pipeline/``, the
+student as a diffusers pipeline (``fdistill.pipelines``). Only the main process writes; evaluation runs on it
+alone.
 
 The run is where the parts meet: it builds the teacher, the task (:func:`fdistill.tasks.build_task`), the
 objective and the networks, hands the trainer the task's batches and hooks, and afterwards asks the task to
@@ -26,11 +27,12 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from fdistill.config import Config, ConfigError, dump_config, load_config
+from fdistill.config import Config, ConfigError, LoraConfig, dump_config, load_config
 from fdistill.containers import Networks
 from fdistill.denoisers import Denoiser
 from fdistill.discriminator import discriminator_for
 from fdistill.generator import student_times
+from fdistill.lora import add_lora, load_student_file, student_file_weights
 from fdistill.objectives import Objective, build_objective
 from fdistill.tasks import Task, build_task
 from fdistill.teachers import build_teacher, with_guidance
@@ -42,6 +44,14 @@ STUDENT_FILE = "student.safetensors"
 
 def student_file(ema: str | None) -> str:
     return STUDENT_FILE if ema is None else f"student_ema_{ema}.safetensors"
+
+
+def save_student_files(run_dir: Path, weights: dict[str | None, dict]) -> None:
+    """Write the student's weights (``Trainer.student_weights``: trained under ``None``, EMAs by name) to their
+    student files; a LoRA student's files hold its adapter weights alone."""
+    for name, state in weights.items():
+        kept = student_file_weights(state)
+        save_file({k: v.contiguous() for k, v in kept.items()}, str(run_dir / student_file(name)))
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -97,19 +107,29 @@ def changed_keys(old_yaml: str, cfg: Config) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
+def trainable_network(task: Task, lora: LoraConfig | None, role: str = "student") -> Denoiser:
+    """A trainable copy of the task's network: all of it, or with ``lora`` only adapters on its frozen weights."""
+    net = task.trainable_copy()
+    return net if lora is None else add_lora(net, lora, role)
+
+
 def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: Task) -> Networks:
     """Student (and fake score / discriminator when the objective uses them) for the unguided ``teacher``; the
     networks' teacher is the one objectives read, guided when ``teacher.guidance_scale`` asks for it."""
     times = student_times(teacher, cfg.generator.times, cfg.generator.noise_level)
+    lora = cfg.student.lora
     try:
-        student = objective.build_student(task.trainable_copy(), times)
+        student = objective.build_student(trainable_network(task, lora), times)
         served = student.servable()  # e.g. an sCM student's times matched to the teacher's timesteps
     except ValueError as e:
         raise ConfigError(f"generator.times={times}: {str(e).splitlines()[0]}") from None
     if served.stock is not None and cfg.eval.renoise != "sde":
         raise ConfigError("eval.renoise=ode: students of diffusers teachers re-noise with fresh noise, as the "
                           "exported pipeline does; use eval.renoise=sde")
-    fake_score = task.trainable_copy() if objective.needs_fake_score else None
+    if lora is not None and lora.fake_score and not objective.needs_fake_score:
+        raise ConfigError(f"student.lora.fake_score: objective {objective.name} trains no fake score; remove it")
+    fake_lora = lora if lora is not None and lora.fake_score else None
+    fake_score = trainable_network(task, fake_lora, "fake score") if objective.needs_fake_score else None
     discriminator = None
     if objective.discriminator_features is not None:
         if not objective.needs_discriminator:
@@ -176,8 +196,7 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
-    for name, state in weights.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / student_file(name)))
+    save_student_files(run_dir, weights)
     _, eval_nets, task = load_run(run_dir, device=accelerator.device)
     metrics = {
         "objective": options.name,
@@ -240,7 +259,7 @@ def load_run(run_dir: str | Path, ema: str | None = "auto", device=None) -> tupl
     if not weights.is_file():
         raise ConfigError(f"{weights} not found; is {run_dir} a finished run directory?")
     nets, _, task = build_experiment(cfg, options)
-    nets.student.load_state_dict(load_file(str(weights)))
+    load_student_file(nets.student, load_file(str(weights)))
     if device is not None:
         nets.to(device)
     return cfg, nets, task

@@ -128,17 +128,18 @@ def find(run_dir: str | Path, checkpoint: str) -> Path:
 def load_student(path: Path, student: torch.nn.Module, ema: str | None = None) -> int:
     """Load the student's weights (or one of its EMAs) from checkpoint ``path``; returns the checkpoint's step.
 
-    The trainer's state holds the whole student state dict and, per EMA, float32 shadows of its parameters; an
-    EMA is loaded as ``EMASet.module_state_dict`` builds it.
+    The trainer's state holds the whole student state dict and, per EMA, float32 shadows of its trained
+    parameters; an EMA is loaded as ``EMASet.module_state_dict`` builds it.
     """
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)  # plain tensors and numbers
     student.load_state_dict(state["modules"]["student"])
     if ema is not None:
         if ema not in state["ema"]:
             raise ConfigError(f"{path} holds no EMA {ema!r}; it has {sorted(state['ema']) or 'none'}")
+        params = dict(student.named_parameters())
         with torch.no_grad():
-            for name, p in student.named_parameters():
-                p.copy_(state["ema"][ema]["shadow"][name])
+            for name, average in state["ema"][ema]["shadow"].items():
+                params[name].copy_(average)
     return int(state["counters"]["step"])
 
 

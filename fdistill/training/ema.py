@@ -8,9 +8,10 @@ Three kinds, one per :class:`~fdistill.config.EMASpec`:
 * EDM2 power function (Karras et al. 2024, arXiv 2312.02696, eq. 3-4): ``beta_t = (1 - 1/t) ** (gamma + 1)``
   at update ``t``, with ``gamma`` set by the relative standard deviation ``sigma_rel`` (eq. 5).
 
-Averages live in float32 beside the weights they follow (sharded like them under FSDP). The trainer updates
-them after student updates (``ema.update: generator``) or after every step (``every``); evaluation and
-previews swap one in with :meth:`EMASet.swapped`.
+Averages cover the parameters that train (a LoRA student's adapters alone) and live in float32 beside the
+weights they follow (sharded like them under FSDP). The trainer updates them after student updates
+(``ema.update: generator``) or after every step (``every``); evaluation and previews swap one in with
+:meth:`EMASet.swapped`.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ class EMA:
 
 
 class EMASet:
-    """Named averages of one module's parameters."""
+    """Named averages of the parameters of one module that train (those requiring gradients when it is built: a
+    LoRA student's adapters; the frozen rest never changes)."""
 
     def __init__(self, module: nn.Module, specs: list[EMASpec], batch_size: int):
         self.module = module
-        self.params = dict(module.named_parameters())
+        self.params = {name: p for name, p in module.named_parameters() if p.requires_grad}
         self.averages = {s.name: EMA(s, self.params, batch_size) for s in specs}
 
     def update(self) -> None:

@@ -116,8 +116,10 @@ class Trainer:
         self.preview_hook, self.metrics_hook = preview, metrics
         self.accumulation = batch_layout(cfg.train, accelerator.num_processes)[1]
         self._place()
-        self.modules = {"generator": self._modules(objective.generator_trains),
-                        "critic": self._modules(objective.critic_trains)}
+        # the parameters each kind of step trains: all of its networks', but a LoRA network's adapters alone
+        self.trained = {kind: [p for net in self._modules(names) for p in net.parameters() if p.requires_grad]
+                        for kind, names in (("generator", objective.generator_trains),
+                                            ("critic", objective.critic_trains))}
         extra = {"generator": objective.generator_parameters(), "critic": objective.critic_parameters()}
         optim = {"generator": cfg.student_optim, "critic": cfg.critic_optim}
         trains = {"generator": objective.generator_trains, "critic": objective.critic_trains}
@@ -154,9 +156,10 @@ class Trainer:
         return {**params, "objective": extra} if extra else params
 
     def _set_trainable(self, kind: str) -> None:
-        for k, mods in self.modules.items():
-            for m in mods:
-                m.requires_grad_(k == kind)
+        """Only the parameters that steps of ``kind`` train require gradients (``none``: no network's do)."""
+        for k, params in self.trained.items():
+            for p in params:
+                p.requires_grad_(k == kind)
 
     # ------------------------------------------------------------------------------------------ a step
     def _micro_batches(self, step: int) -> list[tuple[int, Batch]]:
