@@ -20,6 +20,7 @@ ADAPTER_MARK = ".lora_"  # in the names of adapter weights: ``...conv1.lora_A.de
 
 
 def is_adapter_weight(name: str) -> bool:
+    """Whether the parameter or state-dict entry ``name`` is a LoRA adapter's weight."""
     return ADAPTER_MARK in name
 
 

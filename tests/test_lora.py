@@ -19,8 +19,8 @@ from fdistill.training.trainer import Trainer
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
                  down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
                  norm_num_groups=4, num_class_embeds=4)
-LORA = ["teacher.kind=unet", "teacher.prediction_type=v_prediction", "objective.name=dmd", "objective.critic_steps=1", "generator.times=[999,500]",
-        "student.lora.rank=2", "train.batch_size=4", "log.tensorboard=false"]
+LORA = ["teacher.kind=unet", "teacher.prediction_type=v_prediction", "objective.name=dmd", "objective.critic_steps=1",
+        "generator.times=[999,500]", "student.lora.rank=2", "train.batch_size=4", "log.tensorboard=false"]
 LABELS = [0, 1, 2, 1]
 
 
