@@ -17,6 +17,8 @@ run itself (its ``metrics.json``), so the numbers are the ones a user gets from 
   35-step Euler sampler. Consistency students (sCM, rCM) sample at 1, 2 and 4 steps; DMD and f-distill also
   train 1/2/4-step students (``<objective>_4_times``: sampling times 999, 749, 499, 249, trained by backward
   simulation).
+* ``ring_divergences``: ``configs/ring_f_distill_js.yaml`` on the unequal ring with the divergences KL, JS,
+  Jeffreys and reverse KL: how well each reproduces the mode weights.
 * ``imbalanced``: ``configs/digits_imbalanced.yaml`` (an unconditional one-step student; data classes at
   frequencies 0.3 ... 0.02) with the divergences KL, JS, Jeffreys and reverse KL: FD and the total variation
   between the class frequencies of the samples and those of the data.
@@ -59,6 +61,7 @@ SUMMARY_METRICS = {
     "analytic": ["energy_distance", "mode_weight_tv", "off_mode_fraction", "modes_covered"],
     "digits": ["fd", "class_accuracy", "class_coverage"],
     "imbalanced": ["fd", "class_tv_to_data", "class_tv_to_teacher"],
+    "ring_divergences": ["mode_weight_tv", "off_mode_fraction", "energy_distance", "modes_covered"],
 }
 
 
@@ -89,6 +92,13 @@ def plan(suite: str, work: Path) -> list[dict]:
     if suite == "imbalanced":
         return [{"name": d, "config": configs / "digits_imbalanced.yaml", "overrides": [f"objective.divergence={d}"]}
                 for d in IMBALANCED_DIVERGENCES]
+    if suite == "ring_divergences":
+        unequal = work / "configs" / "ring_unequal_f_distill.yaml"
+        unequal.parent.mkdir(parents=True, exist_ok=True)
+        unequal.write_text(f"include: {configs / 'ring_f_distill_js.yaml'}\n"
+                           f"teacher: {{weights: {UNEQUAL_RING_WEIGHTS}}}\n")
+        return [{"name": d, "config": unequal, "overrides": [f"objective.divergence={d}"]}
+                for d in IMBALANCED_DIVERGENCES]
     if suite == "analytic":
         entries = []
         for teacher, fragment in analytic_teachers(work).items():
@@ -101,7 +111,7 @@ def plan(suite: str, work: Path) -> list[dict]:
                 entries.append({"name": f"{teacher}/{objective}", "config": config,
                                 "overrides": ["eval.student_steps=[1,2,4]"]})
         return entries
-    raise SystemExit(f"error: unknown suite {suite!r}; use analytic, digits or imbalanced")
+    raise SystemExit(f"error: unknown suite {suite!r}; use one of {sorted(SUMMARY_METRICS)}")
 
 
 def run_one(entry: dict, seed: int, work: Path, overrides: list[str], threads: int, stop_at: float) -> dict:

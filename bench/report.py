@@ -7,6 +7,7 @@ Reads what the benchmarks wrote (each file names the command and the machine tha
 * ``quality_digits.json``: ``python bench/quality.py digits`` (33 runs; about 8 minutes on an H200 machine with 16
   CPU cores and ``--jobs 33``, about 3 hours on 2 CPU cores);
 * ``quality_imbalanced.json``: ``python bench/quality.py imbalanced`` (12 runs, about 55 minutes on 2 cores);
+* ``quality_ring_divergences.json``: ``python bench/quality.py ring_divergences`` (12 runs, about 15 minutes);
 * ``quality_analytic.json`` (optional): ``python bench/quality.py analytic``;
 * ``quickstart_long_gpu.json``: the quickstart at batch 256 for longer, on an H200 GPU;
 * ``speed.json``: ``python bench/speed.py`` (about 3 minutes on 2 cores).
@@ -143,6 +144,26 @@ def imbalanced_section(quality: dict, plots: Path) -> tuple[list[str], list[str]
     return lines, headline
 
 
+def ring_divergences_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
+    rows = rows_of(quality)
+    lines = ["## Mode weights on the unequal ring, per divergence", "",
+             "`configs/ring_f_distill_js.yaml` on the 8-mode ring with weights 0.3 ... 0.03 and the divergence "
+             f"changed; 4000 one-step samples, seeds {quality['seeds']} ({devices(quality)}). Regenerate with "
+             "`python bench/quality.py ring_divergences`.", "",
+             "| divergence | mode-weight TV | off-mode fraction | energy distance | seeds |", "|---|---|---|---|---|"]
+    headline = []
+    for (name, sampler), row in rows.items():
+        if "mode_weight_tv" not in row:
+            continue
+        label = name if sampler.startswith("student") else f"teacher ({sampler})"
+        lines.append(f"| {label} | {mean_std(row['mode_weight_tv'], 3)} | "
+                     f"{mean_std(row.get('off_mode_fraction'), 3)} | {mean_std(row.get('energy_distance'), 3)} | "
+                     f"{row['mode_weight_tv']['n']} |")
+        if sampler.startswith("student") and name in ("rkl", "js", "kl"):
+            headline.append(f"| unequal ring, mode-weight TV, {name} | {mean_std(row['mode_weight_tv'], 3)} |")
+    return lines + [""], headline
+
+
 def long_run_section(long_run: dict) -> tuple[list[str], list[str]]:
     student = next(r for r in long_run["results"] if r["model"] == "student")
     teacher = next(r for r in long_run["results"] if r["model"] == "teacher")
@@ -199,7 +220,8 @@ def main(argv=None) -> int:
     body: list[str] = []
     headline = ["| result | value |", "|---|---|"]
     sections = [("quality_digits.json", digits_section), ("quickstart_long_gpu.json", lambda d, _: long_run_section(d)),
-                ("quality_imbalanced.json", imbalanced_section), ("speed.json", speed_section)]
+                ("quality_imbalanced.json", imbalanced_section),
+                ("quality_ring_divergences.json", ring_divergences_section), ("speed.json", speed_section)]
     for name, section in sections:
         data = load(args.results, name)
         if data is None:
