@@ -116,15 +116,15 @@ class Trainer:
         self.preview_hook, self.metrics_hook = preview, metrics
         self.accumulation = batch_layout(cfg.train, accelerator.num_processes)[1]
         self._place()
-        # the parameters each kind of step trains: all of its networks', but a LoRA network's adapters alone
-        self.trained = {kind: [p for net in self._modules(names) for p in net.parameters() if p.requires_grad]
-                        for kind, names in (("generator", objective.generator_trains),
-                                            ("critic", objective.critic_trains))}
+        # each network's parameters that no step trains (a LoRA network's base weights), by name: sharding keeps
+        # the names but may replace the parameter objects
+        self.frozen = {name: {n for n, p in net.named_parameters() if not p.requires_grad}
+                       for name, net in nets.trainable().items()}
         extra = {"generator": objective.generator_parameters(), "critic": objective.critic_parameters()}
         optim = {"generator": cfg.student_optim, "critic": cfg.critic_optim}
-        trains = {"generator": objective.generator_trains, "critic": objective.critic_trains}
+        self.trains = {"generator": objective.generator_trains, "critic": objective.critic_trains}
         sections = {"generator": "student_optim", "critic": "critic_optim"}
-        self.optimizers = {k: _adamw(self._params_by_network(trains[k], extra[k]), optim[k], sections[k])
+        self.optimizers = {k: _adamw(self._params_by_network(self.trains[k], extra[k]), optim[k], sections[k])
                            for k in optim}
         self.schedulers = {k: _warmup(o, optim[k].warmup_steps) for k, o in self.optimizers.items() if o}
         self.clip = {k: optim[k].grad_clip for k in optim}
@@ -146,9 +146,6 @@ class Trainer:
             for net in nets.trainable().values():
                 _shard(net)
 
-    def _modules(self, names) -> list[torch.nn.Module]:
-        return [getattr(self.nets, n) for n in names if getattr(self.nets, n, None) is not None]
-
     def _params_by_network(self, names, extra) -> dict[str, list[torch.nn.Parameter]]:
         """The parameters of each named network present (``objective`` for the objective's own), in order."""
         params = {n: list(getattr(self.nets, n).parameters()) for n in names if getattr(self.nets, n, None) is not None}
@@ -156,10 +153,12 @@ class Trainer:
         return {**params, "objective": extra} if extra else params
 
     def _set_trainable(self, kind: str) -> None:
-        """Only the parameters that steps of ``kind`` train require gradients (``none``: no network's do)."""
-        for k, params in self.trained.items():
-            for p in params:
-                p.requires_grad_(k == kind)
+        """Only the parameters that steps of ``kind`` train require gradients (``none``: no network's do); the
+        frozen ones (:attr:`frozen`) never do."""
+        for k, names in self.trains.items():
+            for name in names:
+                for n, p in (getattr(self.nets, name).named_parameters() if name in self.frozen else ()):
+                    p.requires_grad_(k == kind and n not in self.frozen[name])
 
     # ------------------------------------------------------------------------------------------ a step
     def _micro_batches(self, step: int) -> list[tuple[int, Batch]]:
