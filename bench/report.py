@@ -60,14 +60,18 @@ def digits_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
     teacher = teacher_fd(rows)
     names = list(dict.fromkeys(name for name, _ in rows))
     seeds = quality["seeds"]
-    unfinished = sorted({r["name"] for r in quality["runs"] if r["status"] != "ok"})
+    unfinished = sorted(f"{r['name']} seed {r['seed']}" for r in quality["runs"] if r["status"] != "ok")
     lines = ["## Every objective on the digits teacher", "",
              f"`configs/digits_<objective>.yaml`, seeds {seeds}, 600 steps at batch 48 ({devices(quality)}). FD of "
              "1000 samples (seed 1234) in the digits classifier's 64-d features against the 1797 scikit-learn "
              f"digits; the teacher's 35-step Euler sampler scores {teacher:.2f}. Mean ± standard deviation over "
              "seeds; x teacher is the mean's ratio to the teacher's FD. Regenerate with "
              "`python bench/quality.py digits`.", "",
-             "| recipe | NFE | FD | x teacher | class accuracy | seeds |", "|---|---|---|---|---|---|"]
+             "| recipe | NFE | FD | x teacher | class accuracy | seeds | device |", "|---|---|---|---|---|---|---|"]
+    device_of = {}
+    for run in quality["runs"]:
+        if run.get("environment"):
+            device_of.setdefault(run["name"], set()).add(run["environment"]["device"])
     curves: dict[str, list[tuple[int, float]]] = {}
     for name in names:
         for (row_name, sampler), row in rows.items():
@@ -76,9 +80,10 @@ def digits_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
             nfe = int(sampler.split()[1])
             curves.setdefault(name, []).append((nfe, row["fd"]["mean"]))
             lines.append(f"| {name} | {nfe} | {mean_std(row['fd'])} | {row['fd']['mean'] / teacher:.2f} | "
-                         f"{mean_std(row.get('class_accuracy'), 3)} | {row['fd']['n']} |")
+                         f"{mean_std(row.get('class_accuracy'), 3)} | {row['fd']['n']} | "
+                         f"{', '.join(sorted(device_of.get(name, ())))} |")
     if unfinished:
-        lines += ["", f"No result (runs unfinished or failed): {', '.join(unfinished)}; their status is in the JSON."]
+        lines += ["", f"Runs without a result (each one's status is in the JSON): {', '.join(unfinished)}."]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, points in curves.items():
         points.sort()
