@@ -37,6 +37,14 @@ def load(results: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def saved_plot(fig, plots: Path, file: str, caption: str) -> list[str]:
+    """Write ``fig`` to ``plots/file`` and return the markdown lines that show it."""
+    fig.tight_layout()
+    fig.savefig(plots / file, dpi=120)
+    plt.close(fig)
+    return ["", f"![{caption}](results/{file})", ""]
+
+
 def rows_of(quality: dict) -> dict[tuple[str, str], dict]:
     return {(row["name"], row["sampler"]): row for row in quality["summary"]}
 
@@ -91,10 +99,7 @@ def digits_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
     ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher, 35 NFE")
     ax.set(xlabel="student NFE", ylabel="FD (digits features)", yscale="log", xticks=[1, 2, 4])
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(plots / "fd_vs_nfe.png", dpi=120)
-    plt.close(fig)
-    lines += ["", "![FD against NFE](results/fd_vs_nfe.png)", ""]
+    lines += saved_plot(fig, plots, "fd_vs_nfe.png", "FD against NFE")
     headline = []
     for name in ("f_distill", "dmd"):
         fd = rows.get((name, "student 1 NFE"), {}).get("fd")
@@ -139,10 +144,7 @@ def imbalanced_section(quality: dict, plots: Path) -> tuple[list[str], list[str]
         ax.bar([c - 0.4 + width / 2 + i * width for c in range(10)], mean, width, label=name)
     ax.set(xlabel="digit class", ylabel="frequency", xticks=range(10))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plots / "class_frequencies.png", dpi=120)
-    plt.close(fig)
-    lines += ["", "![Class frequencies per divergence](results/class_frequencies.png)", ""]
+    lines += saved_plot(fig, plots, "class_frequencies.png", "Class frequencies per divergence")
     headline = []
     for name in ("rkl", "js", "kl"):
         row = rows.get((name, "student 1 NFE"))
@@ -199,10 +201,7 @@ def speed_section(speed: dict, plots: Path) -> tuple[list[str], list[str]]:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot([r["nfe"] for r in rows], [r["samples_per_second"]["median"] for r in rows], marker="o")
     ax.set(xlabel="NFE", ylabel="samples/s", xscale="log", yscale="log")
-    fig.tight_layout()
-    fig.savefig(plots / "samples_per_second.png", dpi=120)
-    plt.close(fig)
-    lines += ["", "![Samples per second against NFE](results/samples_per_second.png)", ""]
+    lines += saved_plot(fig, plots, "samples_per_second.png", "Samples per second against NFE")
     one = next(r for r in rows if r["nfe"] == 1)
     return lines, [f"| sampling speed-up, one step vs 35-step teacher ({speed['device']}) | "
                    f"{one['speedup']['median']:.1f}x |"]
