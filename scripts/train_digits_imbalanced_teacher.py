@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from omegaconf import OmegaConf
+from train_digits_teacher import optimizer_and_ema_step  # the script beside this one
 
 from fdistill.data import DigitsDataset
 from fdistill.data.images import ImageBatches, normalised_frequencies
@@ -71,15 +72,7 @@ def train(cfg, data: DigitsDataset) -> tuple[UNet2DModel, DDPMScheduler, float]:
         loss = F.mse_loss(
             unet(x_t, timesteps, class_labels=labels).sample, scheduler.get_velocity(x0, noise, timesteps)
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
-        opt.step()
-        sched.step()
-        decay = min(t.ema_decay, (1 + step) / (10 + step))  # short warm-up so early EMA follows the fine-tune
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
+        optimizer_and_ema_step(unet, ema, opt, sched, loss, t.grad_clip, t.ema_decay, step)
         if step % 50 == 0 or step == t.steps:
             elapsed = time.time() - start
             print(

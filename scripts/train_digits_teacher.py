@@ -40,6 +40,21 @@ ROOT = Path(__file__).resolve().parent.parent
 NULL_CLASS = 10
 
 
+def optimizer_and_ema_step(unet, ema, opt, sched, loss: torch.Tensor, grad_clip: float, ema_decay: float,
+                           step: int) -> None:
+    """Backpropagate ``loss``, clip, step the optimizer and its LR schedule, then move the EMA towards ``unet``
+    (decay warmed up over the first steps, so that early EMA weights follow the training ones)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
+            p_ema.lerp_(p, 1 - decay)
+
+
 def train(cfg, data: DigitsDataset) -> tuple[UNet2DModel, DDPMScheduler, float]:
     """EMA weights, the noise scheduler and the mean seconds per training step."""
     torch.manual_seed(cfg.seed)
@@ -65,15 +80,7 @@ def train(cfg, data: DigitsDataset) -> tuple[UNet2DModel, DDPMScheduler, float]:
         loss = F.mse_loss(
             unet(x_t, timesteps, class_labels=labels).sample, scheduler.get_velocity(x0, noise, timesteps)
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
-        opt.step()
-        sched.step()
-        decay = min(t.ema_decay, (1 + step) / (10 + step))  # short warm-up so early EMA is not the init
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
+        optimizer_and_ema_step(unet, ema, opt, sched, loss, t.grad_clip, t.ema_decay, step)
         if step % 100 == 0 or step == t.steps:
             elapsed = time.time() - start
             print(
