@@ -31,7 +31,8 @@ class RunConfig:
 class TeacherConfig:
     # ring (analytic 2-D ring of Gaussians) | mixture (analytic Gaussian mixture in any dimension) |
     # unet (built from `unet`) | pretrained | embedded (digits) | embedded_imbalanced (digits, imbalanced null
-    # class) | embedded_t2i (shapes)
+    # class) | embedded_t2i (shapes, Stable-Diffusion-style UNet) | embedded_t2i_flow (shapes, SD3-style
+    # flow-matching transformer)
     kind: str = "ring"
     schedule: str = "edm"  # schedule of analytic teachers: edm | vp | rf | trigflow
     num_modes: int = 8  # ring: modes at angles 2 pi k / num_modes
@@ -45,6 +46,8 @@ class TeacherConfig:
     guidance_scale: float = 1.0  # classifier-free guidance of the teacher, x_u + w (x_c - x_u); 1: none
     guidance_interval: Optional[List[float]] = None  # [t_lo, t_hi]: guide only at these teacher times
     negative_prompt: str = ""  # text teachers: the prompt of guidance's unconditional pass
+    # SD3 pipelines: the T5 prompt length (null: the pipeline's default, 256; the embedded flow teacher's own, 8)
+    max_sequence_length: Optional[int] = None
     unet: Dict[str, Any] = field(default_factory=dict)  # UNet2DModel config for kind=unet
 
 
@@ -190,7 +193,9 @@ class EvalConfig:
     teacher_steps: int = 32
     teacher_sampler: str = "heun"  # euler (= DDIM) | heun
     student_steps: List[int] = field(default_factory=lambda: [1])
-    renoise: str = "sde"
+    # few-step re-noising: sde (fresh noise) | ode (the implied noise); null: as the student's stock scheduler does
+    # (sde for students of VP teachers, ode for flow-matching ones), else sde
+    renoise: Optional[str] = None
     ema: Optional[str] = None  # the ema.averages entry to evaluate and sample with (null: trained weights)
     batch_size: int = 250  # images generated at once
     reference: Optional[str] = None  # images: folder, statistics .npz or "digits"; default: the training data
@@ -305,7 +310,7 @@ def _check_list_path(user: DictConfig, key: str) -> None:
 
 _LIST_SECTIONS = {"ema.averages": EMASpec}  # lists of typed items, checked one by one for precise errors
 _CHOICES = {"train.mixed_precision": ("no", "bf16", "fp16"), "ema.update": ("generator", "every"),
-            "eval.teacher_sampler": ("euler", "heun"), "eval.renoise": ("sde", "ode")}
+            "eval.teacher_sampler": ("euler", "heun"), "eval.renoise": (None, "sde", "ode")}
 
 
 def _check_list_items(user: DictConfig) -> None:

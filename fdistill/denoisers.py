@@ -5,6 +5,8 @@ features that discriminator heads read (docs/objectives.md §2.4). Adapters:
 
 * :class:`UNetDenoiser` for diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (epsilon, v_prediction or
   sample), with features taken from chosen blocks (``down.i``, ``mid``, ``up.i``) by forward hooks;
+* :class:`TransformerDenoiser` for diffusers' flow-matching ``SD3Transformer2DModel`` (velocity), with features
+  taken from chosen transformer blocks (``block.i``), its image tokens laid back on their patch grid;
 * :class:`GaussianMixtureDenoiser`, the exact posterior mean ``E[x0 | x_t]`` of a diagonal Gaussian mixture
   under any schedule: an analytic teacher with exact scores, log-densities and samples;
 * :class:`MLPDenoiser`, a small EDM-preconditioned MLP for low-dimensional data (toy student / fake score).
@@ -12,17 +14,20 @@ features that discriminator heads read (docs/objectives.md §2.4). Adapters:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
+from fdistill.flow_sampling import FlowMatchSampling
 from fdistill.lcm_sampling import LCMSampling
-from fdistill.schedules import Schedule, broadcast_to, to_x0
+from fdistill.schedules import FlowMatchSchedule, Schedule, broadcast_to, to_x0
 
-DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
 # The UNet blocks whose outputs a teacher-feature discriminator reads unless told otherwise (docs/objectives.md §2.4)
 DEFAULT_FEATURE_BLOCKS = ("mid",)
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel",)
 
 
 def unet_blocks(unet: nn.Module) -> dict[str, nn.Module]:
@@ -83,10 +88,10 @@ class Denoiser(nn.Module):
         raise ValueError(f"{type(self).__name__} takes no condition, so it has no unconditional input to guide with")
 
 
-def x0_from_unet_output(out: torch.Tensor, prediction_type: str, x_t: torch.Tensor, schedule: Schedule,
-                        t: torch.Tensor) -> torch.Tensor:
-    """Read a diffusers UNet's output at per-sample times ``t`` as x0, in float64, cast to ``x_t``'s dtype.
-    Shared by :class:`UNetDenoiser` and the exported pipeline's scheduler, which therefore agree bit for bit."""
+def x0_from_network_output(out: torch.Tensor, prediction_type: str, x_t: torch.Tensor, schedule: Schedule,
+                           t: torch.Tensor) -> torch.Tensor:
+    """Read a diffusers model's output (``prediction_type`` in diffusers' names) at per-sample times ``t`` as x0,
+    in float64, cast to ``x_t``'s dtype."""
     alpha, sigma = schedule.coefficients(t, x_t)
     return to_x0(out, DIFFUSERS_PREDICTION[prediction_type], x_t, alpha, sigma).to(x_t.dtype)
 
@@ -126,7 +131,17 @@ class UNetDenoiser(Denoiser):
             module.register_forward_hook(self._capture_as(name))
         self.feature_blocks = list(blocks)
 
-    def unet_output(self, x_t, t, cond=None) -> torch.Tensor:
+    @property
+    def network(self) -> nn.Module:
+        """The diffusers model inside (what LoRA adapts and the export saves)."""
+        return self.unet
+
+    def copy_network(self) -> UNetDenoiser:
+        """A denoiser around a deep copy of the UNet (its own weights and feature hooks): a student's or fake
+        score's starting point."""
+        return UNetDenoiser(copy.deepcopy(self.unet), self.schedule, self.prediction_type)
+
+    def network_output(self, x_t, t, cond=None) -> torch.Tensor:
         """The UNet's raw output (epsilon, v or x0, as ``prediction_type`` says) at times ``t``."""
         timestep = t.to(x_t.dtype)
         if self.text_conditioned:
@@ -145,11 +160,11 @@ class UNetDenoiser(Denoiser):
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
         self._features = {}
         try:
-            out = self.unet_output(x_t, t, cond)
+            out = self.network_output(x_t, t, cond)
             features = [self._features[name] for name in self.feature_blocks]
         finally:
             self._features = None
-        return x0_from_unet_output(out, self.prediction_type, x_t, self.schedule, t), features
+        return x0_from_network_output(out, self.prediction_type, x_t, self.schedule, t), features
 
     def stock_sampling(self):
         if getattr(self.schedule, "scheduler_config", None) is None:
@@ -163,6 +178,103 @@ class UNetDenoiser(Denoiser):
         if self.num_class_embeds is None:
             return super().null_condition(cond)
         return torch.full_like(cond, self.num_class_embeds - 1)
+
+
+def pack_text_condition(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """One tensor ``[N, L + 1, D]`` for a prompt's hidden states ``[N, L, D]`` and pooled embedding ``[N, P]``
+    (``P <= D``): the pooled vector, zero-padded, is the last row. Every layer passes a text condition around as
+    one tensor (indexed by sample, moved, split into micro-batches); :func:`unpack_text_condition` undoes it."""
+    if pooled.shape[-1] > hidden.shape[-1]:
+        raise ValueError(f"a pooled embedding of {pooled.shape[-1]} numbers does not fit a row of {hidden.shape[-1]}")
+    row = torch.nn.functional.pad(pooled, (0, hidden.shape[-1] - pooled.shape[-1]))
+    return torch.cat([hidden, row[:, None].to(hidden)], dim=1)
+
+
+def unpack_text_condition(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden [N, L, D], pooled [N, pooled_dim])`` of :func:`pack_text_condition`'s tensor."""
+    return cond[:, :-1], cond[:, -1, :pooled_dim]
+
+
+class TransformerDenoiser(Denoiser):
+    """A diffusers flow-matching ``SD3Transformer2DModel`` read as an x0-denoiser on a :class:`FlowMatchSchedule`.
+
+    The transformer predicts the velocity ``v = eps - x0`` at ``timestep = float32(t / 1000) * 1000`` (what its
+    stock pipeline hands it), so ``x0 = x_t - sigma v``. ``cond`` is :func:`pack_text_condition`'s tensor of the
+    prompt's hidden states and pooled embedding. Features are the image tokens after the chosen blocks
+    (``block.i``), reshaped to ``[B, C, H / p, W / p]`` on the patch grid so that convolutional heads read them.
+    """
+
+    text_conditioned = True
+    conditional = True
+    prediction_type = "flow_prediction"
+
+    def __init__(self, transformer: nn.Module, schedule: FlowMatchSchedule):
+        super().__init__()
+        self.transformer, self.schedule = transformer, schedule
+        cfg = transformer.config
+        self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.patch_size, self.pooled_dim = cfg.patch_size, cfg.pooled_projection_dim
+        self._features: dict[str, torch.Tensor] | None = None
+        self.read_features([f"block.{len(transformer.transformer_blocks) // 2}"])
+
+    @property
+    def network(self) -> nn.Module:
+        return self.transformer
+
+    def copy_network(self) -> TransformerDenoiser:
+        """A denoiser around a deep copy of the transformer (its own weights and feature hooks)."""
+        return TransformerDenoiser(copy.deepcopy(self.transformer), self.schedule)
+
+    def blocks(self) -> dict[str, nn.Module]:
+        return {f"block.{i}": b for i, b in enumerate(self.transformer.transformer_blocks)}
+
+    def read_features(self, blocks: list[str] | tuple[str, ...]) -> None:
+        """Return the image tokens after ``blocks`` (``block.0`` .. ``block.{n-1}``) as features, in that order."""
+        known = self.blocks()
+        unknown = [name for name in blocks if name not in known]
+        if unknown or not blocks:
+            raise ValueError(f"unknown transformer block {unknown[0] if unknown else None!r}; this transformer has "
+                             f"{', '.join(known)}")
+        for module in known.values():  # a deep copy carries its source's hooks
+            module._forward_hooks.clear()
+        for name in blocks:
+            known[name].register_forward_hook(self._capture_as(name))
+        self.feature_blocks = list(blocks)
+
+    def _capture_as(self, name: str):
+        def capture(_module, _inputs, output):
+            if self._features is not None:
+                tokens = output[-1] if isinstance(output, tuple) else output  # SD3 blocks: (text, image)
+                side = self.sample_shape[-1] // self.patch_size
+                self._features[name] = tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
+        return capture
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The transformer's ``timestep`` at schedule times ``t``: ``float32(t / N) * N``, as the pipeline builds
+        it from its float32 sigmas."""
+        n = self.schedule.num_train_timesteps
+        return (t.double() / n).float() * n
+
+    def network_output(self, x_t, t, cond=None) -> torch.Tensor:
+        """The transformer's velocity at times ``t``."""
+        if cond is None:
+            raise ValueError("a text-to-image transformer needs a prompt condition")
+        hidden, pooled = unpack_text_condition(cond, self.pooled_dim)
+        return self.transformer(hidden_states=x_t, timestep=self.timestep(t).to(x_t.device),
+                                encoder_hidden_states=hidden, pooled_projections=pooled).sample
+
+    def forward_with_features(self, x_t, t, cond=None):
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        self._features = {}
+        try:
+            out = self.network_output(x_t, t, cond)
+            features = [self._features[name] for name in self.feature_blocks]
+        finally:
+            self._features = None
+        return x0_from_network_output(out, self.prediction_type, x_t, self.schedule, t), features
+
+    def stock_sampling(self):
+        return FlowMatchSampling(self.schedule)
 
 
 class GaussianMixtureDenoiser(Denoiser):

@@ -26,7 +26,7 @@ from fdistill.sampling import sample_ode
 
 
 @torch.no_grad()
-def student_samples(nets: Networks, n: int, steps: int, seed: int, renoise: str = "sde", cond=None,
+def student_samples(nets: Networks, n: int, steps: int, seed: int, renoise: str | None = None, cond=None,
                     batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
     """``n`` samples of the student as it is served (:meth:`~fdistill.generator.Generator.servable`); one generator
     seeded with ``seed`` draws each batch's noise in turn."""
@@ -157,7 +157,8 @@ def evaluate_images(nets: Networks, ec: EvalConfig, protocol: ImageProtocol) -> 
         if model == "student":
             x = student_samples(nets, protocol.num_samples, steps, protocol.seed, ec.renoise, protocol.conditions,
                                 protocol.batch_size, protocol.progress)
-            nfe, extra = steps, {"renoise": ec.renoise} if steps > 1 else {}
+            mode = ec.renoise or nets.student.servable().renoise_mode
+            nfe, extra = steps, {"renoise": mode} if steps > 1 else {}
         else:
             x, nfe = teacher_samples(nets, protocol.num_samples, ec.teacher_steps, ec.teacher_sampler,
                                      protocol.seed, protocol.conditions, protocol.batch_size, protocol.progress)

@@ -5,11 +5,12 @@ of ``x_{t_0}`` for unit-variance data, ``sqrt(alpha^2 + sigma^2)`` (1 for VP sch
 samplers draw their first input). Few steps with ``t_0 > t_1 > ...``: ``x0_hat = D(x, t_i)``, then
 ``x <- alpha(t_{i+1}) x0_hat + sigma(t_{i+1}) eps'`` where ``eps'`` is fresh noise ("sde", the multistep
 consistency sampler) or the noise implied by ``(x, x0_hat)`` at ``t_i`` ("ode", DDIM-like). The last ``x0_hat``
-is the sample. A student of a diffusers teacher does all this with the arithmetic of diffusers' stock
-``LCMScheduler`` (:mod:`fdistill.lcm_sampling`, "sde" only), so that plain diffusers serves it exactly.
+is the sample. A student of a diffusers teacher does all this with the arithmetic of a stock diffusers scheduler,
+so that plain diffusers serves it exactly: ``LCMScheduler`` for VP teachers (:mod:`fdistill.lcm_sampling`, "sde"
+only), ``FlowMatchEulerDiscreteScheduler`` for flow-matching ones (:mod:`fdistill.flow_sampling`, "ode" only).
 
 Backward simulation (docs/objectives.md §3.1) trains a few-step student on its own samples: ``k - 1`` steps
-without gradient, re-noising with fresh noise, then the ``k``-th step with gradient. Its times are the first
+without gradient, re-noising as the student samples, then the ``k``-th step with gradient. Its times are the first
 ``k`` sampling times, or random ones: ``t_0`` kept and each later ``t_i`` drawn uniformly from
 ``(t_{i+1}, t_i]`` (``t_K = t_min``), on the integer timesteps of a discrete schedule.
 """
@@ -130,40 +131,48 @@ class Generator(nn.Module):
         """The input at the first sampling time ``t0`` for unit noise ``z``."""
         return z if self.stock is not None else input_scale(self.schedule, t0) * z
 
+    @property
+    def renoise_mode(self) -> str:
+        """How this student re-noises between steps when not told: as its stock scheduler does, else "sde"."""
+        return self.stock.renoise_mode if self.stock is not None else "sde"
+
     def step(self, x_t: torch.Tensor, t: float, cond=None) -> torch.Tensor:
         """One denoising step at time ``t`` (the gradient-carrying call)."""
         t_batch = torch.full((x_t.shape[0],), t, dtype=torch.float64, device=x_t.device)
         if self.stock is None:
             return self.net(x_t, t_batch, cond)
-        return self.stock.denoise(self.net.unet_output(x_t, t_batch, cond), x_t, t)
+        return self.stock.denoise(self.net.network_output(x_t, t_batch, cond), x_t, t)
 
-    def next_input(self, x, x0, t: float, t_next: float, mode: str = "sde", generator=None) -> torch.Tensor:
-        """The input at ``t_next`` after the step at ``t`` (input ``x``) predicted ``x0``."""
+    def advance(self, x: torch.Tensor, t: float, t_next: float, cond=None, mode: str | None = None,
+                generator=None) -> torch.Tensor:
+        """The input at ``t_next`` after one step from input ``x`` at ``t``: re-noised fresh ("sde") or along
+        the implied noise ("ode"), with the stock scheduler's arithmetic when there is one."""
+        mode = mode or self.renoise_mode
         if self.stock is None:
-            return renoise(self.schedule, x, x0, t, t_next, mode, generator)
-        if mode != "sde":
-            raise ValueError(f"a student of a diffusers teacher samples with fresh noise (renoise sde), not {mode}")
-        return self.stock.renoise(x0, t_next, generator)
+            return renoise(self.schedule, x, self.step(x, t, cond), t, t_next, mode, generator)
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+        return self.stock.advance(self.net.network_output(x, t_batch, cond), x, t, t_next, mode, generator)
 
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         """One-step sample from unit noise ``z``."""
         t0 = self.times[0]
         return self.step(self.first_input(z, t0), t0, cond)
 
-    def sample(self, z, cond=None, steps: int = 1, mode: str = "sde", generator=None) -> torch.Tensor:
-        """``steps``-step sample from unit noise ``z``; gradients flow through every call if enabled."""
+    def sample(self, z, cond=None, steps: int = 1, mode: str | None = None, generator=None) -> torch.Tensor:
+        """``steps``-step sample from unit noise ``z``; gradients flow through every call if enabled. ``mode``
+        (default :attr:`renoise_mode`) is how it re-noises between steps."""
         if not 1 <= steps <= self.max_steps:
             raise ValueError(f"this student samples with 1..{self.max_steps} steps, not {steps}")
-        if mode not in RENOISE_MODES:
+        if mode is not None and mode not in RENOISE_MODES:
             raise ValueError(f"unknown re-noising mode {mode!r}; use one of {RENOISE_MODES}")
         return self.sample_at(z, self.times[:steps], cond, mode, generator)
 
-    def sample_at(self, z, times: list[float], cond=None, mode: str = "sde", generator=None) -> torch.Tensor:
+    def sample_at(self, z, times: list[float], cond=None, mode: str | None = None, generator=None) -> torch.Tensor:
         """A sample from unit noise ``z`` through the decreasing ``times`` (one step each); gradients flow through
         every call if enabled."""
         x = self.first_input(z, times[0])
         for t, t_next in zip(times, times[1:], strict=False):
-            x = self.next_input(x, self.step(x, t, cond), t, t_next, mode, generator)
+            x = self.advance(x, t, t_next, cond, mode, generator)
         return self.step(x, times[-1], cond)
 
     def random_times(self, steps: int, generator=None) -> list[float]:
@@ -191,12 +200,15 @@ class Generator(nn.Module):
 
     def backward_simulation(self, z: torch.Tensor, cond=None, steps: int = 1, generator=None,
                             random_times: bool = False) -> torch.Tensor:
-        """A ``steps``-step sample from unit noise ``z`` (the "sde" sampler) with gradient through the last step
-        only: DMD2's and rCM's data-free backward simulation (docs/objectives.md §3.1, §9). Its times are the
-        first ``steps`` sampling times, or :meth:`random_times` with ``random_times``."""
+        """A ``steps``-step sample from unit noise ``z`` (re-noised as the student samples, :attr:`renoise_mode`)
+        with gradient through the last step only: DMD2's and rCM's data-free backward simulation
+        (docs/objectives.md §3.1, §9). Its times are the first ``steps`` sampling times, or :meth:`random_times`
+        with ``random_times``."""
         if steps == 1:
             return self(z, cond)
         times = self.random_times(steps, generator) if random_times else self.times[:steps]
         with torch.no_grad():
-            x0 = self.sample_at(z, times[:-1], cond, "sde", generator)
-        return self.step(self.next_input(x0, x0, times[-2], times[-1], "sde", generator), times[-1], cond)
+            x = self.first_input(z, times[0])
+            for t, t_next in zip(times, times[1:], strict=False):
+                x = self.advance(x, t, t_next, cond, generator=generator)
+        return self.step(x, times[-1], cond)

@@ -1,10 +1,17 @@
-"""The parts of a latent text-to-image pipeline around its denoiser: tokenizer, text encoder and VAE.
+"""The parts of a latent text-to-image pipeline around its denoiser: tokenizers, text encoders and VAE.
 
-Distillation runs on VAE latents, conditioned on the text encoder's hidden states, exactly as a stock diffusers
-``StableDiffusionPipeline`` computes them (:meth:`LatentPipelineParts.embed` tokenizes with padding to the
-tokenizer's ``model_max_length`` and takes ``text_encoder(ids)[0]``; :meth:`LatentPipelineParts.decode` divides by
-the VAE's ``scaling_factor``), so a student trained here is served by that pipeline unchanged. Embeddings are
-cached per prompt: a fixed prompt set is encoded once per run.
+Distillation runs on VAE latents, conditioned on the text encoders' outputs, exactly as the stock diffusers
+pipeline computes them, so that a student trained here is served by that pipeline unchanged:
+
+* ``StableDiffusionPipeline``: :meth:`LatentPipelineParts.embed` tokenizes with padding to the tokenizer's
+  ``model_max_length`` and takes ``text_encoder(ids)[0]``; :meth:`LatentPipelineParts.decode` divides by the
+  VAE's ``scaling_factor``;
+* ``StableDiffusion3Pipeline``: the prompt goes through the pipeline's own ``encode_prompt`` (two CLIPs and a T5,
+  or ``max_sequence_length`` zero tokens when the T5 slot is empty), whose hidden states and pooled embedding
+  travel as one tensor (:func:`fdistill.denoisers.pack_text_condition`); latents are shifted by the VAE's
+  ``shift_factor`` as well as scaled.
+
+Embeddings are cached per prompt: a fixed prompt set is encoded once per run.
 """
 
 from __future__ import annotations
@@ -14,87 +21,153 @@ from pathlib import Path
 import torch
 
 from fdistill.config import ConfigError
+from fdistill.denoisers import pack_text_condition
 
-TEXT_PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae")
+# the parts beside the denoiser that each supported pipeline class needs, and the optional ones
+PIPELINE_PARTS = {
+    "StableDiffusionPipeline": (("tokenizer", "text_encoder", "vae"), ()),
+    "StableDiffusion3Pipeline": (("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae"),
+                                 ("tokenizer_3", "text_encoder_3")),
+}
+SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
 
 
 class LatentPipelineParts:
-    """Tokenizer, text encoder and VAE of a text-to-image pipeline, loaded from ``root`` and only ever run under
+    """Tokenizers, text encoders and VAE of a text-to-image pipeline, loaded from ``root`` and only ever run under
     ``torch.no_grad``. Their parameters keep ``requires_grad`` as loaded, as in a stock pipeline: PyTorch's CPU
     convolutions take another kernel for frozen weights, and the decoded images would differ in the last bits
-    from what plain diffusers decodes."""
+    from what plain diffusers decodes.
 
-    def __init__(self, tokenizer, text_encoder, vae, source: str):
-        self.tokenizer, self.source = tokenizer, source
-        self.text_encoder, self.vae = text_encoder.eval(), vae.eval()
-        self.scaling_factor = float(vae.config.scaling_factor)
+    ``parts`` maps component names (``tokenizer``, ``text_encoder``, ``vae``, ...) to the loaded objects;
+    ``pipeline_class`` names the stock pipeline they belong to; ``denoiser`` is the pipeline's frozen denoising
+    network, which SD3's prompt encoding reads its text width from.
+    """
+
+    def __init__(self, parts: dict, pipeline_class: str, source: str, denoiser=None,
+                 max_sequence_length: int | None = None):
+        self.parts, self.pipeline_class, self.source = parts, pipeline_class, source
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.eval()
+        self.vae = parts["vae"]
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = getattr(self.vae.config, "shift_factor", None)
+        self.max_sequence_length = max_sequence_length
+        self._encoder = None
+        if pipeline_class == "StableDiffusion3Pipeline":
+            from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+            self._encoder = StableDiffusion3Pipeline(transformer=denoiser,
+                                                     scheduler=FlowMatchEulerDiscreteScheduler(), **parts)
         self._embeddings: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def load(cls, root: Path, source: str) -> LatentPipelineParts:
+    def load(cls, root: Path, source: str, denoiser=None,
+             max_sequence_length: int | None = None) -> LatentPipelineParts:
         """The parts of the diffusers pipeline directory ``root``; a missing one is a one-line error."""
         import diffusers
         import transformers
 
-        missing = [part for part in TEXT_PIPELINE_PARTS if not (root / part).is_dir()]
-        if missing:
-            raise ConfigError(f"{source} has a text-conditioned UNet but no {', '.join(p + '/' for p in missing)}; "
-                              "give a full text-to-image pipeline directory (model_index.json, unet/, vae/, "
-                              "text_encoder/, tokenizer/, scheduler/)")
         index = _model_index(root)
+        pipeline_class = index.get("_class_name") or "StableDiffusionPipeline"
+        if pipeline_class not in PIPELINE_PARTS:
+            raise ConfigError(f"{source} is a {pipeline_class}; fdistill distils {', '.join(PIPELINE_PARTS)} "
+                              "text-to-image pipelines")
+        needed, optional = PIPELINE_PARTS[pipeline_class]
+        missing = [part for part in needed if not (root / part).is_dir()]
+        if missing:
+            raise ConfigError(f"{source} has a text-conditioned denoiser but no {', '.join(p + '/' for p in missing)}; "
+                              f"give a full {pipeline_class} directory (model_index.json and "
+                              f"{', '.join(p + '/' for p in needed)})")
+        if max_sequence_length is not None and pipeline_class != "StableDiffusion3Pipeline":
+            raise ConfigError(f"teacher.max_sequence_length is read by StableDiffusion3Pipeline teachers, and "
+                              f"{source} is a {pipeline_class}; remove it")
+        parts = {}
         try:
-            tokenizer = getattr(transformers, index["tokenizer"]).from_pretrained(root / "tokenizer")
-            text_encoder = getattr(transformers, index["text_encoder"]).from_pretrained(
-                root / "text_encoder", dtype=torch.float32)
-            vae = getattr(diffusers, index["vae"]).from_pretrained(root / "vae", torch_dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{source}: cannot load the pipeline's text encoder, tokenizer or VAE "
+            for part in needed + optional:
+                library, class_name = index.get(part) or (None, None)
+                if class_name is None or not (root / part).is_dir():
+                    parts[part] = None
+                elif part.startswith("tokenizer"):
+                    parts[part] = getattr(transformers, class_name).from_pretrained(root / part)
+                elif library == "transformers":
+                    parts[part] = getattr(transformers, class_name).from_pretrained(root / part, dtype=torch.float32)
+                else:
+                    parts[part] = getattr(diffusers, class_name).from_pretrained(root / part, torch_dtype=torch.float32)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{source}: cannot load the pipeline's text encoders, tokenizers or VAE "
                               f"({str(e).splitlines()[0]}); re-download the pipeline") from None
-        return cls(tokenizer, text_encoder, vae, source)
+        if pipeline_class == "StableDiffusion3Pipeline" and max_sequence_length is None:
+            max_sequence_length = SD3_MAX_SEQUENCE_LENGTH
+        return cls(parts, pipeline_class, source, denoiser, max_sequence_length)
 
     def to(self, device) -> LatentPipelineParts:
-        self.text_encoder.to(device)
-        self.vae.to(device)
+        for part in self.parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
+    def __getattr__(self, name: str):
+        """A component by name (``tokenizer``, ``text_encoder``, ...), as on a pipeline."""
+        parts = self.__dict__.get("parts", {})
+        if name in parts:
+            return parts[name]
+        raise AttributeError(name)
+
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """``[N, L, D]`` text-encoder hidden states of ``prompts`` on the parts' device, as the pipeline's
-        ``encode_prompt`` computes them with no CLIP skip; cached per prompt in CPU memory."""
+        """The condition tensors of ``prompts`` on the parts' device, as the stock pipeline encodes them: the text
+        encoder's last hidden states ``[N, L, D]`` (Stable Diffusion, no CLIP skip), or SD3's hidden states and
+        pooled embedding packed into ``[N, L + 1, D]``; cached per prompt in CPU memory."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
         if new:
-            ids = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
-            for prompt, hidden in zip(new, self.text_encoder(ids)[0].cpu(), strict=True):
-                self._embeddings[prompt] = hidden
+            for prompt, condition in zip(new, self._encode(new).cpu(), strict=True):
+                self._embeddings[prompt] = condition
         return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        if self._encoder is not None:
+            hidden, _, pooled, _ = self._encoder.encode_prompt(
+                prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length)
+            return pack_text_condition(hidden, pooled)
+        tokenizer = self.parts["tokenizer"]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(self.device)
+        return self.parts["text_encoder"](ids)[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (unclamped) of latents in the denoiser's (scaled) space."""
-        return self.vae.decode(latents.to(self.device, self.vae.dtype) / self.scaling_factor).sample
+        """Images in [-1, 1] (unclamped) of latents in the denoiser's (scaled, shifted) space."""
+        latents = latents.to(self.device, self.vae.dtype) / self.scaling_factor
+        if self.shift_factor is not None:
+            latents = latents + self.shift_factor
+        return self.vae.decode(latents).sample
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents of images in [-1, 1], drawn from the VAE's posterior (as the teacher was trained)."""
-        posterior = self.vae.encode(images.to(self.device)).latent_dist
-        return posterior.sample(generator=generator) * self.scaling_factor
+        """Scaled (and shifted) latents of images in [-1, 1], drawn from the VAE's posterior (as the teacher was
+        trained)."""
+        latents = self.vae.encode(images.to(self.device)).latent_dist.sample(generator=generator)
+        if self.shift_factor is not None:
+            latents = latents - self.shift_factor
+        return latents * self.scaling_factor
 
 
-def _model_index(root: Path) -> dict[str, str]:
-    """Class names of the pipeline's parts, from ``model_index.json`` (CLIP and AutoencoderKL by default)."""
+def _model_index(root: Path) -> dict:
+    """``model_index.json`` of the pipeline: its class and each part's ``[library, class]``; Stable Diffusion's
+    CLIP and AutoencoderKL when there is none."""
     import json
 
-    defaults = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModel", "vae": "AutoencoderKL"}
     index_file = root / "model_index.json"
-    if not index_file.is_file():
-        return defaults
-    index = json.loads(index_file.read_text())
-    return {part: (index.get(part) or [None, default])[1] or default for part, default in defaults.items()}
+    if index_file.is_file():
+        return json.loads(index_file.read_text())
+    return {"tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "vae": ["diffusers", "AutoencoderKL"]}
 
 
 def word_tokenizer(words: list[str], model_max_length: int) -> object:

@@ -29,6 +29,8 @@ class LCMSampling:
     """LCM's arithmetic for a UNet with ``prediction_type`` on the discrete VP ``schedule`` of a diffusers
     scheduler (whose config it keeps, so that :meth:`scheduler` rebuilds the same table)."""
 
+    renoise_mode = "sde"
+
     def __init__(self, schedule: DiscreteVPSchedule, prediction_type: str):
         if prediction_type not in READOUTS:
             raise ValueError(f"unsupported prediction_type {prediction_type!r}; use one of {READOUTS}")
@@ -58,6 +60,12 @@ class LCMSampling:
         else:
             x0 = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
         return c_out * x0 + c_skip * sample
+
+    def advance(self, model_output, sample, t: int, t_next: int, mode: str = "sde", generator=None):
+        """LCMScheduler.step from ``t`` to ``t_next``: the boundary-condition x0, re-noised with fresh noise."""
+        if mode != "sde":
+            raise ValueError(f"a student of a diffusers teacher samples with fresh noise (renoise sde), not {mode}")
+        return self.renoise(self.denoise(model_output, sample, t), t_next, generator)
 
     def renoise(self, denoised: torch.Tensor, t_next: int, generator: torch.Generator | None = None):
         """The next step's input (LCMScheduler.step's ``prev_sample``): fresh noise drawn from ``generator``

@@ -1,10 +1,10 @@
-"""LoRA networks (``student.lora``): the teacher's frozen UNet weights plus trainable low-rank adapters (peft).
+"""LoRA networks (``student.lora``): the teacher's frozen weights plus trainable low-rank adapters (peft).
 
-:func:`add_lora` freezes a UNet denoiser and gives the configured layers adapters with peft's
-``inject_adapter_in_model``; the adapters' output starts at zero (peft's default), so the network starts as the
-teacher. The student file of a LoRA student holds only the adapter weights (:func:`student_file_weights`): the
-run rebuilds the frozen rest from the teacher. :func:`merged_unet` folds the adapters into the base weights, for
-an export that stock diffusers samples.
+:func:`add_lora` freezes a diffusers denoiser (a UNet or a transformer) and gives the configured layers adapters
+with peft's ``inject_adapter_in_model``; the adapters' output starts at zero (peft's default), so the network
+starts as the teacher. The student file of a LoRA student holds only the adapter weights
+(:func:`student_file_weights`): the run rebuilds the frozen rest from the teacher. :func:`merged_network` folds
+the adapters into the base weights, for an export that stock diffusers samples.
 """
 
 from __future__ import annotations
@@ -25,22 +25,23 @@ def is_adapter_weight(name: str) -> bool:
 
 
 def add_lora(net: nn.Module, lora: LoraConfig, role: str = "student") -> nn.Module:
-    """Freeze ``net`` (a denoiser around a diffusers UNet) and add LoRA adapters to the UNet's
-    ``lora.target_modules``; only the adapters then require gradients. ``role`` names the network in errors."""
+    """Freeze ``net`` (a denoiser around a diffusers UNet or transformer) and add LoRA adapters to the diffusers
+    model's ``lora.target_modules``; only the adapters then require gradients. ``role`` names the network in
+    errors."""
     import peft
 
-    unet = getattr(net, "unet", None)
-    if unet is None:
-        raise ConfigError(f"student.lora adapts a diffusers UNet, and this {role} is a {type(net).__name__}; "
-                          "remove student.lora or use a UNet teacher")
+    model = getattr(net, "network", None)
+    if model is None:
+        raise ConfigError(f"student.lora adapts a diffusers UNet or transformer, and this {role} is a "
+                          f"{type(net).__name__}; remove student.lora or use a diffusers teacher")
     config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.rank if lora.alpha is None else lora.alpha,
                              target_modules=list(lora.target_modules))
     net.requires_grad_(False)
     try:
-        peft.inject_adapter_in_model(config, unet)
+        peft.inject_adapter_in_model(config, model)
     except ValueError as e:  # peft: no layer matches target_modules
         raise ConfigError(f"student.lora.target_modules={list(lora.target_modules)}: {str(e).splitlines()[0]}; "
-                          "name layers of the teacher's UNet") from None
+                          f"name layers of the teacher's {type(model).__name__}") from None
     for name, p in net.named_parameters():
         p.requires_grad_(is_adapter_weight(name))
     return net
@@ -64,18 +65,18 @@ def load_student_file(student: nn.Module, state: dict[str, torch.Tensor]) -> Non
     student.load_state_dict(state, strict=False)
 
 
-def merged_unet(unet: nn.Module) -> nn.Module:
-    """``unet`` itself when it has no adapters, else a copy with the adapters merged into its base weights and
-    removed: a plain diffusers UNet that computes what the adapted one does."""
-    if not any(is_adapter_weight(name) for name, _ in unet.named_parameters()):
-        return unet
+def merged_network(model: nn.Module) -> nn.Module:
+    """``model`` itself when it has no adapters, else a copy with the adapters merged into its base weights and
+    removed: a plain diffusers model that computes what the adapted one does."""
+    if not any(is_adapter_weight(name) for name, _ in model.named_parameters()):
+        return model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    merged = copy.deepcopy(unet)
+    merged = copy.deepcopy(model)
     for name, layer in list(merged.named_modules()):
         if isinstance(layer, BaseTunerLayer):
             layer.merge()
             parent, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent), child, layer.get_base_layer())
-    del merged.peft_config  # set by peft's injection; a plain UNet has none
+    del merged.peft_config  # set by peft's injection; a plain diffusers model has none
     return merged

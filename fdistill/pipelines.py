@@ -1,9 +1,16 @@
 """Export a trained student as a diffusers pipeline that plain diffusers serves, with stock classes only.
 
-The directory is a stock ``ConsistencyModelPipeline`` (pixel students) or ``StableDiffusionPipeline`` (latent
-text-to-image students, with the teacher's VAE, text encoder and tokenizer): the student's UNet and a stock
-``LCMScheduler`` configured with the teacher's noise table (:mod:`fdistill.lcm_sampling`), written by
-``save_pretrained`` (a LoRA student's adapters merged into the UNet's weights), plus
+The directory is a stock ``ConsistencyModelPipeline`` (pixel students) or the teacher's text-to-image pipeline
+class (latent students, with the teacher's VAE, text encoders and tokenizers), written by ``save_pretrained`` (a
+LoRA student's adapters merged into the weights), with the student's network and a stock scheduler that samples
+it as fdistill does:
+
+* a UNet student (``ConsistencyModelPipeline``, ``StableDiffusionPipeline``): a stock ``LCMScheduler`` configured
+  with the teacher's noise table (:mod:`fdistill.lcm_sampling`);
+* a flow-matching transformer student (``StableDiffusion3Pipeline``): a stock ``FlowMatchEulerDiscreteScheduler``
+  with no shift (:mod:`fdistill.flow_sampling`), driven by ``sigmas = [t / 1000 for t in student_times]``;
+
+plus
 ``fdistill.json`` (how it was made) and ``README.md`` (a model card with the Hub's metadata block). Loading it
 needs diffusers alone, no fdistill::
 
@@ -32,15 +39,25 @@ import shutil
 from pathlib import Path
 
 from fdistill.config import ConfigError
+from fdistill.denoisers import TransformerDenoiser
 from fdistill.generator import Generator
-from fdistill.lora import merged_unet
+from fdistill.lora import merged_network
 
 METADATA_FILE = "fdistill.json"
 MODEL_CARD = "README.md"
 
 
-def load_snippet(times: list[int], class_embeds: int | None, text: bool = False) -> str:
-    """How to sample the export with plain diffusers (``DIR`` stands for its path or hub id)."""
+def load_snippet(times: list[int], class_embeds: int | None, text: bool = False, flow: dict | None = None) -> str:
+    """How to sample the export with plain diffusers (``DIR`` stands for its path or hub id). ``flow`` describes a
+    flow-matching student: its ``sigmas``, ``max_sequence_length`` and whether its T5 slot is empty."""
+    if flow is not None:
+        load_args = ", text_encoder_3=None, tokenizer_3=None" if flow["no_t5"] else ""
+        return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
+                f"pipe = DiffusionPipeline.from_pretrained(DIR{load_args})\n"
+                f"images = pipe(prompt=[\"a red circle at the top left\"], guidance_scale=1.0,\n"
+                f"              sigmas={flow['sigmas'][:1]}, max_sequence_length={flow['max_sequence_length']},\n"
+                f"              generator=torch.Generator().manual_seed(0)).images"
+                f"  # K steps: sigmas={flow['sigmas']}[:K]")
     if text:  # guidance_scale=1: the student is never guided, and stock SD pipelines default to 7.5
         return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
@@ -63,17 +80,18 @@ def _fdistill_version() -> str:
         return "unknown"
 
 
-def exportable_unet(student: Generator):
-    """The student's UNet denoiser, or an error saying why this student cannot be exported."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+def exportable_network(student: Generator):
+    """The student's diffusers denoiser (a UNet or a flow-matching transformer), or an error saying why this
+    student cannot be exported."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
     net, kind = student.net, type(student.net).__name__
-    unet = getattr(net, "unet", None)
-    if unet is None:
-        raise ValueError(f"export needs a diffusers UNet student; this student is a {kind}")
-    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
-        raise ValueError(f"export needs a diffusers UNet2DModel or UNet2DConditionModel student, not a "
-                         f"{type(unet).__name__}")
+    model = getattr(net, "network", None)
+    if model is None:
+        raise ValueError(f"export needs a diffusers UNet or transformer student; this student is a {kind}")
+    if not isinstance(model, (UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel)):
+        raise ValueError(f"export needs a diffusers UNet2DModel, UNet2DConditionModel or SD3Transformer2DModel "
+                         f"student, not a {type(model).__name__}")
     if student.stock is None:
         raise ValueError("export needs a student on a diffusers scheduler's timesteps (a diffusers teacher)")
     return net
@@ -126,7 +144,7 @@ def model_card(info: dict) -> str:
                       f"{first.get('weights_hash')}) against {first.get('reference')} ({first.get('num_reference')} "
                       "images); the teacher row is its multi-step sampler under the same protocol.", ""]
     lines += ["## Use", "", "Plain diffusers, no fdistill needed:", "", "```python",
-              load_snippet(times, info.get("num_class_embeds"), text).replace("DIR", '"PATH_OR_HUB_ID"'), "```", ""]
+              info["load"].replace("DIR", '"PATH_OR_HUB_ID"'), "```", ""]
     if text:
         lines += ["Keep `guidance_scale=1.0`: the teacher's guidance is distilled into the student, which is never "
                   "guided again.", ""]
@@ -149,8 +167,8 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     The directory is written beside ``out_dir`` and renamed into place, so ``out_dir`` never holds a partial
     export; an existing ``out_dir`` is replaced only if it is an earlier export (or empty).
     """
-    student = student.servable()  # an sCM/rCM student: its UNet at the SNR-matched timesteps
-    net = exportable_unet(student)
+    student = student.servable()  # an sCM/rCM student: its network at the SNR-matched timesteps
+    net = exportable_network(student)
     if net.text_conditioned and text_parts is None:
         raise ValueError("a text-conditioned student exports with its teacher's VAE, text encoder and tokenizer; "
                          "pass text_parts")
@@ -158,10 +176,18 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
         raise ConfigError(f"{out} exists and is not an exported pipeline; choose another output directory")
     class_embeds = net.num_class_embeds
-    times = [int(t) for t in student.times]
+    flow = None
+    if isinstance(net, TransformerDenoiser):
+        times = [float(t) for t in student.times]
+        flow = {"sigmas": [t / net.schedule.num_train_timesteps for t in times],
+                "max_sequence_length": text_parts.max_sequence_length, "no_t5": text_parts.text_encoder_3 is None}
+        pipeline_class, scheduler_class = text_parts.pipeline_class, "FlowMatchEulerDiscreteScheduler"
+    else:
+        times = [int(t) for t in student.times]
+        pipeline_class = text_parts.pipeline_class if net.text_conditioned else "ConsistencyModelPipeline"
+        scheduler_class = "LCMScheduler"
     info = {
-        "format": f"diffusers {'StableDiffusionPipeline' if net.text_conditioned else 'ConsistencyModelPipeline'} "
-                  "+ LCMScheduler (stock classes), exported by fdistill",
+        "format": f"diffusers {pipeline_class} + {scheduler_class} (stock classes), exported by fdistill",
         "fdistill_version": _fdistill_version(),
         "student_times": times,
         "max_steps": student.max_steps,
@@ -172,7 +198,8 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
         "num_classes": class_embeds - 1 if class_embeds else None,
         "null_class": class_embeds - 1 if class_embeds else None,
         "text_to_image": net.text_conditioned,
-        "load": load_snippet(times, class_embeds, net.text_conditioned),
+        **({"sigmas": flow["sigmas"], "max_sequence_length": flow["max_sequence_length"]} if flow else {}),
+        "load": load_snippet(times, class_embeds, net.text_conditioned, flow),
         **(metadata or {}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,16 +216,20 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
 
 
 def stock_pipeline(net, scheduler, text_parts=None):
-    """The stock diffusers pipeline that samples ``net``'s UNet with ``scheduler``; a LoRA UNet's adapters are
-    merged into its weights (:func:`fdistill.lora.merged_unet`)."""
-    from diffusers import ConsistencyModelPipeline, StableDiffusionPipeline
+    """The stock diffusers pipeline that samples ``net``'s diffusers model with ``scheduler``: a
+    ``ConsistencyModelPipeline`` for a pixel UNet, else the teacher's pipeline class with ``text_parts``'s
+    components. A LoRA model's adapters are merged into its weights (:func:`fdistill.lora.merged_network`)."""
+    import diffusers
 
-    unet = merged_unet(net.unet)
+    model = merged_network(net.network)
     if not net.text_conditioned:
-        return ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=text_parts.vae, text_encoder=text_parts.text_encoder,
-                                   tokenizer=text_parts.tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return diffusers.ConsistencyModelPipeline(unet=model, scheduler=scheduler)
+    role = "transformer" if isinstance(net, TransformerDenoiser) else "unet"
+    extra = {}
+    if text_parts.pipeline_class == "StableDiffusionPipeline":
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return getattr(diffusers, text_parts.pipeline_class)(**{role: model}, scheduler=scheduler, **text_parts.parts,
+                                                         **extra)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -123,9 +123,9 @@ def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: T
         served = student.servable()  # e.g. an sCM student's times matched to the teacher's timesteps
     except ValueError as e:
         raise ConfigError(f"generator.times={times}: {str(e).splitlines()[0]}") from None
-    if served.stock is not None and cfg.eval.renoise != "sde":
-        raise ConfigError("eval.renoise=ode: students of diffusers teachers re-noise with fresh noise, as the "
-                          "exported pipeline does; use eval.renoise=sde")
+    if served.stock is not None and cfg.eval.renoise not in (None, served.renoise_mode):
+        raise ConfigError(f"eval.renoise={cfg.eval.renoise}: this student re-noises as its exported pipeline's "
+                          f"scheduler does ({served.renoise_mode}); remove eval.renoise")
     if lora is not None and lora.fake_score and not objective.needs_fake_score:
         raise ConfigError(f"student.lora.fake_score: objective {objective.name} trains no fake score; remove it")
     fake_lora = lora if lora is not None and lora.fake_score else None

@@ -5,7 +5,8 @@ predictions into x0 and back, given ``(x_t, alpha_t, sigma_t)``. Schedule arithm
 (docs/objectives.md §1.3, §12 item 6) and cast back to the tensor's dtype by the callers that need it.
 
 Schedules (docs/objectives.md §1.1): continuous VP (linear beta), discrete VP from a diffusers scheduler's
-``alphas_cumprod``, EDM/VE, rectified flow and TrigFlow. Each can find the time with a given signal-to-noise
+``alphas_cumprod``, EDM/VE, rectified flow, rectified flow in a diffusers flow-matching scheduler's timesteps, and
+TrigFlow. Each can find the time with a given signal-to-noise
 ratio ``alpha/sigma`` ("SNR matching"), which is how a TrigFlow student wraps any teacher.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-PREDICTION_KINDS = ("x0", "eps", "v", "flow", "score", "trigflow")
+PREDICTION_KINDS = ("x0", "eps", "v", "flow", "velocity", "score", "trigflow")
 
 
 def _f64(t) -> torch.Tensor:
@@ -194,6 +195,43 @@ class RectifiedFlowSchedule(Schedule):
         return 1.0 / (1.0 + _f64(snr))
 
 
+class FlowMatchSchedule(Schedule):
+    """Rectified flow in the time units of diffusers' ``FlowMatchEulerDiscreteScheduler``: ``t = 1000 sigma``,
+    ``alpha = 1 - sigma``, ``sigma = t / 1000`` (``num_train_timesteps`` in general), which is what its transformer
+    receives as ``timestep``. The network predicts the velocity ``eps - x0``. The scheduler's timestep ``shift``
+    changes which times a sampler visits, not the process, and is kept for the time law that follows it
+    (:func:`sample_time`'s ``shift``). ``t_max`` stops at ``sigma = 0.999``, where ``sigma/alpha`` is still finite,
+    as for :class:`RectifiedFlowSchedule`.
+    """
+
+    name = "flow_match"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, scheduler_config: dict | None = None):
+        self.num_train_timesteps, self.shift = num_train_timesteps, shift
+        self.t_min, self.t_max = 0.0, 0.999 * num_train_timesteps
+        self.scheduler_config = scheduler_config
+
+    @classmethod
+    def from_diffusers(cls, scheduler) -> "FlowMatchSchedule":
+        config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+        return cls(config["num_train_timesteps"], config.get("shift", 1.0), config)
+
+    def alpha(self, t):
+        return 1 - _f64(t) / self.num_train_timesteps
+
+    def sigma(self, t):
+        return _f64(t) / self.num_train_timesteps
+
+    def dalpha(self, t):
+        return torch.full_like(_f64(t), -1.0 / self.num_train_timesteps)
+
+    def dsigma(self, t):
+        return torch.full_like(_f64(t), 1.0 / self.num_train_timesteps)
+
+    def t_from_snr(self, snr):
+        return self.num_train_timesteps / (1.0 + _f64(snr))
+
+
 @dataclass
 class TrigFlowSchedule(Schedule):
     """TrigFlow (Lu & Song 2024, arXiv 2410.11081): ``x_t = cos t x0 + sin t sigma_d eps``, ``t in [0, pi/2]``."""
@@ -256,6 +294,8 @@ def to_x0(pred, kind, x_t, alpha, sigma, dalpha=None, dsigma=None) -> torch.Tens
     if kind == "flow":  # u = alpha' x0 + sigma' eps
         ratio = dsigma / sigma
         return (ratio * x - p) / (ratio * alpha - dalpha)
+    if kind == "velocity":  # rectified flow (alpha = 1 - sigma) only: v = eps - x0, so x0 = x_t - sigma v
+        return x - sigma * p
     if kind == "score":
         return (x + sigma**2 * p) / alpha
     if kind == "trigflow":  # TrigFlow schedule only: x0 = cos t x_t - sigma_d sin t F
@@ -275,6 +315,8 @@ def from_x0(x0, kind, x_t, alpha, sigma, dalpha=None, dsigma=None) -> torch.Tens
         return alpha * eps - sigma * x0
     if kind == "flow":
         return dalpha * x0 + dsigma * eps
+    if kind == "velocity":
+        return eps - x0
     if kind == "score":
         return -eps / sigma
     if kind == "trigflow":  # F = (cos t x_t - x0) / (sigma_d sin t)
@@ -306,7 +348,8 @@ def sample_time(schedule: Schedule, n: int, kind: str = "uniform", generator=Non
     kinds: ``uniform`` (in ``[t_lo, t_hi]`` of the schedule, defaults its range), ``lognormal``
     (``ln sigma_EDM ~ N(p_mean, p_std^2)``, default EDM (-1.2, 1.2)), ``polynomial`` (uniform integer on
     the Karras grid, ``k in [k_lo, k_hi]``), ``sid`` (SiD's t_max = 800 Karras law, ``u ~ U[0, t_max/1000]``),
-    ``shift`` (rCM's ``s = shift u / (1 + (shift-1) u)`` RF time, shift 5).
+    ``shift`` (rCM's ``s = shift u / (1 + (shift-1) u)`` RF time; by default the shift of a flow-matching
+    teacher's scheduler, which is how its sampler spaces its times, else rCM's 5).
     """
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     if kind == "uniform":
@@ -327,7 +370,7 @@ def sample_time(schedule: Schedule, n: int, kind: str = "uniform", generator=Non
         sigma = (smax ** (1 / rho) + (1 - v) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
         return sigma_to_time(schedule, sigma)
     if kind == "shift":
-        shift = kw.get("shift", 5.0)
+        shift = kw.get("shift", getattr(schedule, "shift", 5.0))
         s = shift * u / (1 + (shift - 1) * u)
         return sigma_to_time(schedule, s / (1 - s).clamp(min=1e-6))
     raise ValueError(f"unknown time distribution {kind!r}; use one of {', '.join(TIME_DISTRIBUTIONS)}")

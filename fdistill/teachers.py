@@ -5,7 +5,8 @@ in any dimension from its means, standard deviations and weights), ``unet`` (a d
 built from ``teacher.unet``, for tests), ``pretrained`` (a diffusers model or pipeline from a local directory or
 a hub id, text-to-image pipelines included), ``embedded`` (the shipped digits teacher), ``embedded_imbalanced``
 (the shipped digits teacher fine-tuned so that its null class draws digits 0 to 9 with frequencies 0.3 down to
-0.02) and ``embedded_t2i`` (the shipped text-to-image pipeline on the captioned shapes). A new kind is one builder
+0.02), ``embedded_t2i`` (the shipped text-to-image pipeline on the captioned shapes) and ``embedded_t2i_flow``
+(the shipped flow-matching ``StableDiffusion3Pipeline`` on the captioned shapes). A new kind is one builder
 in :data:`TEACHER_BUILDERS` and the keys it reads in :data:`TEACHER_KEYS`.
 """
 
@@ -20,13 +21,24 @@ from typing import Callable
 import torch
 
 from fdistill.config import Config, ConfigError, TeacherConfig
-from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, UNetDenoiser, freeze, gaussian_mixture, ring_mixture
+from fdistill.denoisers import (
+    TRANSFORMER_CLASSES,
+    Denoiser,
+    GaussianMixtureDenoiser,
+    TransformerDenoiser,
+    UNetDenoiser,
+    freeze,
+    gaussian_mixture,
+    ring_mixture,
+)
 from fdistill.guidance import GuidedDenoiser
-from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
+from fdistill.schedules import SCHEDULES, DiscreteVPSchedule, FlowMatchSchedule
 
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
 EMBEDDED_IMBALANCED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_imbalanced_teacher"
 EMBEDDED_T2I_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_t2i_teacher"
+EMBEDDED_FLOW_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_flow_teacher"
+EMBEDDED_FLOW_MAX_SEQUENCE_LENGTH = 8  # the T5 length the embedded flow teacher was trained with
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
@@ -145,20 +157,25 @@ def embedded_t2i_teacher(cfg: Config) -> Denoiser:
     return load_diffusers_teacher(EMBEDDED_T2I_TEACHER_DIR, cfg.teacher.prediction_type)
 
 
+def embedded_t2i_flow_teacher(cfg: Config) -> Denoiser:
+    return load_diffusers_teacher(EMBEDDED_FLOW_TEACHER_DIR)
+
+
 TEACHER_BUILDERS: dict[str, Callable[[Config], Denoiser]] = {
     "ring": ring_teacher, "mixture": mixture_teacher, "unet": unet_teacher, "pretrained": pretrained_teacher,
     "embedded": embedded_teacher, "embedded_imbalanced": embedded_imbalanced_teacher,
-    "embedded_t2i": embedded_t2i_teacher,
+    "embedded_t2i": embedded_t2i_teacher, "embedded_t2i_flow": embedded_t2i_flow_teacher,
 }
 # the teacher.* keys each kind reads, beyond kind and guidance (which every kind reads)
 TEACHER_KEYS = {
     "ring": {"schedule", "num_modes", "radius", "std", "weights"},
     "mixture": {"schedule", "means", "stds", "weights"},
     "unet": {"unet", "prediction_type"},
-    "pretrained": {"pretrained", "prediction_type", "negative_prompt"},
+    "pretrained": {"pretrained", "prediction_type", "negative_prompt", "max_sequence_length"},
     "embedded": {"prediction_type"},
     "embedded_imbalanced": {"prediction_type"},
     "embedded_t2i": {"prediction_type", "negative_prompt"},
+    "embedded_t2i_flow": {"negative_prompt", "max_sequence_length"},
 }
 ALL_KINDS_READ = {"kind", "guidance_scale", "guidance_interval"}
 
@@ -185,12 +202,22 @@ def build_teacher(cfg: Config) -> Denoiser:
 
 def teacher_directory(cfg: Config) -> tuple[Path, str] | None:
     """The local directory a diffusers teacher was loaded from and how the user named it, or ``None`` for
-    teachers built in memory (the pipeline's other parts, a text encoder and a VAE, live beside its UNet)."""
+    teachers built in memory (the pipeline's other parts, text encoders and a VAE, live beside its denoiser)."""
     if cfg.teacher.kind == "pretrained":
         return resolve_model_dir(cfg.teacher.pretrained), cfg.teacher.pretrained
     if cfg.teacher.kind == "embedded_t2i":
         return EMBEDDED_T2I_TEACHER_DIR, "fdistill/assets/shapes_t2i_teacher"
+    if cfg.teacher.kind == "embedded_t2i_flow":
+        return EMBEDDED_FLOW_TEACHER_DIR, "fdistill/assets/shapes_flow_teacher"
     return None
+
+
+def max_sequence_length(cfg: Config) -> int | None:
+    """``teacher.max_sequence_length``, or the embedded flow teacher's own when unset (``None``: the pipeline's
+    default)."""
+    if cfg.teacher.max_sequence_length is None and cfg.teacher.kind == "embedded_t2i_flow":
+        return EMBEDDED_FLOW_MAX_SEQUENCE_LENGTH
+    return cfg.teacher.max_sequence_length
 
 
 def with_guidance(teacher: Denoiser, cfg: Config, unconditional: Callable | None = None) -> Denoiser:
@@ -232,32 +259,46 @@ def resolve_model_dir(source: str | Path) -> Path:
                           ) from None
 
 
-def load_diffusers_teacher(source: str | Path, prediction_type: str | None = None) -> UNetDenoiser:
-    """A diffusers UNet teacher with its noise schedule, from a pipeline directory (``model_index.json`` with
-    ``unet/`` and ``scheduler/``), a UNet directory holding ``scheduler_config.json`` too, or a hub id of
-    either. The scheduler's ``alphas_cumprod`` become a :class:`DiscreteVPSchedule` and its
-    ``prediction_type`` (unless overridden) says how to read the UNet's output."""
+def load_diffusers_teacher(source: str | Path, prediction_type: str | None = None) -> Denoiser:
+    """A diffusers teacher with its noise schedule, from a pipeline directory (``model_index.json`` with
+    ``unet/`` or ``transformer/``, and ``scheduler/``), a UNet directory holding ``scheduler_config.json`` too, or
+    a hub id of either.
+
+    * A UNet's scheduler gives its ``alphas_cumprod`` as a :class:`DiscreteVPSchedule`, and its
+      ``prediction_type`` (unless overridden) says how to read the UNet's output.
+    * A flow-matching transformer's ``FlowMatchEulerDiscreteScheduler`` gives a :class:`FlowMatchSchedule`; the
+      transformer predicts the velocity.
+    """
     import diffusers
 
     root = resolve_model_dir(source)
-    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    net_dir = next((root / name for name in ("unet", "transformer") if (root / name / "config.json").is_file()), root)
     scheduler_dir = root / "scheduler" if (root / "scheduler").is_dir() else root
-    config_file = unet_dir / "config.json"
+    config_file = net_dir / "config.json"
     scheduler_file = scheduler_dir / "scheduler_config.json"
-    for needed, what in ((config_file, "a UNet config"), (scheduler_file, "a scheduler config")):
+    for needed, what in ((config_file, "a UNet or transformer config"), (scheduler_file, "a scheduler config")):
         if not needed.is_file():
             raise ConfigError(f"{root} has no {what} ({needed.relative_to(root)}); give a diffusers pipeline "
-                              "directory (model_index.json, unet/, scheduler/) or a UNet directory with "
-                              "scheduler_config.json")
+                              "directory (model_index.json, unet/ or transformer/, scheduler/) or a UNet directory "
+                              "with scheduler_config.json")
     class_name = json.loads(config_file.read_text()).get("_class_name")
-    if class_name not in UNET_CLASSES:
-        raise ConfigError(f"{config_file} describes a {class_name}; fdistill teachers are {' or '.join(UNET_CLASSES)}")
-    unet = getattr(diffusers, class_name).from_pretrained(unet_dir, torch_dtype=torch.float32)
-    scheduler = diffusers.DDPMScheduler.from_config(diffusers.DDPMScheduler.load_config(scheduler_dir))
+    if class_name not in UNET_CLASSES + TRANSFORMER_CLASSES:
+        raise ConfigError(f"{config_file} describes a {class_name}; fdistill teachers are "
+                          f"{', '.join(UNET_CLASSES + TRANSFORMER_CLASSES)}")
+    network = getattr(diffusers, class_name).from_pretrained(net_dir, torch_dtype=torch.float32)
+    scheduler_config = diffusers.DDPMScheduler.load_config(scheduler_dir)
+    if class_name in TRANSFORMER_CLASSES:
+        if scheduler_config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+            raise ConfigError(f"{source}: a {class_name} teacher needs a FlowMatchEulerDiscreteScheduler, not "
+                              f"{scheduler_config.get('_class_name')}")
+        if prediction_type is not None:
+            raise ConfigError(f"teacher.prediction_type: a flow-matching {class_name} predicts the velocity; "
+                              "remove it")
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        return TransformerDenoiser(network, FlowMatchSchedule.from_diffusers(scheduler))
+    scheduler = diffusers.DDPMScheduler.from_config(scheduler_config)
     prediction = prediction_type or scheduler.config.prediction_type
     try:
-        return UNetDenoiser(unet, DiscreteVPSchedule.from_diffusers(scheduler), prediction)
+        return UNetDenoiser(network, DiscreteVPSchedule.from_diffusers(scheduler), prediction)
     except ValueError as e:
         raise ConfigError(f"teacher {source}: {e}") from None
-
-

@@ -9,7 +9,7 @@ import torch
 from fdistill.config import ConfigError, load_config
 from fdistill.containers import Batch
 from fdistill.denoisers import MLPDenoiser
-from fdistill.generator import Generator
+from fdistill.generator import Generator, renoise
 from fdistill.objectives import OBJECTIVES, common
 from fdistill.run import build_experiment
 from fdistill.schedules import DiscreteVPSchedule
@@ -109,7 +109,7 @@ def test_gradient_reaches_the_student_through_the_last_step_only():
         z = student.noise(16)
         with torch.no_grad():
             x0 = student.sample(z, steps=steps - 1)
-        x = student.next_input(x0, x0, times[steps - 2], times[steps - 1]).detach()
+        x = renoise(student.schedule, x0, x0, times[steps - 2], times[steps - 1]).detach()
         return student.step(x, times[steps - 1])
 
     simulated = gradient(lambda: student.backward_simulation(student.noise(16), steps=steps))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fdistill.config import ConfigError, dump_config, load_config
 from fdistill.containers import Batch
-from fdistill.lora import is_adapter_weight, load_student_file, merged_unet
+from fdistill.lora import is_adapter_weight, load_student_file, merged_network
 from fdistill.pipelines import export_pipeline
 from fdistill.run import build_experiment, export_run, load_run, save_student_files, student_file
 from fdistill.training.trainer import Trainer
@@ -105,7 +105,7 @@ def test_student_file_reloads_exactly_and_merged_equals_unmerged(tmp_path):
     assert not torch.equal(student_output(build_experiment(cfg, options)[0].student), expected)
 
     unet = student.net.unet
-    merged = merged_unet(unet)
+    merged = merged_network(unet)
     assert merged.state_dict().keys() == nets.teacher.unet.state_dict().keys()
     assert torch.equal(student_output(student), expected)  # merging works on a copy
     x, t, cond = torch.randn(4, 1, 8, 8), torch.tensor([999.0, 700.0, 300.0, 20.0]), torch.tensor(LABELS)
@@ -161,7 +161,7 @@ def test_checkpoint_with_ema_resumes_and_exports_the_lora_student(tmp_path):
 
     out = export_run(run_dir, tmp_path / "export", checkpoint="latest", ema="ema")
     with trainer.ema.swapped("ema"):
-        expected = merged_unet(nets.student.net.unet).state_dict()
+        expected = merged_network(nets.student.net.unet).state_dict()
     exported = UNet2DModel.from_pretrained(out / "unet").state_dict()
     assert exported.keys() == expected.keys()
     assert all(torch.allclose(exported[k], v) for k, v in expected.items())

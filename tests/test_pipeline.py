@@ -175,7 +175,7 @@ def test_consistency_students_export_at_their_matched_timesteps_and_plain_diffus
 
 def test_export_refuses_students_it_cannot_represent(tmp_path):
     toy = Generator(MLPDenoiser(2, EDMSchedule()), [80.0])
-    with pytest.raises(ValueError, match="export needs a diffusers UNet student"):
+    with pytest.raises(ValueError, match="export needs a diffusers UNet or transformer student"):
         export_pipeline(toy, tmp_path / "toy")
     torch.manual_seed(0)
     text_unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),

@@ -81,16 +81,23 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
 
     info = json.loads((model_dir / "fdistill.json").read_text())
     diffusers_logging.disable_progress_bar()
-    pipe = DiffusionPipeline.from_pretrained(model_dir).to(device)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    empty = {part: None for part in ("text_encoder_3", "tokenizer_3") if index.get(part, [None])[0] is None
+             and part in index}  # an SD3 pipeline saved without its T5 loads only when told so
+    pipe = DiffusionPipeline.from_pretrained(model_dir, **empty).to(device)
     pipe.set_progress_bar_config(disable=True)
     steps = 1 if steps is None else steps
     times = info["student_times"]
     _check_steps(steps, len(times))
 
     if info.get("text_to_image"):
+        # a flow-matching student steps through its sigmas, an LCM one through its timesteps
+        schedule = ({"sigmas": info["sigmas"][:steps], "max_sequence_length": info["max_sequence_length"]}
+                    if "sigmas" in info else {"num_inference_steps": None, "timesteps": times[:steps]})
+
         def draw_text(n, prompts, generator):
-            images = pipe(prompt=prompts, guidance_scale=1.0, num_inference_steps=None, timesteps=times[:steps],
-                          generator=generator, output_type="pt").images
+            images = pipe(prompt=prompts, guidance_scale=1.0, generator=generator, output_type="pt",
+                          **schedule).images
             return images, steps
 
         return Sampler("student", draw_text, True, text=True)
@@ -114,7 +121,7 @@ def _conditioning(text_parts, device):
     return text_parts.embed, (lambda latents: to_unit(text_parts.decode(latents)))
 
 
-def student_sampler(student, steps: int | None, renoise: str, device, text_parts=None) -> Sampler:
+def student_sampler(student, steps: int | None, renoise: str | None, device, text_parts=None) -> Sampler:
     """A run's student: ``Generator.sample`` with the run's re-noising mode (students of diffusers teachers
     re-noise as the exported pipeline does); a latent student's samples are decoded by ``text_parts``' VAE."""
     steps = 1 if steps is None else steps
@@ -204,7 +211,7 @@ def open_model(model: str, teacher: bool, steps: int | None, device, guidance_sc
             return teacher_sampler(teacher_net, teacher_steps, "euler", device)
         from fdistill.latent_pipeline import LatentPipelineParts
 
-        text_parts = LatentPipelineParts.load(path, str(path))
+        text_parts = LatentPipelineParts.load(path, str(path), teacher_net.network)
         guided = guided_text_teacher(teacher_net, text_parts, 1.0 if guidance_scale is None else guidance_scale,
                                      negative_prompt or "")
         return teacher_sampler(guided, teacher_steps, "euler", device, text_parts)

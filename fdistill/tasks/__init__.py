@@ -4,7 +4,7 @@ of teacher a run has."""
 from __future__ import annotations
 
 from fdistill.config import Config, ConfigError
-from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, UNetDenoiser
+from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, TransformerDenoiser, UNetDenoiser
 from fdistill.tasks.base import Task
 from fdistill.tasks.images import ImageTask
 from fdistill.tasks.text_to_image import TextToImageTask
@@ -19,5 +19,7 @@ def build_task(cfg: Config, teacher: Denoiser) -> Task:
         return ToyTask(cfg, teacher)
     if isinstance(teacher, UNetDenoiser):
         return TextToImageTask(cfg, teacher) if teacher.text_conditioned else ImageTask(cfg, teacher)
+    if isinstance(teacher, TransformerDenoiser):
+        return TextToImageTask(cfg, teacher)
     raise ConfigError(f"teacher.kind={cfg.teacher.kind!r} gives a {type(teacher).__name__} teacher, for which "
-                      "fdistill has no task yet; use a diffusers UNet teacher or an analytic one")
+                      "fdistill has no task yet; use a diffusers UNet or transformer teacher, or an analytic one")

@@ -11,7 +11,6 @@ frequencies to the data's and the teacher's; the student exports as a diffusers 
 
 from __future__ import annotations
 
-import copy
 from functools import cached_property
 from pathlib import Path
 
@@ -42,9 +41,7 @@ class ImageTask(Task):
                  ("teacher.negative_prompt", "eval.clip_model", "eval.clip_pretrained")}}
 
     def trainable_copy(self) -> Denoiser:
-        teacher = self.teacher
-        net = UNetDenoiser(copy.deepcopy(teacher.unet), teacher.schedule, teacher.prediction_type)
-        return net.train().requires_grad_(True)
+        return self.teacher.copy_network().train().requires_grad_(True)
 
     def condition_probe(self, n: int) -> torch.Tensor | None:
         return None if self.teacher.num_class_embeds is None else torch.zeros(n, dtype=torch.long)

@@ -1,10 +1,11 @@
-"""The text-to-image task: a latent diffusers pipeline teacher (text encoder, VAE, ``UNet2DConditionModel``)
-and a prompt set.
+"""The text-to-image task: a latent diffusers pipeline teacher (text encoders, VAE, and a
+``UNet2DConditionModel`` or a flow-matching ``SD3Transformer2DModel``) and a prompt set.
 
-Students and fake scores are copies of the teacher's UNet and work on VAE latents; their condition is the text
-encoder's hidden states of a prompt (:class:`~fdistill.latent_pipeline.LatentPipelineParts`), computed once per
-distinct prompt. The teacher alone is guided, with the negative prompt (``teacher.negative_prompt``) as the
-unconditional input. Training prompts come from ``data.kind``:
+Students and fake scores are copies of the teacher's denoising network and work on VAE latents; their condition
+is the prompt's encoding as the stock pipeline computes it
+(:class:`~fdistill.latent_pipeline.LatentPipelineParts`), computed once per distinct prompt. The teacher alone is
+guided, with the negative prompt (``teacher.negative_prompt``) as the unconditional input. Training prompts come
+from ``data.kind``:
 
 * ``captioned_shapes``: the 40 training captions of the procedural captioned shapes, with their images as real
   data; the run is judged on those prompts and, separately, on the 8 held-out attribute combinations;
@@ -14,13 +15,12 @@ unconditional input. Training prompts come from ``data.kind``:
 The evaluation decodes every sampler's latents with the VAE and reports, on the same prompts and seeds: CLIP score
 (open_clip, ``eval.clip_model``), FD against reference images (``eval.features``), compositional accuracy (on the
 captioned shapes: the fraction of images whose colour, shape and position all match the prompt, read by the
-shipped attribute classifier) and samples/s including the decode. The student exports as a stock
-``StableDiffusionPipeline``.
+shipped attribute classifier) and samples/s including the decode. The student exports as the teacher's stock
+pipeline class (``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,11 +31,11 @@ import torch
 from fdistill.config import ConfigError
 from fdistill.containers import Batch, Networks
 from fdistill.data.captions import CaptionedShapes, caption, combinations, read_prompts
-from fdistill.denoisers import Denoiser, UNetDenoiser
+from fdistill.denoisers import Denoiser, TransformerDenoiser, UNetDenoiser
 from fdistill.evaluation import student_samples, teacher_samples, write_png_folder
 from fdistill.latent_pipeline import LatentPipelineParts
 from fdistill.tasks.base import Task
-from fdistill.teachers import teacher_directory
+from fdistill.teachers import max_sequence_length, teacher_directory
 
 TEXT_DATA = ("captioned_shapes", "prompts")
 REAL_IMAGES = 4000  # captioned-shapes images encoded for the objectives that read real data
@@ -57,12 +57,12 @@ class PromptSet:
 
 
 class TextToImageTask(Task):
-    teacher: UNetDenoiser
+    teacher: UNetDenoiser | TransformerDenoiser
     unread = {**{f"model.{name}": "the MLPs of analytic teachers read it; students copy the teacher's UNet"
                  for name in ("hidden", "depth", "sigma_data")},
               "log.fd_every": "class-conditional image runs read it; text-to-image runs report at the end"}
 
-    def __init__(self, cfg, teacher: UNetDenoiser):
+    def __init__(self, cfg, teacher: UNetDenoiser | TransformerDenoiser):
         super().__init__(cfg, teacher)
         located = teacher_directory(cfg)
         if located is None:
@@ -74,7 +74,7 @@ class TextToImageTask(Task):
         if (cfg.data.kind == "prompts") != bool(cfg.data.path):
             raise ConfigError("data.path (a prompt file) is read with data.kind=prompts, and only then")
         self.records = _prompt_records(cfg.data.path) if cfg.data.kind == "prompts" else []
-        self.parts = LatentPipelineParts.load(*located)
+        self.parts = LatentPipelineParts.load(*located, teacher.network, max_sequence_length(cfg))
         self.negative = self.parts.embed([cfg.teacher.negative_prompt])
         self._clip = None  # the CLIP score's model, loaded at the first evaluation
 
@@ -83,9 +83,7 @@ class TextToImageTask(Task):
         return self.negative.to(cond.device).expand(len(cond), -1, -1)
 
     def trainable_copy(self) -> Denoiser:
-        teacher = self.teacher
-        net = UNetDenoiser(copy.deepcopy(teacher.unet), teacher.schedule, teacher.prediction_type)
-        return net.train().requires_grad_(True)
+        return self.teacher.copy_network().train().requires_grad_(True)
 
     def condition_probe(self, n: int) -> torch.Tensor:
         return self.parts.embed([""] * n)
