@@ -47,6 +47,11 @@ def add_lora(net: nn.Module, lora: LoraConfig, role: str = "student") -> nn.Modu
     return net
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` carries LoRA adapters."""
+    return any(is_adapter_weight(name) for name, _ in model.named_parameters())
+
+
 def student_file_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a student's state dict that its file holds: the adapter weights alone for a LoRA student
     (its other weights are the teacher's), else all of them."""
@@ -68,7 +73,7 @@ def load_student_file(student: nn.Module, state: dict[str, torch.Tensor]) -> Non
 def merged_network(model: nn.Module) -> nn.Module:
     """``model`` itself when it has no adapters, else a copy with the adapters merged into its base weights and
     removed: a plain diffusers model that computes what the adapted one does."""
-    if not any(is_adapter_weight(name) for name, _ in model.named_parameters()):
+    if not has_adapters(model):
         return model
     from peft.tuners.tuners_utils import BaseTunerLayer
 

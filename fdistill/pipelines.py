@@ -41,10 +41,11 @@ from pathlib import Path
 from fdistill.config import ConfigError
 from fdistill.denoisers import TransformerDenoiser
 from fdistill.generator import Generator
-from fdistill.lora import merged_network
+from fdistill.lora import has_adapters, merged_network
 
 METADATA_FILE = "fdistill.json"
 MODEL_CARD = "README.md"
+LORA_DIR = "lora"  # a LoRA student's adapters, for the teacher's pipeline
 
 
 def load_snippet(times: list[int], class_embeds: int | None, text: bool = False, flow: dict | None = None) -> str:
@@ -148,6 +149,9 @@ def model_card(info: dict) -> str:
     if text:
         lines += ["Keep `guidance_scale=1.0`: the teacher's guidance is distilled into the student, which is never "
                   "guided again.", ""]
+    if info.get("load_lora"):
+        lines += ["The student's LoRA adapters are also in `lora/`. The teacher's own pipeline samples like the "
+                  "student with them:", "", "```python", info["load_lora"].replace("DIR", '"PATH"'), "```", ""]
     if info.get("num_class_embeds"):
         lines += [f"Pass `class_labels`: class {info['null_class']} is the null (unconditional) class, which the "
                   "pipeline would otherwise draw among random labels.", ""]
@@ -160,6 +164,10 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     ``ConsistencyModelPipeline`` directory, or a ``StableDiffusionPipeline`` with ``text_parts``'s VAE, text
     encoder and tokenizer (:class:`~fdistill.latent_pipeline.LatentPipelineParts`) for a text-conditioned
     student, and return its path.
+
+    A LoRA student of a text-to-image teacher also gets ``lora/``: its adapters as diffusers LoRA weights, which
+    the teacher's own pipeline loads with ``load_lora_weights``, and the stock scheduler that samples them
+    (:func:`save_lora`).
 
     ``metadata`` (objective, training steps, teacher, metrics, ...) goes into ``fdistill.json`` and the model card
     next to what the export knows itself (times, prediction type, classes, fdistill version, how to load); its
@@ -202,17 +210,52 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
         "load": load_snippet(times, class_embeds, net.text_conditioned, flow),
         **(metadata or {}),
     }
+    lora = has_adapters(net.network) and net.text_conditioned
+    if lora:
+        info["load_lora"] = lora_snippet(text_parts.source, type(student.stock.scheduler()).__name__, times, flow)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         stock_pipeline(net, student.stock.scheduler(), text_parts).save_pretrained(tmp)
+        if lora:
+            save_lora(net, text_parts.pipeline_class, student.stock.scheduler(), tmp / LORA_DIR)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MODEL_CARD).write_text(model_card(info))
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def save_lora(net, pipeline_class: str, scheduler, out: Path) -> None:
+    """Write ``net``'s LoRA adapters as diffusers LoRA weights (``pytorch_lora_weights.safetensors``, with their
+    rank, alpha and target modules as adapter metadata) that ``pipeline_class.load_lora_weights`` loads into the
+    teacher's pipeline, and ``scheduler`` (the stock scheduler that samples the student) in ``out/scheduler``."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    model = net.network
+    role = "transformer" if isinstance(net, TransformerDenoiser) else "unet"
+    getattr(diffusers, pipeline_class).save_lora_weights(
+        out, **{f"{role}_lora_layers": get_peft_model_state_dict(model),
+                f"{role}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+    scheduler.save_pretrained(out / "scheduler")
+
+
+def lora_snippet(teacher: str, scheduler_class: str, times: list, flow: dict | None) -> str:
+    """How the teacher's pipeline samples like the student with the exported LoRA (``DIR``: the export)."""
+    steps = (f"sigmas={flow['sigmas'][:1]}, max_sequence_length={flow['max_sequence_length']}" if flow
+             else f"num_inference_steps=None, timesteps={times[:1]}")
+    load_args = ", text_encoder_3=None, tokenizer_3=None" if flow and flow["no_t5"] else ""
+    scale = "joint_attention_kwargs" if flow else "cross_attention_kwargs"
+    return (f"import torch\nfrom diffusers import DiffusionPipeline, {scheduler_class}\n\n"
+            f"pipe = DiffusionPipeline.from_pretrained({teacher!r}{load_args})  # the teacher\n"
+            f"pipe.load_lora_weights(DIR + \"/{LORA_DIR}\")\n"
+            f"pipe.scheduler = {scheduler_class}.from_pretrained(DIR + \"/{LORA_DIR}\", subfolder=\"scheduler\")\n"
+            f"images = pipe(prompt=[\"a red circle at the top left\"], guidance_scale=1.0, {steps},\n"
+            f"              {scale}={{\"scale\": 1.0}},  # the LoRA scale\n"
+            f"              generator=torch.Generator().manual_seed(0)).images")
 
 
 def stock_pipeline(net, scheduler, text_parts=None):

@@ -228,3 +228,50 @@ def test_lora_on_a_transformer_trains_only_adapters_and_exports_merged(tiny_sd3,
     out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
     served = exported_samples(out, tmp_path)
     torch.testing.assert_close(served[1], student_images(nets.student, task, 1), rtol=1e-4, atol=1e-4)
+
+
+LORA_CHECK = r"""
+import json, sys, torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+teacher, export, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+info = json.load(open(export + "/fdistill.json"))
+pipe = DiffusionPipeline.from_pretrained(teacher, text_encoder_3=None, tokenizer_3=None)
+pipe.load_lora_weights(export + "/lora")
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(export + "/lora", subfolder="scheduler")
+out = {}
+for scale in (1.0, 0.0):
+    images = pipe(prompt=prompts, guidance_scale=1.0, sigmas=info["sigmas"][:1],
+                  max_sequence_length=info["max_sequence_length"], joint_attention_kwargs={"scale": scale},
+                  output_type="pt", generator=torch.Generator().manual_seed(3)).images
+    out[scale] = images.tolist()
+assert "fdistill" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_teacher_pipeline_loads_the_lora_export_and_honours_its_scale(tiny_sd3, tmp_path):
+    """load_lora_weights on the teacher's own pipeline samples like the LoRA student at scale 1, like the teacher's
+    network at scale 0; the merged export agrees too."""
+    _, (nets, _, task) = flow_experiment(tiny_sd3, "dmd", "student.lora.rank=2", "student.lora.alpha=4",
+                                         "student.lora.target_modules=[to_q,to_k,to_v,to_out.0]")
+    from tests.test_lora import randomise_adapters
+
+    randomise_adapters(nets.student)
+    out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
+    assert "load_lora_weights" in (out / "README.md").read_text()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", LORA_CHECK, str(tiny_sd3), str(out), json.dumps(PROMPTS)],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = {float(k): torch.tensor(v) for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    student = student_images(nets.student, task, 1)
+    torch.testing.assert_close(served[1.0], student, rtol=1e-4, atol=1e-4)
+    teacher_net = nets.student.net.copy_network()  # the same transformer ...
+    with torch.no_grad():
+        for name, p in teacher_net.named_parameters():
+            if "lora_B" in name:  # ... with its adapters switched off
+                p.zero_()
+    base = student_images(type(nets.student)(teacher_net, nets.student.times), task, 1)
+    torch.testing.assert_close(served[0.0], base, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(base, student, atol=1e-3)
+    torch.testing.assert_close(exported_samples(out, tmp_path)[1], student, rtol=1e-4, atol=1e-4)

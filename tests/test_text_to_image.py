@@ -202,3 +202,37 @@ def test_tiny_text_run_evaluates_writes_grids_and_samples_from_prompts(tiny_pipe
                                      "--out", str(tmp_path / "y"), "--prompt", "a", "--guidance-scale", "2"],
                                     capture_output=True, text=True, env=env)
     assert guided_student.returncode == 2 and "never guided" in guided_student.stderr
+
+
+LORA_CHECK = r"""
+import json, sys, torch
+from diffusers import DiffusionPipeline, LCMScheduler
+teacher, export, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+info = json.load(open(export + "/fdistill.json"))
+pipe = DiffusionPipeline.from_pretrained(teacher)
+pipe.load_lora_weights(export + "/lora")
+pipe.scheduler = LCMScheduler.from_pretrained(export + "/lora", subfolder="scheduler")
+images = pipe(prompt=prompts, guidance_scale=1.0, num_inference_steps=None, timesteps=info["student_times"][:1],
+              cross_attention_kwargs={"scale": 1.0}, output_type="pt", generator=torch.Generator().manual_seed(3))
+assert "fdistill" not in sys.modules
+print(json.dumps(images.images.tolist()))
+"""
+
+
+def test_teacher_pipeline_loads_the_lora_export_of_a_unet_student(tiny_pipeline, tmp_path):
+    from tests.test_lora import randomise_adapters
+
+    _, (nets, _, task) = text_experiment(tiny_pipeline, "dmd", "student.lora.rank=2", "student.lora.alpha=1")
+    randomise_adapters(nets.student)
+    out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    prompts = ["a red circle at the top left", "a green square at the bottom right"]
+    result = subprocess.run([sys.executable, "-c", LORA_CHECK, str(tiny_pipeline), str(out), json.dumps(prompts)],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        latents = nets.student.sample(nets.student.noise(2, generator=g), task.parts.embed(prompts), 1)
+        ours = (task.parts.decode(latents) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(served, ours, rtol=1e-4, atol=1e-4)
