@@ -94,6 +94,17 @@ def test_velocity_is_read_as_x0_as_the_shifted_scheduler_steps():
         x = stepped
 
 
+def test_the_shift_time_law_follows_the_flow_teachers_own_shift():
+    """``time_distribution=shift`` on a flow teacher draws sigma = k u / (1 + (k - 1) u) with the scheduler's k."""
+    from fdistill.schedules import sample_time
+
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for shift in (1.0, 3.0):
+        t = sample_time(FlowMatchSchedule(shift=shift), 20000, "shift", generator=torch.Generator().manual_seed(0))
+        expected = shift * u / (1 + (shift - 1) * u)
+        torch.testing.assert_close(t / 1000, expected.clamp(max=0.999), rtol=1e-6, atol=1e-6)
+
+
 def test_transformer_denoiser_reads_the_velocity_at_the_pipeline_timestep():
     torch.manual_seed(0)
     transformer = tiny_transformer().eval()

@@ -137,18 +137,40 @@ def test_assets_are_small():
     assert sum(f.stat().st_size for f in CLIP_DIR.iterdir()) < 4_000_000
 
 
-def test_text_to_image_teacher_reproduces_its_recorded_metrics():
-    """The shipped teacher under the protocol its provenance records (scripts/evaluate_shapes_t2i_teacher.py)."""
+@pytest.mark.parametrize("teacher, config", [("shapes_t2i_teacher", "quickstart_t2i.yaml"),
+                                             ("shapes_flow_teacher", "quickstart_t2i_flow.yaml")])
+def test_text_to_image_teacher_reproduces_its_recorded_metrics(teacher, config):
+    """A shipped teacher under the protocol its provenance records (scripts/evaluate_shapes_t2i_teacher.py)."""
     from fdistill.config import load_config
     from fdistill.run import build_experiment
 
     root = Path(__file__).resolve().parent.parent
-    evaluation = json.loads((root / "fdistill/assets/shapes_t2i_teacher/provenance.json").read_text())["evaluation"]
+    evaluation = json.loads((root / f"fdistill/assets/{teacher}/provenance.json").read_text())["evaluation"]
     overrides = [f"{k}={v}" for k, v in evaluation["protocol"].items()]
-    cfg, options = load_config(root / "configs/quickstart_t2i.yaml",
+    cfg, options = load_config(root / "configs" / config,
                                [*overrides, "eval.student_steps=[]", "eval.save_samples=false"])
     nets, _, task = build_experiment(cfg, options)
     results = {r["prompts"]: r for r in task.evaluate(nets, root / "unused")}
     for prompts, recorded in evaluation["metrics"].items():
         for key, value in recorded.items():
             assert results[prompts][key] == pytest.approx(value, rel=1e-3, abs=1e-3), (prompts, key)
+
+
+def test_flow_teacher_shares_the_text_to_image_defaults_vae_and_text_encoder():
+    """The flow-matching teacher was trained on the UNet teacher's frozen VAE and CLIP (its provenance says so):
+    the weights are the same, and the pipeline loads with plain diffusers, its T5 slot empty."""
+    from diffusers import DiffusionPipeline
+
+    from fdistill.teachers import EMBEDDED_FLOW_TEACHER_DIR, EMBEDDED_T2I_TEACHER_DIR
+
+    flow = DiffusionPipeline.from_pretrained(EMBEDDED_FLOW_TEACHER_DIR, text_encoder_3=None, tokenizer_3=None)
+    unet = DiffusionPipeline.from_pretrained(EMBEDDED_T2I_TEACHER_DIR)
+    assert type(flow).__name__ == "StableDiffusion3Pipeline" and flow.scheduler.config.shift == 3.0
+    for name, p in unet.vae.state_dict().items():
+        assert torch.equal(flow.vae.state_dict()[name], p), name
+    for encoder in (flow.text_encoder, flow.text_encoder_2):
+        for name, p in unet.text_encoder.text_model.state_dict().items():
+            assert torch.equal(encoder.text_model.state_dict()[name], p), name
+    assert flow.vae.config.shift_factor == 0.0
+    size = sum(f.stat().st_size for f in EMBEDDED_FLOW_TEACHER_DIR.rglob("*.safetensors"))
+    assert size < 12_000_000
