@@ -169,8 +169,9 @@ def test_flow_teacher_shares_the_text_to_image_defaults_vae_and_text_encoder():
     for name, p in unet.vae.state_dict().items():
         assert torch.equal(flow.vae.state_dict()[name], p), name
     for encoder in (flow.text_encoder, flow.text_encoder_2):
-        for name, p in unet.text_encoder.text_model.state_dict().items():
-            assert torch.equal(encoder.text_model.state_dict()[name], p), name
+        weights = encoder.state_dict()
+        for name, p in unet.text_encoder.state_dict().items():
+            assert torch.equal(weights[f"text_model.{name}"], p), name
     assert flow.vae.config.shift_factor == 0.0
     size = sum(f.stat().st_size for f in EMBEDDED_FLOW_TEACHER_DIR.rglob("*.safetensors"))
     assert size < 12_000_000
