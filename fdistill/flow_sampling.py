@@ -36,13 +36,9 @@ class FlowMatchSampling:
         """The scheduler's float32 sigma of time ``t`` (``set_timesteps(sigmas=[t / 1000])``; 0 past the end)."""
         return torch.from_numpy(np.array([t / self.num_train_timesteps]).astype(np.float32))[0]
 
-    def timestep(self, t: float) -> torch.Tensor:
-        """What the pipeline hands the transformer at time ``t``: ``sigma * num_train_timesteps`` in float32."""
-        return self.sigma(t) * self.num_train_timesteps
-
     def check_times(self, times: list[float]) -> None:
         """Every time in the schedule's range (the generator's check) is a sigma the scheduler steps from: the
-        transformer sees :meth:`timestep` in fdistill as in the pipeline."""
+        transformer sees the same ``timestep`` in fdistill (``TransformerDenoiser.timestep``) as in the pipeline."""
 
     def denoise(self, model_output: torch.Tensor, sample: torch.Tensor, t: float) -> torch.Tensor:
         """The last step from ``t`` to ``sigma = 0``: ``sample - sigma v``, the x0 the student predicts."""

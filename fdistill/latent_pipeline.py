@@ -111,13 +111,6 @@ class LatentPipelineParts:
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
-    def __getattr__(self, name: str):
-        """A component by name (``tokenizer``, ``text_encoder``, ...), as on a pipeline."""
-        parts = self.__dict__.get("parts", {})
-        if name in parts:
-            return parts[name]
-        raise AttributeError(name)
-
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """The condition tensors of ``prompts`` on the parts' device, as the stock pipeline encodes them: the text

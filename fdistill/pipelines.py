@@ -188,7 +188,8 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     if isinstance(net, TransformerDenoiser):
         times = [float(t) for t in student.times]
         flow = {"sigmas": [t / net.schedule.num_train_timesteps for t in times],
-                "max_sequence_length": text_parts.max_sequence_length, "no_t5": text_parts.text_encoder_3 is None}
+                "max_sequence_length": text_parts.max_sequence_length,
+                "no_t5": text_parts.parts.get("text_encoder_3") is None}
         pipeline_class, scheduler_class = text_parts.pipeline_class, "FlowMatchEulerDiscreteScheduler"
     else:
         times = [int(t) for t in student.times]
