@@ -36,14 +36,6 @@ def unet_blocks(unet: nn.Module) -> dict[str, nn.Module]:
             **{f"up.{i}": b for i, b in enumerate(unet.up_blocks)}}
 
 
-def unet_block(unet: nn.Module, name: str) -> nn.Module:
-    """The block ``name`` of :func:`unet_blocks`; a one-line ``ValueError`` naming the valid names otherwise."""
-    blocks = unet_blocks(unet)
-    if name not in blocks:
-        raise ValueError(f"unknown UNet block {name!r}; this UNet has {', '.join(blocks)}")
-    return blocks[name]
-
-
 class Denoiser(nn.Module):
     """x0-prediction ``D(x_t, t, cond)`` under ``self.schedule``; ``t`` is a ``[B]`` tensor of schedule times.
 
@@ -96,12 +88,74 @@ def x0_from_network_output(out: torch.Tensor, prediction_type: str, x_t: torch.T
     return to_x0(out, DIFFUSERS_PREDICTION[prediction_type], x_t, alpha, sigma).to(x_t.dtype)
 
 
-class UNetDenoiser(Denoiser):
+class DiffusersDenoiser(Denoiser):
+    """A diffusers model (``network``) read as an x0-denoiser: its raw output (:meth:`network_output`, of
+    ``prediction_type``) converted to x0, and the outputs of named blocks (:meth:`blocks`) kept by forward hooks as
+    the features of :meth:`forward_with_features`."""
+
+    block_kind = "model"  # how errors name the blocks
+    _features: dict[str, torch.Tensor] | None = None  # a dict only while forward_with_features runs
+
+    @property
+    def network(self) -> nn.Module:
+        """The diffusers model inside (what LoRA adapts and the export saves)."""
+        raise NotImplementedError
+
+    def network_output(self, x_t, t, cond=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def blocks(self) -> dict[str, nn.Module]:
+        """The model's blocks whose outputs can be features, by name, in call order."""
+        raise NotImplementedError
+
+    def feature_of(self, output) -> torch.Tensor:
+        """A block's output as a feature tensor."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def read_features(self, blocks: list[str] | tuple[str, ...]) -> None:
+        """Return the outputs of ``blocks`` as the features of :meth:`forward_with_features`, in the order given."""
+        known = self.blocks()
+        unknown = [name for name in blocks if name not in known]
+        if unknown:
+            raise ValueError(f"unknown {self.block_kind} block {unknown[0]!r}; this {self.block_kind} has "
+                             f"{', '.join(known)}")
+        if not blocks:
+            raise ValueError(f"give at least one {self.block_kind} block to read features from, e.g. "
+                             f"[{next(iter(known))}]")
+        # A deep-copied model carries its source denoiser's hooks, which would feed that denoiser's features.
+        for module in known.values():
+            module._forward_hooks.clear()
+        for name in blocks:
+            known[name].register_forward_hook(self._capture_as(name))
+        self.feature_blocks = list(blocks)
+
+    def _capture_as(self, name: str):
+        """The forward hook that keeps a block's output as feature ``name`` (a closure: deep copies of the model
+        share it rather than copying this denoiser)."""
+        def capture(_module, _inputs, output):
+            if self._features is not None:
+                self._features[name] = self.feature_of(output)
+        return capture
+
+    def forward_with_features(self, x_t, t, cond=None):
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        self._features = {}
+        try:
+            out = self.network_output(x_t, t, cond)
+            features = [self._features[name] for name in self.feature_blocks]
+        finally:
+            self._features = None
+        return x0_from_network_output(out, self.prediction_type, x_t, self.schedule, t), features
+
+
+class UNetDenoiser(DiffusersDenoiser):
     """A diffusers UNet read as an x0-denoiser; the schedule is the UNet's own (usually discrete VP).
 
     ``cond`` is ``class_labels`` for a class-conditional ``UNet2DModel`` and ``encoder_hidden_states`` for a
     ``UNet2DConditionModel``. ``prediction_type`` is the diffusers name (epsilon, v_prediction, sample).
     """
+
+    block_kind = "UNet"
 
     def __init__(self, unet: nn.Module, schedule: Schedule, prediction_type: str = "epsilon"):
         super().__init__()
@@ -115,25 +169,14 @@ class UNetDenoiser(Denoiser):
         self.text_conditioned = getattr(cfg, "cross_attention_dim", None) is not None
         self.num_class_embeds = getattr(cfg, "num_class_embeds", None)
         self.conditional = self.text_conditioned or self.num_class_embeds is not None
-        self._features: dict[str, torch.Tensor] | None = None  # a dict only while forward_with_features runs
         self.read_features(DEFAULT_FEATURE_BLOCKS)
 
-    def read_features(self, blocks: list[str] | tuple[str, ...]) -> None:
-        """Return the outputs of ``blocks`` (``down.i``, ``mid``, ``up.i``; for a down block, its output after
-        downsampling) as the features of :meth:`forward_with_features`, in the order given."""
-        modules = {name: unet_block(self.unet, name) for name in blocks}
-        if not modules:
-            raise ValueError("give at least one UNet block to read features from, e.g. [down.0]")
-        # A deep-copied UNet carries its source denoiser's hooks, which would feed that denoiser's features.
-        for module in unet_blocks(self.unet).values():
-            module._forward_hooks.clear()
-        for name, module in modules.items():
-            module.register_forward_hook(self._capture_as(name))
-        self.feature_blocks = list(blocks)
+    def blocks(self) -> dict[str, nn.Module]:
+        """``down.i``, ``mid``, ``up.i`` (a down block's output is taken after downsampling)."""
+        return unet_blocks(self.unet)
 
     @property
     def network(self) -> nn.Module:
-        """The diffusers model inside (what LoRA adapts and the export saves)."""
         return self.unet
 
     def copy_network(self) -> UNetDenoiser:
@@ -147,24 +190,6 @@ class UNetDenoiser(Denoiser):
         if self.text_conditioned:
             return self.unet(x_t, timestep, encoder_hidden_states=cond).sample
         return self.unet(x_t, timestep, class_labels=cond).sample
-
-    def _capture_as(self, name: str):
-        """The forward hook that keeps a block's output as feature ``name`` (a closure: deep copies of the UNet
-        share it rather than copying this denoiser)."""
-        def capture(_module, _inputs, output):
-            if self._features is not None:
-                self._features[name] = output[0] if isinstance(output, tuple) else output
-        return capture
-
-    def forward_with_features(self, x_t, t, cond=None):
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        self._features = {}
-        try:
-            out = self.network_output(x_t, t, cond)
-            features = [self._features[name] for name in self.feature_blocks]
-        finally:
-            self._features = None
-        return x0_from_network_output(out, self.prediction_type, x_t, self.schedule, t), features
 
     def stock_sampling(self):
         if getattr(self.schedule, "scheduler_config", None) is None:
@@ -195,7 +220,7 @@ def unpack_text_condition(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Te
     return cond[:, :-1], cond[:, -1, :pooled_dim]
 
 
-class TransformerDenoiser(Denoiser):
+class TransformerDenoiser(DiffusersDenoiser):
     """A diffusers flow-matching ``SD3Transformer2DModel`` read as an x0-denoiser on a :class:`FlowMatchSchedule`.
 
     The transformer predicts the velocity ``v = eps - x0`` at ``timestep = float32(t / 1000) * 1000`` (what its
@@ -207,6 +232,7 @@ class TransformerDenoiser(Denoiser):
     text_conditioned = True
     conditional = True
     prediction_type = "flow_prediction"
+    block_kind = "transformer"
 
     def __init__(self, transformer: nn.Module, schedule: FlowMatchSchedule):
         super().__init__()
@@ -214,7 +240,6 @@ class TransformerDenoiser(Denoiser):
         cfg = transformer.config
         self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.patch_size, self.pooled_dim = cfg.patch_size, cfg.pooled_projection_dim
-        self._features: dict[str, torch.Tensor] | None = None
         self.read_features([f"block.{len(transformer.transformer_blocks) // 2}"])
 
     @property
@@ -226,28 +251,14 @@ class TransformerDenoiser(Denoiser):
         return TransformerDenoiser(copy.deepcopy(self.transformer), self.schedule)
 
     def blocks(self) -> dict[str, nn.Module]:
+        """``block.0`` .. ``block.{n-1}``, the transformer blocks."""
         return {f"block.{i}": b for i, b in enumerate(self.transformer.transformer_blocks)}
 
-    def read_features(self, blocks: list[str] | tuple[str, ...]) -> None:
-        """Return the image tokens after ``blocks`` (``block.0`` .. ``block.{n-1}``) as features, in that order."""
-        known = self.blocks()
-        unknown = [name for name in blocks if name not in known]
-        if unknown or not blocks:
-            raise ValueError(f"unknown transformer block {unknown[0] if unknown else None!r}; this transformer has "
-                             f"{', '.join(known)}")
-        for module in known.values():  # a deep copy carries its source's hooks
-            module._forward_hooks.clear()
-        for name in blocks:
-            known[name].register_forward_hook(self._capture_as(name))
-        self.feature_blocks = list(blocks)
-
-    def _capture_as(self, name: str):
-        def capture(_module, _inputs, output):
-            if self._features is not None:
-                tokens = output[-1] if isinstance(output, tuple) else output  # SD3 blocks: (text, image)
-                side = self.sample_shape[-1] // self.patch_size
-                self._features[name] = tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
-        return capture
+    def feature_of(self, output) -> torch.Tensor:
+        """The image tokens of a block's output (SD3 blocks return ``(text, image)``) on the patch grid."""
+        tokens = output[-1] if isinstance(output, tuple) else output
+        side = self.sample_shape[-1] // self.patch_size
+        return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The transformer's ``timestep`` at schedule times ``t``: ``float32(t / N) * N``, as the pipeline builds
@@ -262,16 +273,6 @@ class TransformerDenoiser(Denoiser):
         hidden, pooled = unpack_text_condition(cond, self.pooled_dim)
         return self.transformer(hidden_states=x_t, timestep=self.timestep(t).to(x_t.device),
                                 encoder_hidden_states=hidden, pooled_projections=pooled).sample
-
-    def forward_with_features(self, x_t, t, cond=None):
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        self._features = {}
-        try:
-            out = self.network_output(x_t, t, cond)
-            features = [self._features[name] for name in self.feature_blocks]
-        finally:
-            self._features = None
-        return x0_from_network_output(out, self.prediction_type, x_t, self.schedule, t), features
 
     def stock_sampling(self):
         return FlowMatchSampling(self.schedule)

@@ -22,7 +22,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import time
 from pathlib import Path
 
@@ -30,15 +29,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from omegaconf import OmegaConf
+from train_digits_teacher import optimizer_and_ema_step  # the scripts beside this one
+from train_shapes_t2i_teacher import lr_lambda
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from fdistill.data.captions import CaptionedShapes
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def lr_lambda(steps: int, warmup: int):
-    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
 
 
 def load_parts(cfg):
@@ -99,15 +96,7 @@ def main(argv=None) -> None:
         out = transformer(x_s, timestep=s * scheduler.config.num_train_timesteps, encoder_hidden_states=hidden[rows],
                           pooled_projections=pooled[rows]).sample
         loss = F.mse_loss(out, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), t.grad_clip)
-        opt.step()
-        sched.step()
-        decay = min(t.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), transformer.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
+        optimizer_and_ema_step(transformer, ema, opt, sched, loss, t.grad_clip, t.ema_decay, step)
         if step % 100 == 0 or step == t.steps:
             elapsed = time.time() - train_start
             print(f"step {step:5d}  loss {loss.item():.4f}  {elapsed / step:.3f} s/step  {elapsed:.0f} s", flush=True)
