@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from fdistill.commands.sample import pipeline_sampler
 from fdistill.config import ConfigError, load_config
 from fdistill.data.captions import CAPTION_WORDS
 from fdistill.denoisers import TransformerDenoiser, pack_text_condition, unpack_text_condition
@@ -224,6 +225,10 @@ def test_export_is_a_stock_sd3_pipeline_that_reproduces_the_student(tiny_sd3, tm
     served = exported_samples(out, tmp_path)
     for k in (1, 2):
         torch.testing.assert_close(served[k], student_images(nets.student.servable(), task, k), rtol=0, atol=0)
+    sampler = pipeline_sampler(out, 2, "cpu")  # sample.py --model EXPORT --steps 2
+    images, nfe = sampler.draw(2, PROMPTS, torch.Generator().manual_seed(3))
+    assert sampler.text and nfe == 2
+    torch.testing.assert_close(images, served[2], rtol=0, atol=0)
 
 
 def test_lora_on_a_transformer_trains_only_adapters_and_exports_merged(tiny_sd3, tmp_path):
