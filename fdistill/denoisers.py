@@ -94,6 +94,7 @@ class DiffusersDenoiser(Denoiser):
     the features of :meth:`forward_with_features`."""
 
     block_kind = "model"  # how errors name the blocks
+    pipeline_role = "unet"  # the network's component name in a diffusers pipeline
     _features: dict[str, torch.Tensor] | None = None  # a dict only while forward_with_features runs
 
     @property
@@ -233,6 +234,7 @@ class TransformerDenoiser(DiffusersDenoiser):
     conditional = True
     prediction_type = "flow_prediction"
     block_kind = "transformer"
+    pipeline_role = "transformer"
 
     def __init__(self, transformer: nn.Module, schedule: FlowMatchSchedule):
         super().__init__()

@@ -29,11 +29,10 @@ class FlowMatchSampling:
     renoise_mode = "ode"
 
     def __init__(self, schedule: FlowMatchSchedule):
-        self.schedule = schedule
         self.num_train_timesteps = schedule.num_train_timesteps
 
     def sigma(self, t: float) -> torch.Tensor:
-        """The scheduler's float32 sigma of time ``t`` (``set_timesteps(sigmas=[t / 1000])``; 0 past the end)."""
+        """The scheduler's float32 sigma of time ``t``, as ``set_timesteps(sigmas=[t / 1000])`` stores it."""
         return torch.from_numpy(np.array([t / self.num_train_timesteps]).astype(np.float32))[0]
 
     def check_times(self, times: list[float]) -> None:

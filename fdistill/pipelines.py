@@ -211,16 +211,17 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
         "load": load_snippet(times, class_embeds, net.text_conditioned, flow),
         **(metadata or {}),
     }
+    scheduler = student.stock.scheduler()
     lora = has_adapters(net.network) and net.text_conditioned
     if lora:
-        info["load_lora"] = lora_snippet(text_parts.source, type(student.stock.scheduler()).__name__, times, flow)
+        info["load_lora"] = lora_snippet(text_parts.source, type(scheduler).__name__, times, flow)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stock_pipeline(net, student.stock.scheduler(), text_parts).save_pretrained(tmp)
+        stock_pipeline(net, scheduler, text_parts).save_pretrained(tmp)
         if lora:
-            save_lora(net, text_parts.pipeline_class, student.stock.scheduler(), tmp / LORA_DIR)
+            save_lora(net, text_parts.pipeline_class, scheduler, tmp / LORA_DIR)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MODEL_CARD).write_text(model_card(info))
         _move_into_place(tmp, out)
@@ -236,8 +237,7 @@ def save_lora(net, pipeline_class: str, scheduler, out: Path) -> None:
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    model = net.network
-    role = "transformer" if isinstance(net, TransformerDenoiser) else "unet"
+    model, role = net.network, net.pipeline_role
     getattr(diffusers, pipeline_class).save_lora_weights(
         out, **{f"{role}_lora_layers": get_peft_model_state_dict(model),
                 f"{role}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
@@ -268,12 +268,11 @@ def stock_pipeline(net, scheduler, text_parts=None):
     model = merged_network(net.network)
     if not net.text_conditioned:
         return diffusers.ConsistencyModelPipeline(unet=model, scheduler=scheduler)
-    role = "transformer" if isinstance(net, TransformerDenoiser) else "unet"
     extra = {}
     if text_parts.pipeline_class == "StableDiffusionPipeline":
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    return getattr(diffusers, text_parts.pipeline_class)(**{role: model}, scheduler=scheduler, **text_parts.parts,
-                                                         **extra)
+    pipeline = getattr(diffusers, text_parts.pipeline_class)
+    return pipeline(**{net.pipeline_role: model}, scheduler=scheduler, **text_parts.parts, **extra)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

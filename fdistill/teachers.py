@@ -212,12 +212,13 @@ def teacher_directory(cfg: Config) -> tuple[Path, str] | None:
     return None
 
 
-def max_sequence_length(cfg: Config) -> int | None:
-    """``teacher.max_sequence_length``, or the embedded flow teacher's own when unset (``None``: the pipeline's
-    default)."""
-    if cfg.teacher.max_sequence_length is None and cfg.teacher.kind == "embedded_t2i_flow":
+def prompt_length(root: Path, configured: int | None = None) -> int | None:
+    """The T5 prompt length of the pipeline in ``root``: ``configured`` (``teacher.max_sequence_length``) when
+    set, else the one the shipped flow teacher was trained with when ``root`` is it, else ``None`` (the
+    pipeline's default)."""
+    if configured is None and Path(root).resolve() == EMBEDDED_FLOW_TEACHER_DIR:
         return EMBEDDED_FLOW_MAX_SEQUENCE_LENGTH
-    return cfg.teacher.max_sequence_length
+    return configured
 
 
 def with_guidance(teacher: Denoiser, cfg: Config, unconditional: Callable | None = None) -> Denoiser:

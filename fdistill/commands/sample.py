@@ -170,12 +170,7 @@ def guided_text_teacher(teacher, text_parts, scale: float, negative_prompt: str,
 def open_model(model: str, teacher: bool, steps: int | None, device, guidance_scale: float | None = None,
                negative_prompt: str | None = None) -> Sampler:
     """The sampler for ``--model``: an exported student, a run, a diffusers teacher or the embedded teacher."""
-    from fdistill.teachers import (
-        EMBEDDED_FLOW_MAX_SEQUENCE_LENGTH,
-        EMBEDDED_FLOW_TEACHER_DIR,
-        EMBEDDED_TEACHER_DIR,
-        load_diffusers_teacher,
-    )
+    from fdistill.teachers import EMBEDDED_TEACHER_DIR, load_diffusers_teacher, prompt_length
 
     path = EMBEDDED_TEACHER_DIR if model == "embedded" else Path(model)
     if not path.is_dir():
@@ -216,9 +211,7 @@ def open_model(model: str, teacher: bool, steps: int | None, device, guidance_sc
             return teacher_sampler(teacher_net, teacher_steps, "euler", device)
         from fdistill.latent_pipeline import LatentPipelineParts
 
-        shipped_flow = path.resolve() == EMBEDDED_FLOW_TEACHER_DIR  # trained with its own T5 length
-        text_parts = LatentPipelineParts.load(path, str(path), teacher_net.network,
-                                              EMBEDDED_FLOW_MAX_SEQUENCE_LENGTH if shipped_flow else None)
+        text_parts = LatentPipelineParts.load(path, str(path), teacher_net.network, prompt_length(path))
         guided = guided_text_teacher(teacher_net, text_parts, 1.0 if guidance_scale is None else guidance_scale,
                                      negative_prompt or "")
         return teacher_sampler(guided, teacher_steps, "euler", device, text_parts)

@@ -35,7 +35,7 @@ from fdistill.denoisers import Denoiser, TransformerDenoiser, UNetDenoiser
 from fdistill.evaluation import student_samples, teacher_samples, write_png_folder
 from fdistill.latent_pipeline import LatentPipelineParts
 from fdistill.tasks.base import Task
-from fdistill.teachers import max_sequence_length, teacher_directory
+from fdistill.teachers import prompt_length, teacher_directory
 
 TEXT_DATA = ("captioned_shapes", "prompts")
 REAL_IMAGES = 4000  # captioned-shapes images encoded for the objectives that read real data
@@ -74,7 +74,9 @@ class TextToImageTask(Task):
         if (cfg.data.kind == "prompts") != bool(cfg.data.path):
             raise ConfigError("data.path (a prompt file) is read with data.kind=prompts, and only then")
         self.records = _prompt_records(cfg.data.path) if cfg.data.kind == "prompts" else []
-        self.parts = LatentPipelineParts.load(*located, teacher.network, max_sequence_length(cfg))
+        root, source = located
+        self.parts = LatentPipelineParts.load(root, source, teacher.network,
+                                              prompt_length(root, cfg.teacher.max_sequence_length))
         self.negative = self.parts.embed([cfg.teacher.negative_prompt])
         self._clip = None  # the CLIP score's model, loaded at the first evaluation
 
