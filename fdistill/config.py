@@ -46,8 +46,11 @@ class TeacherConfig:
     guidance_scale: float = 1.0  # classifier-free guidance of the teacher, x_u + w (x_c - x_u); 1: none
     guidance_interval: Optional[List[float]] = None  # [t_lo, t_hi]: guide only at these teacher times
     negative_prompt: str = ""  # text teachers: the prompt of guidance's unconditional pass
-    # SD3 pipelines: the T5 prompt length (null: the pipeline's default, 256; the embedded flow teacher's own, 8)
+    # T5 pipelines (SD3, Flux, PixArt): the T5 prompt length (null: the pipeline's default, e.g. 256 for SD3; the
+    # embedded flow teacher's own, 8)
     max_sequence_length: Optional[int] = None
+    resolution: Optional[int] = None  # transformer teachers: image side in pixels (null: the pipeline's default)
+    embedded_guidance: Optional[float] = None  # Flux with guidance_embeds: its guidance input (null: 3.5)
     unet: Dict[str, Any] = field(default_factory=dict)  # UNet2DModel config for kind=unet
 
 

@@ -5,8 +5,8 @@ features that discriminator heads read (docs/objectives.md §2.4). Adapters:
 
 * :class:`UNetDenoiser` for diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (epsilon, v_prediction or
   sample), with features taken from chosen blocks (``down.i``, ``mid``, ``up.i``) by forward hooks;
-* :class:`TransformerDenoiser` for diffusers' flow-matching ``SD3Transformer2DModel`` (velocity), with features
-  taken from chosen transformer blocks (``block.i``), its image tokens laid back on their patch grid;
+* the diffusion transformers of :mod:`fdistill.transformer_denoisers` (SD3, Flux, PixArt), built on
+  :class:`DiffusersDenoiser` as the UNet adapter is;
 * :class:`GaussianMixtureDenoiser`, the exact posterior mean ``E[x0 | x_t]`` of a diagonal Gaussian mixture
   under any schedule: an analytic teacher with exact scores, log-densities and samples;
 * :class:`MLPDenoiser`, a small EDM-preconditioned MLP for low-dimensional data (toy student / fake score).
@@ -20,14 +20,12 @@ import math
 import torch
 from torch import nn
 
-from fdistill.flow_sampling import FlowMatchSampling
 from fdistill.lcm_sampling import LCMSampling
-from fdistill.schedules import FlowMatchSchedule, Schedule, broadcast_to, to_x0
+from fdistill.schedules import Schedule, broadcast_to, to_x0
 
 DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
 # The UNet blocks whose outputs a teacher-feature discriminator reads unless told otherwise (docs/objectives.md §2.4)
 DEFAULT_FEATURE_BLOCKS = ("mid",)
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel",)
 
 
 def unet_blocks(unet: nn.Module) -> dict[str, nn.Module]:
@@ -95,6 +93,7 @@ class DiffusersDenoiser(Denoiser):
 
     block_kind = "model"  # how errors name the blocks
     pipeline_role = "unet"  # the network's component name in a diffusers pipeline
+    attention_kwargs_argument = "cross_attention_kwargs"  # the pipeline argument that carries a LoRA scale
     _features: dict[str, torch.Tensor] | None = None  # a dict only while forward_with_features runs
 
     @property
@@ -108,6 +107,11 @@ class DiffusersDenoiser(Denoiser):
     def blocks(self) -> dict[str, nn.Module]:
         """The model's blocks whose outputs can be features, by name, in call order."""
         raise NotImplementedError
+
+    def pipeline_call_arguments(self) -> dict:
+        """Keyword arguments of the stock pipeline's call that make it feed the network what this denoiser does
+        (beyond prompt, size and steps)."""
+        return {}
 
     def feature_of(self, output) -> torch.Tensor:
         """A block's output as a feature tensor."""
@@ -204,80 +208,6 @@ class UNetDenoiser(DiffusersDenoiser):
         if self.num_class_embeds is None:
             return super().null_condition(cond)
         return torch.full_like(cond, self.num_class_embeds - 1)
-
-
-def pack_text_condition(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """One tensor ``[N, L + 1, D]`` for a prompt's hidden states ``[N, L, D]`` and pooled embedding ``[N, P]``
-    (``P <= D``): the pooled vector, zero-padded, is the last row. Every layer passes a text condition around as
-    one tensor (indexed by sample, moved, split into micro-batches); :func:`unpack_text_condition` undoes it."""
-    if pooled.shape[-1] > hidden.shape[-1]:
-        raise ValueError(f"a pooled embedding of {pooled.shape[-1]} numbers does not fit a row of {hidden.shape[-1]}")
-    row = torch.nn.functional.pad(pooled, (0, hidden.shape[-1] - pooled.shape[-1]))
-    return torch.cat([hidden, row[:, None].to(hidden)], dim=1)
-
-
-def unpack_text_condition(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hidden [N, L, D], pooled [N, pooled_dim])`` of :func:`pack_text_condition`'s tensor."""
-    return cond[:, :-1], cond[:, -1, :pooled_dim]
-
-
-class TransformerDenoiser(DiffusersDenoiser):
-    """A diffusers flow-matching ``SD3Transformer2DModel`` read as an x0-denoiser on a :class:`FlowMatchSchedule`.
-
-    The transformer predicts the velocity ``v = eps - x0`` at ``timestep = float32(t / 1000) * 1000`` (what its
-    stock pipeline hands it), so ``x0 = x_t - sigma v``. ``cond`` is :func:`pack_text_condition`'s tensor of the
-    prompt's hidden states and pooled embedding. Features are the image tokens after the chosen blocks
-    (``block.i``), reshaped to ``[B, C, H / p, W / p]`` on the patch grid so that convolutional heads read them.
-    """
-
-    text_conditioned = True
-    conditional = True
-    prediction_type = "flow_prediction"
-    block_kind = "transformer"
-    pipeline_role = "transformer"
-
-    def __init__(self, transformer: nn.Module, schedule: FlowMatchSchedule):
-        super().__init__()
-        self.transformer, self.schedule = transformer, schedule
-        cfg = transformer.config
-        self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        self.patch_size, self.pooled_dim = cfg.patch_size, cfg.pooled_projection_dim
-        self.read_features([f"block.{len(transformer.transformer_blocks) // 2}"])
-
-    @property
-    def network(self) -> nn.Module:
-        return self.transformer
-
-    def copy_network(self) -> TransformerDenoiser:
-        """A denoiser around a deep copy of the transformer (its own weights and feature hooks)."""
-        return TransformerDenoiser(copy.deepcopy(self.transformer), self.schedule)
-
-    def blocks(self) -> dict[str, nn.Module]:
-        """``block.0`` .. ``block.{n-1}``, the transformer blocks."""
-        return {f"block.{i}": b for i, b in enumerate(self.transformer.transformer_blocks)}
-
-    def feature_of(self, output) -> torch.Tensor:
-        """The image tokens of a block's output (SD3 blocks return ``(text, image)``) on the patch grid."""
-        tokens = output[-1] if isinstance(output, tuple) else output
-        side = self.sample_shape[-1] // self.patch_size
-        return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
-
-    def timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """The transformer's ``timestep`` at schedule times ``t``: ``float32(t / N) * N``, as the pipeline builds
-        it from its float32 sigmas."""
-        n = self.schedule.num_train_timesteps
-        return (t.double() / n).float() * n
-
-    def network_output(self, x_t, t, cond=None) -> torch.Tensor:
-        """The transformer's velocity at times ``t``."""
-        if cond is None:
-            raise ValueError("a text-to-image transformer needs a prompt condition")
-        hidden, pooled = unpack_text_condition(cond, self.pooled_dim)
-        return self.transformer(hidden_states=x_t, timestep=self.timestep(t).to(x_t.device),
-                                encoder_hidden_states=hidden, pooled_projections=pooled).sample
-
-    def stock_sampling(self):
-        return FlowMatchSampling(self.schedule)
 
 
 class GaussianMixtureDenoiser(Denoiser):

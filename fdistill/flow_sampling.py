@@ -1,6 +1,6 @@
 """The one- and few-step sampler of students of flow-matching teachers: the arithmetic of diffusers' stock
-``FlowMatchEulerDiscreteScheduler``, so that a stock pipeline (``StableDiffusion3Pipeline``) serves the exported
-student and reproduces fdistill's samples bit for bit.
+``FlowMatchEulerDiscreteScheduler``, so that a stock pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``)
+serves the exported student and reproduces fdistill's samples bit for bit.
 
 The student's sampling times ``t_i`` are the scheduler's ``sigmas = t_i / 1000`` (passed to the pipeline as
 ``sigmas=[...]``; the exported scheduler has ``shift = 1``, so they are used as given):
@@ -37,7 +37,7 @@ class FlowMatchSampling:
 
     def check_times(self, times: list[float]) -> None:
         """Every time in the schedule's range (the generator's check) is a sigma the scheduler steps from: the
-        transformer sees the same ``timestep`` in fdistill (``TransformerDenoiser.timestep``) as in the pipeline."""
+        transformer sees the same ``timestep`` in fdistill (``FlowTransformerDenoiser.timestep``) as in the pipeline."""
 
     def denoise(self, model_output: torch.Tensor, sample: torch.Tensor, t: float) -> torch.Tensor:
         """The last step from ``t`` to ``sigma = 0``: ``sample - sigma v``, the x0 the student predicts."""

@@ -6,10 +6,12 @@ pipeline computes them, so that a student trained here is served by that pipelin
 * ``StableDiffusionPipeline``: :meth:`LatentPipelineParts.embed` tokenizes with padding to the tokenizer's
   ``model_max_length`` and takes ``text_encoder(ids)[0]``; :meth:`LatentPipelineParts.decode` divides by the
   VAE's ``scaling_factor``;
-* ``StableDiffusion3Pipeline``: the prompt goes through the pipeline's own ``encode_prompt`` (two CLIPs and a T5,
-  or ``max_sequence_length`` zero tokens when the T5 slot is empty), whose hidden states and pooled embedding
-  travel as one tensor (:func:`fdistill.denoisers.pack_text_condition`); latents are shifted by the VAE's
-  ``shift_factor`` as well as scaled.
+* the transformer pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtAlphaPipeline``,
+  ``PixArtSigmaPipeline``): the prompt goes through the pipeline's own ``encode_prompt`` (CLIPs and a T5, or
+  ``max_sequence_length`` zero tokens when SD3's T5 slot is empty), whose hidden states travel with the pooled
+  embedding (SD3, Flux) or the attention mask (PixArt) as one tensor
+  (:func:`fdistill.transformer_denoisers.pack_text_condition`); latents are shifted by the VAE's
+  ``shift_factor`` (when it has one) as well as scaled.
 
 Embeddings are cached per prompt: a fixed prompt set is encoded once per run.
 """
@@ -21,15 +23,43 @@ from pathlib import Path
 import torch
 
 from fdistill.config import ConfigError
-from fdistill.denoisers import pack_text_condition
+from fdistill.transformer_denoisers import pack_text_condition
 
+CLIP_AND_T5 = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae")
 # the parts beside the denoiser that each supported pipeline class needs, and the optional ones
 PIPELINE_PARTS = {
     "StableDiffusionPipeline": (("tokenizer", "text_encoder", "vae"), ()),
-    "StableDiffusion3Pipeline": (("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae"),
-                                 ("tokenizer_3", "text_encoder_3")),
+    "StableDiffusion3Pipeline": (CLIP_AND_T5, ("tokenizer_3", "text_encoder_3")),
+    "FluxPipeline": (CLIP_AND_T5, ()),
+    "PixArtAlphaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
+    "PixArtSigmaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
 }
-SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
+# each T5 pipeline's default max_sequence_length
+DEFAULT_MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "PixArtAlphaPipeline": 120,
+                               "PixArtSigmaPipeline": 300}
+
+
+def _sd3_condition(pipe, prompts: list[str], device, max_sequence_length: int) -> torch.Tensor:
+    hidden, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device,
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=max_sequence_length)
+    return pack_text_condition(hidden, pooled)
+
+
+def _flux_condition(pipe, prompts: list[str], device, max_sequence_length: int) -> torch.Tensor:
+    hidden, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device, max_sequence_length=max_sequence_length)
+    return pack_text_condition(hidden, pooled)
+
+
+def _pixart_condition(pipe, prompts: list[str], device, max_sequence_length: int) -> torch.Tensor:
+    hidden, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                            clean_caption=False, max_sequence_length=max_sequence_length)
+    return pack_text_condition(hidden, mask)
+
+
+# how each transformer pipeline's own encode_prompt gives one condition tensor per prompt
+PROMPT_CONDITIONS = {"StableDiffusion3Pipeline": _sd3_condition, "FluxPipeline": _flux_condition,
+                     "PixArtAlphaPipeline": _pixart_condition, "PixArtSigmaPipeline": _pixart_condition}
 
 
 class LatentPipelineParts:
@@ -40,11 +70,12 @@ class LatentPipelineParts:
 
     ``parts`` maps component names (``tokenizer``, ``text_encoder``, ``vae``, ...) to the loaded objects;
     ``pipeline_class`` names the stock pipeline they belong to; ``denoiser`` is the pipeline's frozen denoising
-    network, which SD3's prompt encoding reads its text width from.
+    network and ``scheduler`` its scheduler, which a transformer pipeline is built around to encode prompts (SD3
+    reads its text width from the transformer).
     """
 
     def __init__(self, parts: dict, pipeline_class: str, source: str, denoiser=None,
-                 max_sequence_length: int | None = None):
+                 max_sequence_length: int | None = None, scheduler=None):
         self.parts, self.pipeline_class, self.source = parts, pipeline_class, source
         for part in parts.values():
             if isinstance(part, torch.nn.Module):
@@ -54,11 +85,10 @@ class LatentPipelineParts:
         self.shift_factor = getattr(self.vae.config, "shift_factor", None)
         self.max_sequence_length = max_sequence_length
         self._encoder = None
-        if pipeline_class == "StableDiffusion3Pipeline":
-            from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+        if pipeline_class in PROMPT_CONDITIONS:
+            import diffusers
 
-            self._encoder = StableDiffusion3Pipeline(transformer=denoiser,
-                                                     scheduler=FlowMatchEulerDiscreteScheduler(), **parts)
+            self._encoder = getattr(diffusers, pipeline_class)(transformer=denoiser, scheduler=scheduler, **parts)
         self._embeddings: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -79,9 +109,10 @@ class LatentPipelineParts:
             raise ConfigError(f"{source} has a text-conditioned denoiser but no {', '.join(p + '/' for p in missing)}; "
                               f"give a full {pipeline_class} directory (model_index.json and "
                               f"{', '.join(p + '/' for p in needed)})")
-        if max_sequence_length is not None and pipeline_class != "StableDiffusion3Pipeline":
-            raise ConfigError(f"teacher.max_sequence_length is read by StableDiffusion3Pipeline teachers, and "
-                              f"{source} is a {pipeline_class}; remove it")
+        if max_sequence_length is not None and pipeline_class not in DEFAULT_MAX_SEQUENCE_LENGTH:
+            raise ConfigError(f"teacher.max_sequence_length is read by T5 pipelines "
+                              f"({', '.join(DEFAULT_MAX_SEQUENCE_LENGTH)}), and {source} is a {pipeline_class}; "
+                              "remove it")
         parts = {}
         try:
             for part in needed + optional:
@@ -94,12 +125,15 @@ class LatentPipelineParts:
                     parts[part] = getattr(transformers, class_name).from_pretrained(root / part, dtype=torch.float32)
                 else:
                     parts[part] = getattr(diffusers, class_name).from_pretrained(root / part, torch_dtype=torch.float32)
+            scheduler_class = (index.get("scheduler") or (None, "DDPMScheduler"))[1]
+            scheduler = getattr(diffusers, scheduler_class).from_pretrained(root / "scheduler") \
+                if pipeline_class in PROMPT_CONDITIONS else None
         except (OSError, ValueError, AttributeError) as e:
-            raise ConfigError(f"{source}: cannot load the pipeline's text encoders, tokenizers or VAE "
+            raise ConfigError(f"{source}: cannot load the pipeline's text encoders, tokenizers, VAE or scheduler "
                               f"({str(e).splitlines()[0]}); re-download the pipeline") from None
-        if pipeline_class == "StableDiffusion3Pipeline" and max_sequence_length is None:
-            max_sequence_length = SD3_MAX_SEQUENCE_LENGTH
-        return cls(parts, pipeline_class, source, denoiser, max_sequence_length)
+        if max_sequence_length is None:
+            max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH.get(pipeline_class)
+        return cls(parts, pipeline_class, source, denoiser, max_sequence_length, scheduler)
 
     def to(self, device) -> LatentPipelineParts:
         for part in self.parts.values():
@@ -114,8 +148,9 @@ class LatentPipelineParts:
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """The condition tensors of ``prompts`` on the parts' device, as the stock pipeline encodes them: the text
-        encoder's last hidden states ``[N, L, D]`` (Stable Diffusion, no CLIP skip), or SD3's hidden states and
-        pooled embedding packed into ``[N, L + 1, D]``; cached per prompt in CPU memory."""
+        encoder's last hidden states ``[N, L, D]`` (Stable Diffusion, no CLIP skip), or a transformer pipeline's
+        hidden states packed with their pooled embedding or attention mask into ``[N, L + 1, D]``; cached per
+        prompt in CPU memory."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
         if new:
             for prompt, condition in zip(new, self._encode(new).cpu(), strict=True):
@@ -124,10 +159,8 @@ class LatentPipelineParts:
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         if self._encoder is not None:
-            hidden, _, pooled, _ = self._encoder.encode_prompt(
-                prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length)
-            return pack_text_condition(hidden, pooled)
+            return PROMPT_CONDITIONS[self.pipeline_class](self._encoder, prompts, self.device,
+                                                          self.max_sequence_length)
         tokenizer = self.parts["tokenizer"]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(self.device)
@@ -188,4 +221,27 @@ def word_tokenizer(words: list[str], model_max_length: int) -> object:
         pieces = tokenizer.tokenize(word)
         if pieces != [word + "</w>"]:
             raise RuntimeError(f"caption word {word!r} tokenizes as {pieces}; reorder the merges")
+    return tokenizer
+
+
+def t5_word_tokenizer(words: list[str], model_max_length: int = 512) -> object:
+    """A T5 (SentencePiece-unigram) tokenizer built with no downloaded files: T5's ``<pad>``, ``</s>``, ``<unk>``,
+    one piece per word of ``words`` (``"▁red"``, as SentencePiece writes a word that follows a space) and the
+    single characters of those words as a fallback for other text; each word is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    characters = sorted({c for word in words for c in word} | {"▁"})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + word, -1.0) for word in words] + [(c, -10.0) for c in characters]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0, model_max_length=model_max_length)
+    for word in words:
+        if tokenizer.tokenize(word) != ["▁" + word]:
+            raise RuntimeError(f"caption word {word!r} tokenizes as {tokenizer.tokenize(word)}")
     return tokenizer

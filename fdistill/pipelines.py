@@ -7,8 +7,10 @@ it as fdistill does:
 
 * a UNet student (``ConsistencyModelPipeline``, ``StableDiffusionPipeline``): a stock ``LCMScheduler`` configured
   with the teacher's noise table (:mod:`fdistill.lcm_sampling`);
-* a flow-matching transformer student (``StableDiffusion3Pipeline``): a stock ``FlowMatchEulerDiscreteScheduler``
-  with no shift (:mod:`fdistill.flow_sampling`), driven by ``sigmas = [t / 1000 for t in student_times]``;
+* a flow-matching transformer student (``StableDiffusion3Pipeline``, ``FluxPipeline``): a stock
+  ``FlowMatchEulerDiscreteScheduler`` with no shift (:mod:`fdistill.flow_sampling`), driven by
+  ``sigmas = [t / 1000 for t in student_times]``;
+* a VP transformer student (``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``): the ``LCMScheduler`` as for UNets;
 
 plus
 ``fdistill.json`` (how it was made) and ``README.md`` (a model card with the Hub's metadata block). Loading it
@@ -21,7 +23,10 @@ needs diffusers alone, no fdistill::
                   timesteps=[999], generator=torch.Generator().manual_seed(0)).images
 
 ``timesteps`` are the student's first ``K`` sampling times for a ``K``-step sample (``fdistill.json`` lists them).
-Pass ``class_labels`` to a class-conditional student: without them the pipeline draws labels uniformly from
+A text-to-image export's ``fdistill.json`` also holds the keyword arguments of its pipeline call (``call``: guidance
+off, or Flux's embedded guidance; the size and prompt length it was trained at) and of ``from_pretrained``
+(``load_kwargs``), and which argument takes its steps (``step_argument``: ``sigmas`` or ``timesteps``). Pass
+``class_labels`` to a class-conditional student: without them the pipeline draws labels uniformly from
 every class embedding, the null (unconditional) class included.
 
 With the same seed, ``pipe(..., output_type="pt")`` equals ``(student.sample(z, cond, K, "sde", g) / 2 + 0.5)
@@ -39,37 +44,55 @@ import shutil
 from pathlib import Path
 
 from fdistill.config import ConfigError
-from fdistill.denoisers import TransformerDenoiser
+from fdistill.flow_sampling import FlowMatchSampling
 from fdistill.generator import Generator
 from fdistill.lora import has_adapters, merged_network
+from fdistill.transformer_denoisers import TRANSFORMER_DENOISERS
 
 METADATA_FILE = "fdistill.json"
 MODEL_CARD = "README.md"
 LORA_DIR = "lora"  # a LoRA student's adapters, for the teacher's pipeline
 
 
-def load_snippet(times: list[int], class_embeds: int | None, text: bool = False, flow: dict | None = None) -> str:
-    """How to sample the export with plain diffusers (``DIR`` stands for its path or hub id). ``flow`` describes a
-    flow-matching student: its ``sigmas``, ``max_sequence_length`` and whether its T5 slot is empty."""
-    if flow is not None:
-        load_args = ", text_encoder_3=None, tokenizer_3=None" if flow["no_t5"] else ""
+def load_snippet(times: list[int], class_embeds: int | None, serving: dict | None = None) -> str:
+    """How to sample the export with plain diffusers (``DIR`` stands for its path or hub id). ``serving`` is a text
+    student's pipeline call (:func:`text_serving`)."""
+    if serving is not None:
         return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
-                f"pipe = DiffusionPipeline.from_pretrained(DIR{load_args})\n"
-                f"images = pipe(prompt=[\"a red circle at the top left\"], guidance_scale=1.0,\n"
-                f"              sigmas={flow['sigmas'][:1]}, max_sequence_length={flow['max_sequence_length']},\n"
+                f"pipe = DiffusionPipeline.from_pretrained(DIR{_keywords(serving['load_kwargs'])})\n"
+                f"images = pipe(prompt=[\"a red circle at the top left\"]{_keywords(serving['call'])},\n"
+                f"              {serving['step_argument']}={serving['steps'][:1]},\n"
                 f"              generator=torch.Generator().manual_seed(0)).images"
-                f"  # K steps: sigmas={flow['sigmas']}[:K]")
-    if text:  # guidance_scale=1: the student is never guided, and stock SD pipelines default to 7.5
-        return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
-                f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
-                f"images = pipe(prompt=[\"a red circle at the top left\"], guidance_scale=1.0,\n"
-                f"              num_inference_steps=None, timesteps={times[:1]},\n"
-                f"              generator=torch.Generator().manual_seed(0)).images  # K steps: timesteps={times}[:K]")
+                f"  # K steps: {serving['step_argument']}={serving['steps']}[:K]")
     labels = f", class_labels={list(range(min(4, class_embeds - 1)))}" if class_embeds else ""
     return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
             f"images = pipe(batch_size=4{labels}, num_inference_steps=None, timesteps={times[:1]},\n"
             f"              generator=torch.Generator().manual_seed(0)).images  # K steps: timesteps={times}[:K]")
+
+
+def _keywords(arguments: dict) -> str:
+    return "".join(f", {key}={value!r}" for key, value in arguments.items())
+
+
+def text_serving(net, text_parts, times: list, flow: bool) -> dict:
+    """How the stock pipeline samples a text student: ``call`` (keyword arguments of ``pipe(...)``: the
+    network's own, e.g. Flux's embedded guidance, else ``guidance_scale=1``, since the student is never guided;
+    the size and T5 prompt length it was trained at), ``load_kwargs`` (of ``from_pretrained``: an SD3 pipeline
+    saved without its T5 loads only when told so), and ``step_argument`` with its ``steps``: the student's sigmas
+    for a flow student, else its timesteps."""
+    call = {"guidance_scale": 1.0}
+    if net.pipeline_role == "transformer":
+        pixels = net.sample_shape[-1] * 2 ** (len(text_parts.vae.config.block_out_channels) - 1)
+        call.update(height=pixels, width=pixels, max_sequence_length=text_parts.max_sequence_length)
+    call.update(net.pipeline_call_arguments())
+    no_t5 = "text_encoder_3" in text_parts.parts and text_parts.parts["text_encoder_3"] is None
+    load_kwargs = {"text_encoder_3": None, "tokenizer_3": None} if no_t5 else {}
+    if flow:
+        steps = [t / net.schedule.num_train_timesteps for t in times]
+        return {"call": call, "load_kwargs": load_kwargs, "step_argument": "sigmas", "steps": steps}
+    return {"call": {**call, "num_inference_steps": None}, "load_kwargs": load_kwargs, "step_argument": "timesteps",
+            "steps": times}
 
 
 def _fdistill_version() -> str:
@@ -84,15 +107,13 @@ def _fdistill_version() -> str:
 def exportable_network(student: Generator):
     """The student's diffusers denoiser (a UNet or a flow-matching transformer), or an error saying why this
     student cannot be exported."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
-
     net, kind = student.net, type(student.net).__name__
     model = getattr(net, "network", None)
     if model is None:
         raise ValueError(f"export needs a diffusers UNet or transformer student; this student is a {kind}")
-    if not isinstance(model, (UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel)):
-        raise ValueError(f"export needs a diffusers UNet2DModel, UNet2DConditionModel or SD3Transformer2DModel "
-                         f"student, not a {type(model).__name__}")
+    exportable = ("UNet2DModel", "UNet2DConditionModel", *TRANSFORMER_DENOISERS)
+    if type(model).__name__ not in exportable:
+        raise ValueError(f"export needs a diffusers {', '.join(exportable)} student, not a {type(model).__name__}")
     if student.stock is None:
         raise ValueError("export needs a student on a diffusers scheduler's timesteps (a diffusers teacher)")
     return net
@@ -184,19 +205,13 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
         raise ConfigError(f"{out} exists and is not an exported pipeline; choose another output directory")
     class_embeds = net.num_class_embeds
-    flow = None
-    if isinstance(net, TransformerDenoiser):
-        times = [float(t) for t in student.times]
-        flow = {"sigmas": [t / net.schedule.num_train_timesteps for t in times],
-                "max_sequence_length": text_parts.max_sequence_length,
-                "no_t5": text_parts.parts.get("text_encoder_3") is None}
-        pipeline_class, scheduler_class = text_parts.pipeline_class, "FlowMatchEulerDiscreteScheduler"
-    else:
-        times = [int(t) for t in student.times]
-        pipeline_class = text_parts.pipeline_class if net.text_conditioned else "ConsistencyModelPipeline"
-        scheduler_class = "LCMScheduler"
+    flow = isinstance(student.stock, FlowMatchSampling)
+    times = [float(t) for t in student.times] if flow else [int(t) for t in student.times]
+    serving = text_serving(net, text_parts, times, flow) if net.text_conditioned else None
+    pipeline_class = text_parts.pipeline_class if net.text_conditioned else "ConsistencyModelPipeline"
+    scheduler = student.stock.scheduler()
     info = {
-        "format": f"diffusers {pipeline_class} + {scheduler_class} (stock classes), exported by fdistill",
+        "format": f"diffusers {pipeline_class} + {type(scheduler).__name__} (stock classes), exported by fdistill",
         "fdistill_version": _fdistill_version(),
         "student_times": times,
         "max_steps": student.max_steps,
@@ -207,14 +222,14 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
         "num_classes": class_embeds - 1 if class_embeds else None,
         "null_class": class_embeds - 1 if class_embeds else None,
         "text_to_image": net.text_conditioned,
-        **({"sigmas": flow["sigmas"], "max_sequence_length": flow["max_sequence_length"]} if flow else {}),
-        "load": load_snippet(times, class_embeds, net.text_conditioned, flow),
+        **(serving or {}),
+        "load": load_snippet(times, class_embeds, serving),
         **(metadata or {}),
     }
-    scheduler = student.stock.scheduler()
-    lora = has_adapters(net.network) and net.text_conditioned
+    lora = net.text_conditioned and has_adapters(net.network) and loads_lora(pipeline_class)
     if lora:
-        info["load_lora"] = lora_snippet(text_parts.source, type(scheduler).__name__, times, flow)
+        info["load_lora"] = lora_snippet(text_parts.source, type(scheduler).__name__, serving,
+                                         net.attention_kwargs_argument)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -228,6 +243,14 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def loads_lora(pipeline_class: str) -> bool:
+    """Whether the stock ``pipeline_class`` loads LoRA weights (``load_lora_weights``; PixArt's pipelines do
+    not, so a LoRA student of one exports merged only)."""
+    import diffusers
+
+    return hasattr(getattr(diffusers, pipeline_class), "load_lora_weights")
 
 
 def save_lora(net, pipeline_class: str, scheduler, out: Path) -> None:
@@ -244,18 +267,16 @@ def save_lora(net, pipeline_class: str, scheduler, out: Path) -> None:
     scheduler.save_pretrained(out / "scheduler")
 
 
-def lora_snippet(teacher: str, scheduler_class: str, times: list, flow: dict | None) -> str:
-    """How the teacher's pipeline samples like the student with the exported LoRA (``DIR``: the export)."""
-    steps = (f"sigmas={flow['sigmas'][:1]}, max_sequence_length={flow['max_sequence_length']}" if flow
-             else f"num_inference_steps=None, timesteps={times[:1]}")
-    load_args = ", text_encoder_3=None, tokenizer_3=None" if flow and flow["no_t5"] else ""
-    scale = "joint_attention_kwargs" if flow else "cross_attention_kwargs"
+def lora_snippet(teacher: str, scheduler_class: str, serving: dict, scale_argument: str) -> str:
+    """How the teacher's pipeline samples like the student with the exported LoRA (``DIR``: the export);
+    ``scale_argument`` is the pipeline argument that carries the LoRA scale."""
     return (f"import torch\nfrom diffusers import DiffusionPipeline, {scheduler_class}\n\n"
-            f"pipe = DiffusionPipeline.from_pretrained({teacher!r}{load_args})  # the teacher\n"
+            f"pipe = DiffusionPipeline.from_pretrained({teacher!r}{_keywords(serving['load_kwargs'])})  # the teacher\n"
             f"pipe.load_lora_weights(DIR + \"/{LORA_DIR}\")\n"
             f"pipe.scheduler = {scheduler_class}.from_pretrained(DIR + \"/{LORA_DIR}\", subfolder=\"scheduler\")\n"
-            f"images = pipe(prompt=[\"a red circle at the top left\"], guidance_scale=1.0, {steps},\n"
-            f"              {scale}={{\"scale\": 1.0}},  # the LoRA scale\n"
+            f"images = pipe(prompt=[\"a red circle at the top left\"]{_keywords(serving['call'])},\n"
+            f"              {serving['step_argument']}={serving['steps'][:1]},\n"
+            f"              {scale_argument}={{\"scale\": 1.0}},  # the LoRA scale\n"
             f"              generator=torch.Generator().manual_seed(0)).images")
 
 

@@ -212,9 +212,24 @@ class FlowMatchSchedule(Schedule):
         self.scheduler_config = scheduler_config
 
     @classmethod
-    def from_diffusers(cls, scheduler) -> "FlowMatchSchedule":
+    def from_diffusers(cls, scheduler, image_tokens: int | None = None) -> "FlowMatchSchedule":
+        """The schedule of a ``FlowMatchEulerDiscreteScheduler``. A scheduler with ``use_dynamic_shifting`` shifts
+        by ``exp(mu)``, with ``mu`` interpolated linearly in the number of image tokens between ``base_shift`` at
+        ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len`` (what Flux and SD3 pipelines compute
+        from the resolution they sample at, ``image_tokens``): its exponential ``time_shift`` is the plain shift
+        ``k sigma / (1 + (k - 1) sigma)`` with ``k = exp(mu)``."""
         config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
-        return cls(config["num_train_timesteps"], config.get("shift", 1.0), config)
+        shift = config.get("shift", 1.0)
+        if config.get("use_dynamic_shifting"):
+            if config.get("time_shift_type", "exponential") != "exponential":
+                raise ValueError(f"a scheduler with time_shift_type={config['time_shift_type']!r} is not a "
+                                 "timestep shift; fdistill reads exponential dynamic shifting")
+            if image_tokens is None:
+                raise ValueError("a scheduler with use_dynamic_shifting needs the number of image tokens")
+            base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+            shift = math.exp(low + (high - low) * (image_tokens - base) / (top - base))
+        return cls(config["num_train_timesteps"], shift, config)
 
     def alpha(self, t):
         return 1 - _f64(t) / self.num_train_timesteps

@@ -22,17 +22,16 @@ import torch
 
 from fdistill.config import Config, ConfigError, TeacherConfig
 from fdistill.denoisers import (
-    TRANSFORMER_CLASSES,
     Denoiser,
     GaussianMixtureDenoiser,
-    TransformerDenoiser,
     UNetDenoiser,
     freeze,
     gaussian_mixture,
     ring_mixture,
 )
 from fdistill.guidance import GuidedDenoiser
-from fdistill.schedules import SCHEDULES, DiscreteVPSchedule, FlowMatchSchedule
+from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
+from fdistill.transformer_denoisers import TRANSFORMER_DENOISERS, transformer_schedule
 
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
 EMBEDDED_IMBALANCED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_imbalanced_teacher"
@@ -40,6 +39,7 @@ EMBEDDED_T2I_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_
 EMBEDDED_FLOW_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_flow_teacher"
 EMBEDDED_FLOW_MAX_SEQUENCE_LENGTH = 8  # the T5 length the embedded flow teacher was trained with
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+PIPELINE_DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: latents of 1024-pixel images
 
 
 def analytic_schedule(tc: TeacherConfig):
@@ -140,9 +140,10 @@ def unet_teacher(cfg: Config) -> Denoiser:
 
 
 def pretrained_teacher(cfg: Config) -> Denoiser:
-    if cfg.teacher.pretrained is None:
+    tc = cfg.teacher
+    if tc.pretrained is None:
         raise ConfigError("teacher.kind=pretrained needs teacher.pretrained=<hub id or local directory>")
-    return load_diffusers_teacher(cfg.teacher.pretrained, cfg.teacher.prediction_type)
+    return load_diffusers_teacher(tc.pretrained, tc.prediction_type, tc.resolution, tc.embedded_guidance)
 
 
 def embedded_teacher(cfg: Config) -> Denoiser:
@@ -171,7 +172,8 @@ TEACHER_KEYS = {
     "ring": {"schedule", "num_modes", "radius", "std", "weights"},
     "mixture": {"schedule", "means", "stds", "weights"},
     "unet": {"unet", "prediction_type"},
-    "pretrained": {"pretrained", "prediction_type", "negative_prompt", "max_sequence_length"},
+    "pretrained": {"pretrained", "prediction_type", "negative_prompt", "max_sequence_length", "resolution",
+                   "embedded_guidance"},
     "embedded": {"prediction_type"},
     "embedded_imbalanced": {"prediction_type"},
     "embedded_t2i": {"prediction_type", "negative_prompt"},
@@ -260,15 +262,17 @@ def resolve_model_dir(source: str | Path) -> Path:
                           ) from None
 
 
-def load_diffusers_teacher(source: str | Path, prediction_type: str | None = None) -> Denoiser:
+def load_diffusers_teacher(source: str | Path, prediction_type: str | None = None, resolution: int | None = None,
+                           embedded_guidance: float | None = None) -> Denoiser:
     """A diffusers teacher with its noise schedule, from a pipeline directory (``model_index.json`` with
     ``unet/`` or ``transformer/``, and ``scheduler/``), a UNet directory holding ``scheduler_config.json`` too, or
     a hub id of either.
 
     * A UNet's scheduler gives its ``alphas_cumprod`` as a :class:`DiscreteVPSchedule`, and its
       ``prediction_type`` (unless overridden) says how to read the UNet's output.
-    * A flow-matching transformer's ``FlowMatchEulerDiscreteScheduler`` gives a :class:`FlowMatchSchedule`; the
-      transformer predicts the velocity.
+    * A transformer gets its class's adapter (:data:`~fdistill.transformer_denoisers.TRANSFORMER_DENOISERS`) on
+      latents of ``resolution`` pixels (default: the pipeline's), with ``embedded_guidance`` for a Flux
+      transformer that embeds a guidance scale.
     """
     import diffusers
 
@@ -283,23 +287,53 @@ def load_diffusers_teacher(source: str | Path, prediction_type: str | None = Non
                               "directory (model_index.json, unet/ or transformer/, scheduler/) or a UNet directory "
                               "with scheduler_config.json")
     class_name = json.loads(config_file.read_text()).get("_class_name")
-    if class_name not in UNET_CLASSES + TRANSFORMER_CLASSES:
+    if class_name not in (*UNET_CLASSES, *TRANSFORMER_DENOISERS):
         raise ConfigError(f"{config_file} describes a {class_name}; fdistill teachers are "
-                          f"{', '.join(UNET_CLASSES + TRANSFORMER_CLASSES)}")
+                          f"{', '.join((*UNET_CLASSES, *TRANSFORMER_DENOISERS))}")
     network = getattr(diffusers, class_name).from_pretrained(net_dir, torch_dtype=torch.float32)
-    scheduler_config = diffusers.DDPMScheduler.load_config(scheduler_dir)
-    if class_name in TRANSFORMER_CLASSES:
-        if scheduler_config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
-            raise ConfigError(f"{source}: a {class_name} teacher needs a FlowMatchEulerDiscreteScheduler, not "
-                              f"{scheduler_config.get('_class_name')}")
-        if prediction_type is not None:
-            raise ConfigError(f"teacher.prediction_type: a flow-matching {class_name} predicts the velocity; "
-                              "remove it")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        return TransformerDenoiser(network, FlowMatchSchedule.from_diffusers(scheduler))
+    scheduler_config = dict(diffusers.DDPMScheduler.load_config(scheduler_dir))
+    if class_name in TRANSFORMER_DENOISERS:
+        return transformer_teacher(root, source, network, scheduler_config, prediction_type, resolution,
+                                   embedded_guidance)
+    for key, value in (("resolution", resolution), ("embedded_guidance", embedded_guidance)):
+        if value is not None:
+            raise ConfigError(f"teacher.{key} is read by diffusion-transformer teachers, and {source} is a "
+                              f"{class_name}; remove it")
     scheduler = diffusers.DDPMScheduler.from_config(scheduler_config)
     prediction = prediction_type or scheduler.config.prediction_type
     try:
         return UNetDenoiser(network, DiscreteVPSchedule.from_diffusers(scheduler), prediction)
     except ValueError as e:
         raise ConfigError(f"teacher {source}: {e}") from None
+
+
+def transformer_teacher(root: Path, source, network, scheduler_config: dict, prediction_type: str | None,
+                        resolution: int | None, embedded_guidance: float | None) -> Denoiser:
+    """The adapter of a diffusion transformer loaded from the pipeline in ``root``, on square latents of
+    ``resolution`` pixels (default: the pipeline's)."""
+    adapter = TRANSFORMER_DENOISERS[type(network).__name__]
+    pipeline_class = _read_json(root / "model_index.json").get("_class_name")
+    if pipeline_class is not None and pipeline_class not in adapter.pipeline_classes:
+        raise ConfigError(f"{source} is a {pipeline_class} around a {type(network).__name__}, which fdistill "
+                          f"serves in {', '.join(adapter.pipeline_classes)}")
+    vae_scale = 2 ** (len(_read_json(root / "vae" / "config.json").get("block_out_channels", [0] * 4)) - 1)
+    patch = adapter.token_patch(network)
+    if resolution is None:
+        latent_size = adapter.default_latent_size(network, PIPELINE_DEFAULT_LATENT_SIZE)
+    elif resolution <= 0 or resolution % (vae_scale * patch):
+        raise ConfigError(f"teacher.resolution={resolution} must be a positive multiple of {vae_scale * patch} "
+                          f"(the VAE's downsampling {vae_scale} times the transformer's patch {patch})")
+    else:
+        latent_size = resolution // vae_scale
+    try:
+        schedule = transformer_schedule(adapter, scheduler_config, (latent_size // patch) ** 2)
+        options = adapter.settings(network, scheduler_config, prediction_type, embedded_guidance,
+                                   latent_size * vae_scale)
+        shape = (adapter.latent_channels(network), latent_size, latent_size)
+        return adapter(network, schedule, shape, **options)
+    except ValueError as e:
+        raise ConfigError(f"teacher {source}: {e}") from None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

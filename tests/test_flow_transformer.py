@@ -13,7 +13,6 @@ import torch
 from fdistill.commands.sample import pipeline_sampler
 from fdistill.config import ConfigError, load_config
 from fdistill.data.captions import CAPTION_WORDS
-from fdistill.denoisers import TransformerDenoiser, pack_text_condition, unpack_text_condition
 from fdistill.flow_sampling import FlowMatchSampling
 from fdistill.guidance import GuidedDenoiser
 from fdistill.latent_pipeline import word_tokenizer
@@ -22,6 +21,7 @@ from fdistill.objectives import OBJECTIVES
 from fdistill.run import build_experiment
 from fdistill.schedules import FlowMatchSchedule, from_x0, to_x0
 from fdistill.training.trainer import Trainer
+from fdistill.transformer_denoisers import SD3TransformerDenoiser, pack_text_condition, unpack_text_condition
 from tests.test_objective_steps import TRIGFLOW_TIMES, check_one_critic_and_one_generator_step
 
 PROMPTS = ["a red circle at the top left", "a green square at the bottom right"]
@@ -110,7 +110,7 @@ def test_transformer_denoiser_reads_the_velocity_at_the_pipeline_timestep():
     torch.manual_seed(0)
     transformer = tiny_transformer().eval()
     schedule = FlowMatchSchedule(shift=3.0)
-    net = TransformerDenoiser(transformer, schedule)
+    net = SD3TransformerDenoiser(transformer, schedule, (4, 8, 8))
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 250.0], dtype=torch.float64)
     hidden, pooled = torch.randn(2, 5, 32), torch.randn(2, 16)
     cond = pack_text_condition(hidden, pooled)
@@ -181,15 +181,13 @@ def test_flow_student_samples_with_the_stock_euler_arithmetic(tiny_sd3):
 EXPORT_CHECK = r"""
 import json, sys, torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], text_encoder_3=None, tokenizer_3=None)
-assert type(pipe).__name__ == "StableDiffusion3Pipeline", type(pipe)
-assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 info = json.load(open(sys.argv[1] + "/fdistill.json"))
-out = {}
-for k in (1, 2):
-    images = pipe(prompt=json.loads(sys.argv[2]), guidance_scale=1.0, sigmas=info["sigmas"][:k],
-                  max_sequence_length=info["max_sequence_length"], output_type="pt",
-                  generator=torch.Generator().manual_seed(3)).images
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], **info["load_kwargs"])
+out = {"classes": [type(pipe).__name__, type(pipe.scheduler).__name__]}
+for k in range(1, min(2, len(info["steps"])) + 1):
+    call = {**info["call"], info["step_argument"]: info["steps"][:k]}
+    images = pipe(prompt=json.loads(sys.argv[2]), output_type="pt", generator=torch.Generator().manual_seed(3),
+                  **call).images
     out[k] = images.tolist()
 assert "fdistill" not in sys.modules
 print(json.dumps(out))
@@ -197,17 +195,20 @@ print(json.dumps(out))
 
 
 def exported_samples(out, tmp_path) -> dict:
+    """The export's samples for PROMPTS at 1 and 2 steps (seed 3) through its own ``fdistill.json`` call, from a
+    Python that never imports fdistill, and the classes of its pipeline and scheduler (``"classes"``)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(out), json.dumps(PROMPTS)],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    return {int(k): torch.tensor(v) for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"classes": served.pop("classes"), **{int(k): torch.tensor(v) for k, v in served.items()}}
 
 
 def student_images(student, task, k):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        latents = student.sample(student.noise(2, generator=g), task.parts.embed(PROMPTS), k)
+        latents = student.sample(student.noise(2, generator=g), task.parts.embed(PROMPTS), k, generator=g)
         return (task.parts.decode(latents) / 2 + 0.5).clamp(0, 1)
 
 
@@ -220,9 +221,11 @@ def test_export_is_a_stock_sd3_pipeline_that_reproduces_the_student(tiny_sd3, tm
     info = json.loads((out / "fdistill.json").read_text())
     index = json.loads((out / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    assert index["transformer"][1] == "SD3Transformer2DModel" and info["sigmas"] == [0.999, 0.5]
+    assert index["transformer"][1] == "SD3Transformer2DModel" and info["steps"] == [0.999, 0.5]
+    assert info["step_argument"] == "sigmas" and info["call"]["max_sequence_length"] == 4
     assert "text_encoder_3=None" in (out / "README.md").read_text()
     served = exported_samples(out, tmp_path)
+    assert served["classes"] == ["StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler"]
     for k in (1, 2):
         torch.testing.assert_close(served[k], student_images(nets.student.servable(), task, k), rtol=0, atol=0)
     sampler = pipeline_sampler(out, 2, "cpu")  # sample.py --model EXPORT --steps 2
@@ -256,8 +259,7 @@ pipe.load_lora_weights(export + "/lora")
 pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(export + "/lora", subfolder="scheduler")
 out = {}
 for scale in (1.0, 0.0):
-    images = pipe(prompt=prompts, guidance_scale=1.0, sigmas=info["sigmas"][:1],
-                  max_sequence_length=info["max_sequence_length"], joint_attention_kwargs={"scale": scale},
+    images = pipe(prompt=prompts, **info["call"], sigmas=info["steps"][:1], joint_attention_kwargs={"scale": scale},
                   output_type="pt", generator=torch.Generator().manual_seed(3)).images
     out[scale] = images.tolist()
 assert "fdistill" not in sys.modules

@@ -81,24 +81,18 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
 
     info = json.loads((model_dir / "fdistill.json").read_text())
     diffusers_logging.disable_progress_bar()
-    index = json.loads((model_dir / "model_index.json").read_text())
-    empty = {part: None for part in ("text_encoder_3", "tokenizer_3") if index.get(part, [None])[0] is None
-             and part in index}  # an SD3 pipeline saved without its T5 loads only when told so
-    pipe = DiffusionPipeline.from_pretrained(model_dir, **empty).to(device)
+    pipe = DiffusionPipeline.from_pretrained(model_dir, **info.get("load_kwargs", {})).to(device)
     pipe.set_progress_bar_config(disable=True)
     steps = 1 if steps is None else steps
     times = info["student_times"]
     _check_steps(steps, len(times))
 
     if info.get("text_to_image"):
-        # a flow-matching student steps through its sigmas, an LCM one through its timesteps
-        schedule = ({"sigmas": info["sigmas"][:steps], "max_sequence_length": info["max_sequence_length"]}
-                    if "sigmas" in info else {"num_inference_steps": None, "timesteps": times[:steps]})
+        # the export's own call: a flow-matching student steps through its sigmas, an LCM one its timesteps
+        call = {**info["call"], info["step_argument"]: info["steps"][:steps]}
 
         def draw_text(n, prompts, generator):
-            images = pipe(prompt=prompts, guidance_scale=1.0, generator=generator, output_type="pt",
-                          **schedule).images
-            return images, steps
+            return pipe(prompt=prompts, generator=generator, output_type="pt", **call).images, steps
 
         return Sampler("student", draw_text, True, text=True)
 

@@ -1,5 +1,5 @@
 """The text-to-image task: a latent diffusers pipeline teacher (text encoders, VAE, and a
-``UNet2DConditionModel`` or a flow-matching ``SD3Transformer2DModel``) and a prompt set.
+``UNet2DConditionModel`` or a diffusion transformer of :mod:`fdistill.transformer_denoisers`) and a prompt set.
 
 Students and fake scores are copies of the teacher's denoising network and work on VAE latents; their condition
 is the prompt's encoding as the stock pipeline computes it
@@ -16,7 +16,8 @@ The evaluation decodes every sampler's latents with the VAE and reports, on the 
 (open_clip, ``eval.clip_model``), FD against reference images (``eval.features``), compositional accuracy (on the
 captioned shapes: the fraction of images whose colour, shape and position all match the prompt, read by the
 shipped attribute classifier) and samples/s including the decode. The student exports as the teacher's stock
-pipeline class (``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``).
+pipeline class (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtAlphaPipeline``
+or ``PixArtSigmaPipeline``).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ import torch
 from fdistill.config import ConfigError
 from fdistill.containers import Batch, Networks
 from fdistill.data.captions import CaptionedShapes, caption, combinations, read_prompts
-from fdistill.denoisers import Denoiser, TransformerDenoiser, UNetDenoiser
+from fdistill.denoisers import Denoiser, UNetDenoiser
 from fdistill.evaluation import student_samples, teacher_samples, write_png_folder
 from fdistill.latent_pipeline import LatentPipelineParts
 from fdistill.tasks.base import Task
 from fdistill.teachers import prompt_length, teacher_directory
+from fdistill.transformer_denoisers import TransformerDenoiser
 
 TEXT_DATA = ("captioned_shapes", "prompts")
 REAL_IMAGES = 4000  # captioned-shapes images encoded for the objectives that read real data
