@@ -7,9 +7,10 @@ pipeline computes them, so that a student trained here is served by that pipelin
   ``model_max_length`` and takes ``text_encoder(ids)[0]``; :meth:`LatentPipelineParts.decode` divides by the
   VAE's ``scaling_factor``;
 * the transformer pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtAlphaPipeline``,
-  ``PixArtSigmaPipeline``): the prompt goes through the pipeline's own ``encode_prompt`` (CLIPs and a T5, or
-  ``max_sequence_length`` zero tokens when SD3's T5 slot is empty), whose hidden states travel with the pooled
-  embedding (SD3, Flux) or the attention mask (PixArt) as one tensor
+  ``PixArtSigmaPipeline``, ``SanaPipeline``): the prompt goes through the pipeline's own ``encode_prompt`` (CLIPs
+  and a T5, or ``max_sequence_length`` zero tokens when SD3's T5 slot is empty; Sana's Gemma with the instruction
+  prefix its ``__call__`` adds), whose hidden states travel with the pooled embedding (SD3, Flux) or the
+  attention mask (PixArt, Sana) as one tensor
   (:func:`fdistill.transformer_denoisers.pack_text_condition`); latents are shifted by the VAE's
   ``shift_factor`` (when it has one) as well as scaled.
 
@@ -33,10 +34,18 @@ PIPELINE_PARTS = {
     "FluxPipeline": (CLIP_AND_T5, ()),
     "PixArtAlphaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
     "PixArtSigmaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
+    "SanaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
 }
-# each T5 pipeline's default max_sequence_length
+# each transformer pipeline's default max_sequence_length
 DEFAULT_MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "PixArtAlphaPipeline": 120,
-                               "PixArtSigmaPipeline": 300}
+                               "PixArtSigmaPipeline": 300, "SanaPipeline": 300}
+
+
+def vae_scale_factor(vae_config) -> int:
+    """The VAE's downsampling factor, as pipelines compute it: ``2 ** (len(block_out_channels) - 1)``
+    (``encoder_block_out_channels`` for Sana's ``AutoencoderDC``)."""
+    channels = vae_config.get("block_out_channels") or vae_config.get("encoder_block_out_channels")
+    return 2 ** (len(channels) - 1)
 
 
 def _sd3_condition(pipe, prompts: list[str], device, max_sequence_length: int) -> torch.Tensor:
@@ -57,9 +66,20 @@ def _pixart_condition(pipe, prompts: list[str], device, max_sequence_length: int
     return pack_text_condition(hidden, mask)
 
 
+def _sana_condition(pipe, prompts: list[str], device, max_sequence_length: int) -> torch.Tensor:
+    import inspect
+
+    instruction = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+    hidden, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                            clean_caption=False, max_sequence_length=max_sequence_length,
+                                            complex_human_instruction=instruction)
+    return pack_text_condition(hidden, mask)
+
+
 # how each transformer pipeline's own encode_prompt gives one condition tensor per prompt
 PROMPT_CONDITIONS = {"StableDiffusion3Pipeline": _sd3_condition, "FluxPipeline": _flux_condition,
-                     "PixArtAlphaPipeline": _pixart_condition, "PixArtSigmaPipeline": _pixart_condition}
+                     "PixArtAlphaPipeline": _pixart_condition, "PixArtSigmaPipeline": _pixart_condition,
+                     "SanaPipeline": _sana_condition}
 
 
 class LatentPipelineParts:
@@ -142,6 +162,10 @@ class LatentPipelineParts:
         return self
 
     @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self.vae.config)
+
+    @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
@@ -177,8 +201,9 @@ class LatentPipelineParts:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled (and shifted) latents of images in [-1, 1], drawn from the VAE's posterior (as the teacher was
-        trained)."""
-        latents = self.vae.encode(images.to(self.device)).latent_dist.sample(generator=generator)
+        trained; a deterministic autoencoder such as Sana's gives its one latent)."""
+        encoded = self.vae.encode(images.to(self.device))
+        latents = encoded.latent_dist.sample(generator=generator) if hasattr(encoded, "latent_dist") else encoded.latent
         if self.shift_factor is not None:
             latents = latents - self.shift_factor
         return latents * self.scaling_factor
@@ -224,24 +249,51 @@ def word_tokenizer(words: list[str], model_max_length: int) -> object:
     return tokenizer
 
 
-def t5_word_tokenizer(words: list[str], model_max_length: int = 512) -> object:
-    """A T5 (SentencePiece-unigram) tokenizer built with no downloaded files: T5's ``<pad>``, ``</s>``, ``<unk>``,
-    one piece per word of ``words`` (``"▁red"``, as SentencePiece writes a word that follows a space) and the
-    single characters of those words as a fallback for other text; each word is one token."""
+def _unigram_word_model(words: list[str], specials: list[str], unk: str, template: str):
+    """A SentencePiece-style unigram model with ``specials`` first, one piece per word of ``words`` (``"▁red"``, as
+    SentencePiece writes a word that follows a space) and those words' single characters as a fallback; each
+    sequence is wrapped by ``template`` (``"<bos> $A"``, ``"$A </s>"``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
 
     characters = sorted({c for word in words for c in word} | {"▁"})
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces = [(special, 0.0) for special in specials]
     pieces += [("▁" + word, -1.0) for word in words] + [(c, -10.0) for c in characters]
-    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model = Tokenizer(models.Unigram(pieces, unk_id=specials.index(unk)))
     model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                         special_tokens=[("</s>", 1)])
-    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                extra_ids=0, model_max_length=model_max_length)
+    wrapping = [token for token in template.split() if token != "$A"]
+    model.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(token, specials.index(token)) for token in wrapping])
+    return model
+
+
+def _check_words(tokenizer, words: list[str]) -> None:
     for word in words:
         if tokenizer.tokenize(word) != ["▁" + word]:
             raise RuntimeError(f"caption word {word!r} tokenizes as {tokenizer.tokenize(word)}")
+
+
+def t5_word_tokenizer(words: list[str], model_max_length: int = 512) -> object:
+    """A T5 tokenizer built with no downloaded files: T5's ``<pad>``, ``</s>``, ``<unk>`` and one unigram piece per
+    word of ``words`` (each word is one token), sequences ending in ``</s>``."""
+    from transformers import T5TokenizerFast
+
+    model = _unigram_word_model(words, ["<pad>", "</s>", "<unk>"], "<unk>", "$A </s>")
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0, model_max_length=model_max_length)
+    _check_words(tokenizer, words)
+    return tokenizer
+
+
+def gemma_word_tokenizer(words: list[str], model_max_length: int = 512) -> object:
+    """A tokenizer in the form of Gemma's (Sana's text encoder) built with no downloaded files: Gemma's ``<pad>``,
+    ``<eos>``, ``<bos>``, ``<unk>`` and one unigram piece per word of ``words``, sequences starting with
+    ``<bos>``. It is a generic ``PreTrainedTokenizerFast``: ``GemmaTokenizerFast`` rebuilds Gemma's own BPE model
+    when loaded, which this vocabulary is not."""
+    from transformers import PreTrainedTokenizerFast
+
+    model = _unigram_word_model(words, ["<pad>", "<eos>", "<bos>", "<unk>"], "<unk>", "<bos> $A")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<bos>", eos_token="<eos>",
+                                        unk_token="<unk>", pad_token="<pad>", model_max_length=model_max_length)
+    _check_words(tokenizer, words)
     return tokenizer

@@ -7,7 +7,7 @@ it as fdistill does:
 
 * a UNet student (``ConsistencyModelPipeline``, ``StableDiffusionPipeline``): a stock ``LCMScheduler`` configured
   with the teacher's noise table (:mod:`fdistill.lcm_sampling`);
-* a flow-matching transformer student (``StableDiffusion3Pipeline``, ``FluxPipeline``): a stock
+* a flow-matching transformer student (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``): a stock
   ``FlowMatchEulerDiscreteScheduler`` with no shift (:mod:`fdistill.flow_sampling`), driven by
   ``sigmas = [t / 1000 for t in student_times]``;
 * a VP transformer student (``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``): the ``LCMScheduler`` as for UNets;
@@ -83,7 +83,7 @@ def text_serving(net, text_parts, times: list, flow: bool) -> dict:
     for a flow student, else its timesteps."""
     call = {"guidance_scale": 1.0}
     if net.pipeline_role == "transformer":
-        pixels = net.sample_shape[-1] * 2 ** (len(text_parts.vae.config.block_out_channels) - 1)
+        pixels = net.sample_shape[-1] * text_parts.vae_scale_factor
         call.update(height=pixels, width=pixels, max_sequence_length=text_parts.max_sequence_length)
     call.update(net.pipeline_call_arguments())
     no_t5 = "text_encoder_3" in text_parts.parts and text_parts.parts["text_encoder_3"] is None

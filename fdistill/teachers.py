@@ -30,6 +30,7 @@ from fdistill.denoisers import (
     ring_mixture,
 )
 from fdistill.guidance import GuidedDenoiser
+from fdistill.latent_pipeline import vae_scale_factor
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
 from fdistill.transformer_denoisers import TRANSFORMER_DENOISERS, transformer_schedule
 
@@ -316,7 +317,8 @@ def transformer_teacher(root: Path, source, network, scheduler_config: dict, pre
     if pipeline_class is not None and pipeline_class not in adapter.pipeline_classes:
         raise ConfigError(f"{source} is a {pipeline_class} around a {type(network).__name__}, which fdistill "
                           f"serves in {', '.join(adapter.pipeline_classes)}")
-    vae_scale = 2 ** (len(_read_json(root / "vae" / "config.json").get("block_out_channels", [0] * 4)) - 1)
+    vae_config = _read_json(root / "vae" / "config.json")
+    vae_scale = vae_scale_factor(vae_config) if vae_config else 8
     patch = adapter.token_patch(network)
     if resolution is None:
         latent_size = adapter.default_latent_size(network, PIPELINE_DEFAULT_LATENT_SIZE)

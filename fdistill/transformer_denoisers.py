@@ -3,15 +3,16 @@
 Each adapter feeds its transformer exactly what the class's stock pipeline feeds it, so that a student trained here
 is served by that pipeline unchanged, and reads the output as x0 through the schedule:
 
-* :class:`SD3TransformerDenoiser` (``SD3Transformer2DModel``, ``StableDiffusion3Pipeline``) and
-  :class:`FluxTransformerDenoiser` (``FluxTransformer2DModel``, ``FluxPipeline``): rectified flow on a
+* :class:`SD3TransformerDenoiser` (``SD3Transformer2DModel``, ``StableDiffusion3Pipeline``),
+  :class:`FluxTransformerDenoiser` (``FluxTransformer2DModel``, ``FluxPipeline``) and
+  :class:`SanaTransformerDenoiser` (``SanaTransformer2DModel``, ``SanaPipeline``): rectified flow on a
   :class:`~fdistill.schedules.FlowMatchSchedule`; the velocity ``v = eps - x0`` gives ``x0 = x_t - sigma v``;
 * :class:`PixArtTransformerDenoiser` (``PixArtTransformer2DModel``, ``PixArtAlphaPipeline`` and
   ``PixArtSigmaPipeline``): a discrete VP schedule and an epsilon (or v) prediction, of which a learned-variance
   model's second half of channels is dropped, as the pipeline does.
 
 A text condition travels through fdistill as one tensor per prompt (:func:`pack_text_condition`): the text
-encoder's hidden states with one more row, the pooled embedding (SD3, Flux) or the attention mask (PixArt).
+encoder's hidden states with one more row, the pooled embedding (SD3, Flux) or the attention mask (PixArt, Sana).
 Features for discriminator heads are the image tokens after chosen transformer blocks, laid back on their token
 grid (``[B, C, H / p, W / p]``) so that the convolutional heads read them. Latents are always ``[B, C, H, W]``;
 Flux packs them into 2 x 2 patches inside :meth:`FluxTransformerDenoiser.network_output`, as its pipeline does.
@@ -246,6 +247,34 @@ class FluxTransformerDenoiser(FlowTransformerDenoiser):
         return self.unpack(velocity)
 
 
+def without_learned_variance(out: torch.Tensor, channels: int) -> torch.Tensor:
+    """The prediction of a model whose output may carry a learned variance in a second half of channels."""
+    return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+
+class SanaTransformerDenoiser(FlowTransformerDenoiser):
+    """``SanaTransformer2DModel``: ``cond`` packs the Gemma hidden states and their attention mask; the transformer
+    gets ``timestep = float32(sigma) * 1000 * timestep_scale``; a learned-variance output keeps its first half of
+    channels. Features: ``block.i``."""
+
+    pipeline_classes = ("SanaPipeline",)
+    attention_kwargs_argument = "attention_kwargs"
+
+    def network_output(self, x_t, t, cond=None) -> torch.Tensor:
+        """The transformer's velocity at times ``t``."""
+        if cond is None:
+            raise ValueError("a text-to-image transformer needs a prompt condition")
+        hidden, mask = unpack_text_condition(cond, cond.shape[1] - 1)
+        timestep = self.timestep(t).to(device=x_t.device, dtype=x_t.dtype) * self.transformer.config.timestep_scale
+        out = self.transformer(x_t, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=timestep
+                               ).sample
+        return without_learned_variance(out.float(), self.sample_shape[0])
+
+    def pipeline_call_arguments(self) -> dict:
+        """No resolution binning (the pipeline would move a size it has no bin for)."""
+        return {"use_resolution_binning": False}
+
+
 class PixArtTransformerDenoiser(TransformerDenoiser):
     """``PixArtTransformer2DModel`` on a discrete VP schedule: ``cond`` packs the T5 hidden states and their
     attention mask; the transformer gets the schedule's timestep and, when it uses additional conditions
@@ -289,8 +318,7 @@ class PixArtTransformerDenoiser(TransformerDenoiser):
         out = self.transformer(x_t, encoder_hidden_states=hidden, encoder_attention_mask=mask,
                                timestep=t.to(x_t.dtype), added_cond_kwargs=self.added_conditions(len(x_t), hidden)
                                ).sample
-        channels = self.sample_shape[0]
-        return out[:, :channels] if out.shape[1] == 2 * channels else out
+        return without_learned_variance(out, self.sample_shape[0])
 
     def stock_sampling(self):
         return LCMSampling(self.schedule, self.prediction_type)
@@ -300,18 +328,24 @@ TRANSFORMER_DENOISERS: dict[str, type[TransformerDenoiser]] = {
     "SD3Transformer2DModel": SD3TransformerDenoiser,
     "FluxTransformer2DModel": FluxTransformerDenoiser,
     "PixArtTransformer2DModel": PixArtTransformerDenoiser,
+    "SanaTransformer2DModel": SanaTransformerDenoiser,
 }
 
 
 def transformer_schedule(adapter: type[TransformerDenoiser], scheduler_config: dict, image_tokens: int) -> Schedule:
-    """The schedule a transformer class trains on, from its pipeline's scheduler config."""
+    """The schedule a transformer class trains on, from its pipeline's scheduler config: a
+    ``FlowMatchEulerDiscreteScheduler``, or a DPM-Solver on flow sigmas (``use_flow_sigmas``, shifted by
+    ``flow_shift``; Sana's), for a flow transformer; the VP noise table otherwise."""
     import diffusers
 
     scheduler_class = scheduler_config.get("_class_name")
-    if issubclass(adapter, FlowTransformerDenoiser):
-        if scheduler_class != "FlowMatchEulerDiscreteScheduler":
-            raise ValueError(f"a flow-matching transformer needs a FlowMatchEulerDiscreteScheduler, not "
-                             f"{scheduler_class}")
+    if not issubclass(adapter, FlowTransformerDenoiser):
+        return DiscreteVPSchedule.from_diffusers(diffusers.DDPMScheduler.from_config(scheduler_config))
+    if scheduler_class == "FlowMatchEulerDiscreteScheduler":
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         return FlowMatchSchedule.from_diffusers(scheduler, image_tokens)
-    return DiscreteVPSchedule.from_diffusers(diffusers.DDPMScheduler.from_config(scheduler_config))
+    if scheduler_config.get("use_flow_sigmas") and scheduler_config.get("prediction_type") == "flow_prediction":
+        return FlowMatchSchedule(scheduler_config.get("num_train_timesteps", 1000),
+                                 scheduler_config.get("flow_shift", 1.0), scheduler_config)
+    raise ValueError(f"a flow-matching transformer needs a FlowMatchEulerDiscreteScheduler or a scheduler on flow "
+                     f"sigmas (use_flow_sigmas, prediction_type flow_prediction), not {scheduler_class}")

@@ -1,6 +1,6 @@
-"""Flux- and PixArt-shaped teachers on tiny pipelines built from configs, with T5 tokenizers made offline: every
-objective trains on them, the network reads its inputs as the stock pipeline feeds them, and the export is the stock
-pipeline that reproduces the student with no fdistill import."""
+"""Flux-, PixArt- and Sana-shaped teachers on tiny pipelines built from configs, with T5 and Gemma tokenizers made
+offline: every objective trains on them, the network reads its inputs as the stock pipeline feeds them, and the
+export is the stock pipeline that reproduces the student with no fdistill import."""
 
 import json
 import math
@@ -14,14 +14,14 @@ import torch
 from fdistill.config import ConfigError, load_config
 from fdistill.data.captions import CAPTION_WORDS
 from fdistill.flow_sampling import FlowMatchSampling
-from fdistill.latent_pipeline import t5_word_tokenizer, word_tokenizer
+from fdistill.latent_pipeline import gemma_word_tokenizer, t5_word_tokenizer, word_tokenizer
 from fdistill.lcm_sampling import LCMSampling
 from fdistill.lora import is_adapter_weight
 from fdistill.objectives import OBJECTIVES
 from fdistill.run import build_experiment
 from fdistill.schedules import FlowMatchSchedule
 from fdistill.training.trainer import Trainer
-from fdistill.transformer_denoisers import FluxTransformerDenoiser, PixArtTransformerDenoiser
+from fdistill.transformer_denoisers import FluxTransformerDenoiser, PixArtTransformerDenoiser, SanaTransformerDenoiser
 from tests.test_flow_transformer import PROMPTS, exported_samples, student_images
 from tests.test_objective_steps import TRIGFLOW_TIMES, check_one_critic_and_one_generator_step
 
@@ -86,6 +86,37 @@ def save_tiny_pixart_pipeline(root):
     return root
 
 
+def save_tiny_sana_pipeline(root):
+    """A SanaPipeline directory: 32x32 RGB images (the pipeline's smallest size), an 8x8x4 AutoencoderDC latent,
+    a 1-layer Gemma2 and a transformer on DPM-Solver's flow sigmas (shift 3), as Sana ships."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    tokenizer = gemma_word_tokenizer(CAPTION_WORDS)
+    gemma = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                     pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=8, encoder_block_types="ResBlock",
+                        decoder_block_types="ResBlock", encoder_block_out_channels=(8, 8, 8),
+                        decoder_block_out_channels=(8, 8, 8), encoder_layers_per_block=(1, 1, 1),
+                        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), ()),
+                        decoder_qkv_multiscales=((), (), ()), upsample_block_type="interpolate",
+                        downsample_block_type="Conv", scaling_factor=0.5)
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                         cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=1)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, vae=vae, transformer=transformer,
+                 scheduler=scheduler).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_sana(tmp_path_factory):
+    return save_tiny_sana_pipeline(tmp_path_factory.mktemp("tiny_sana"))
+
+
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory):
     return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux"))
@@ -107,9 +138,9 @@ def experiment(pipeline, name, *overrides, resolution=16):
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-@pytest.mark.parametrize("shape", ["flux", "pixart"])
-def test_one_critic_and_one_generator_step_per_objective(tiny_flux, tiny_pixart, shape, name):
-    pipeline, resolution = {"flux": (tiny_flux, 16), "pixart": (tiny_pixart, None)}[shape]
+@pytest.mark.parametrize("shape", ["flux", "pixart", "sana"])
+def test_one_critic_and_one_generator_step_per_objective(tiny_flux, tiny_pixart, tiny_sana, shape, name):
+    pipeline, resolution = {"flux": (tiny_flux, 16), "pixart": (tiny_pixart, None), "sana": (tiny_sana, None)}[shape]
     cfg, (nets, objective, task) = experiment(pipeline, name, resolution=resolution)
     trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, progress=False)
     check_one_critic_and_one_generator_step(trainer, name)
@@ -174,6 +205,34 @@ def test_pixart_teacher_reads_its_pipeline(tiny_pixart):
         torch.testing.assert_close(teacher(x, t, cond), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_sana_teacher_reads_its_pipeline(tiny_sana):
+    """Flow sigmas shifted by flow_shift, prompts through the pipeline's Gemma with its instruction prefix and
+    attention mask, and the velocity at timestep_scale * 1000 sigma read as x0."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    _, (nets, _, task) = experiment(tiny_sana, "dmd", resolution=None)
+    teacher = nets.student.net
+    assert isinstance(teacher, SanaTransformerDenoiser) and teacher.sample_shape == (4, 8, 8)
+    assert teacher.schedule.shift == 3.0 and isinstance(nets.student.stock, FlowMatchSampling)
+    pipe = SanaPipeline.from_pretrained(tiny_sana)
+    instruction = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    assert instruction  # the pipeline's default prefix, which the condition must carry
+    with torch.no_grad():
+        hidden, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, clean_caption=False,
+                                                max_sequence_length=T5_LENGTH,
+                                                complex_human_instruction=instruction)
+    cond = task.parts.embed(PROMPTS)
+    torch.testing.assert_close(cond[:, :-1], hidden, rtol=0, atol=0)
+    torch.testing.assert_close(cond[:, -1, :T5_LENGTH], mask.float(), rtol=0, atol=0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 400.0])
+    with torch.no_grad():
+        v = pipe.transformer(x, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=t).sample
+        torch.testing.assert_close(teacher(x, t, cond), x - (t / 1000)[:, None, None, None] * v,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def perturbed_student(nets):
     """Move the student away from the teacher so that a wrong network in the export would show."""
     with torch.no_grad():
@@ -181,28 +240,33 @@ def perturbed_student(nets):
             p.add_(0.01 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("shape", ["flux", "pixart"])
-def test_export_is_the_stock_pipeline_and_reproduces_the_student(tiny_flux, tiny_pixart, shape, tmp_path):
+@pytest.mark.parametrize("shape", ["flux", "pixart", "sana"])
+def test_export_is_the_stock_pipeline_and_reproduces_the_student(tiny_flux, tiny_pixart, tiny_sana, shape, tmp_path):
     pipeline, resolution, times = {"flux": (tiny_flux, 16, "[999,500]"),
-                                   "pixart": (tiny_pixart, None, "[999,499]")}[shape]
+                                   "pixart": (tiny_pixart, None, "[999,499]"),
+                                   "sana": (tiny_sana, None, "[999,500]")}[shape]
     _, (nets, _, task) = experiment(pipeline, "dmd", f"generator.times={times}", resolution=resolution)
-    stock = {"flux": FlowMatchSampling, "pixart": LCMSampling}[shape]
+    stock = {"flux": FlowMatchSampling, "pixart": LCMSampling, "sana": FlowMatchSampling}[shape]
     assert isinstance(nets.student.stock, stock)
     perturbed_student(nets)
     out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
     served = exported_samples(out, tmp_path)
     expected = {"flux": ["FluxPipeline", "FlowMatchEulerDiscreteScheduler"],
-                "pixart": ["PixArtAlphaPipeline", "LCMScheduler"]}[shape]
+                "pixart": ["PixArtAlphaPipeline", "LCMScheduler"],
+                "sana": ["SanaPipeline", "FlowMatchEulerDiscreteScheduler"]}[shape]
     assert served["classes"] == expected
     for k in (1, 2):
         torch.testing.assert_close(served[k], student_images(nets.student, task, k), rtol=0, atol=0)
 
 
-def test_flux_lora_export_loads_into_the_teacher_pipeline(tiny_flux, tmp_path):
-    """Only adapters train; FluxPipeline.load_lora_weights on the teacher samples like the LoRA student."""
-    cfg, (nets, objective, task) = experiment(tiny_flux, "dmd", "student.lora.rank=2",
+@pytest.mark.parametrize("shape", ["flux", "sana"])
+def test_lora_export_loads_into_the_teacher_pipeline(tiny_flux, tiny_sana, shape, tmp_path):
+    """Only adapters train; the teacher pipeline's load_lora_weights samples like the LoRA student, at the LoRA
+    scale the export names (1 here, 0: the teacher's network)."""
+    pipeline, resolution = {"flux": (tiny_flux, 16), "sana": (tiny_sana, None)}[shape]
+    cfg, (nets, objective, task) = experiment(pipeline, "dmd", "student.lora.rank=2",
                                               "student.lora.target_modules=[to_q,to_k,to_v]",
-                                              "objective.critic_steps=1")
+                                              "objective.critic_steps=1", resolution=resolution)
     trainer = Trainer(nets, objective, task.batches(False), cfg, progress=False)
     before = {name: p.detach().clone() for name, p in nets.student.named_parameters()}
     assert [trainer.train_step(step)[0] for step in range(2)] == ["critic", "generator"]
@@ -220,16 +284,29 @@ def test_flux_lora_export_loads_into_the_teacher_pipeline(tiny_flux, tmp_path):
         "pipe = DiffusionPipeline.from_pretrained(teacher)\n"
         "pipe.load_lora_weights(export + '/lora')\n"
         "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(export + '/lora', subfolder='scheduler')\n"
-        "images = pipe(prompt=prompts, **info['call'], sigmas=info['steps'][:1], output_type='pt',\n"
-        "              generator=torch.Generator().manual_seed(3)).images\n"
+        "scale = sys.argv[4]\n"
+        "out = [pipe(prompt=prompts, **info['call'], sigmas=info['steps'][:1], output_type='pt',\n"
+        "            generator=torch.Generator().manual_seed(3), **{scale: {'scale': s}}).images.tolist()\n"
+        "       for s in (1.0, 0.0)]\n"
         "assert 'fdistill' not in sys.modules\n"
-        "print(json.dumps(images.tolist()))\n")
+        "print(json.dumps(out))\n")
+    scale_argument = nets.student.net.attention_kwargs_argument
+    assert f"{scale_argument}=" in json.loads((out / "fdistill.json").read_text())["load_lora"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", check, str(tiny_flux), str(out), json.dumps(PROMPTS)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run([sys.executable, "-c", check, str(pipeline), str(out), json.dumps(PROMPTS),
+                             scale_argument], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    served = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
-    torch.testing.assert_close(served, student_images(nets.student, task, 1), rtol=1e-4, atol=1e-4)
+    with_lora, without = (torch.tensor(x) for x in json.loads(result.stdout.strip().splitlines()[-1]))
+    student = student_images(nets.student, task, 1)
+    torch.testing.assert_close(with_lora, student, rtol=1e-4, atol=1e-4)
+    teacher_net = nets.student.net.copy_network()
+    with torch.no_grad():
+        for name, p in teacher_net.named_parameters():
+            if "lora_B" in name:  # the adapters switched off
+                p.zero_()
+    base = student_images(type(nets.student)(teacher_net, nets.student.times), task, 1)
+    torch.testing.assert_close(without, base, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(base, student, atol=1e-3)
 
 
 def test_pixart_lora_student_exports_merged(tiny_pixart, tmp_path):

@@ -16,8 +16,8 @@ The evaluation decodes every sampler's latents with the VAE and reports, on the 
 (open_clip, ``eval.clip_model``), FD against reference images (``eval.features``), compositional accuracy (on the
 captioned shapes: the fraction of images whose colour, shape and position all match the prompt, read by the
 shipped attribute classifier) and samples/s including the decode. The student exports as the teacher's stock
-pipeline class (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtAlphaPipeline``
-or ``PixArtSigmaPipeline``).
+pipeline class (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtAlphaPipeline``,
+``PixArtSigmaPipeline`` or ``SanaPipeline``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class TextToImageTask(Task):
 
     @property
     def pixel_size(self) -> int:
-        return self.teacher.sample_shape[-1] * 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
+        return self.teacher.sample_shape[-1] * self.parts.vae_scale_factor
 
     @cached_property
     def training_prompts(self) -> list[str]:
