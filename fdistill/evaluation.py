@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,8 @@ class ImageProtocol:
     teachers) condition both student and teacher; ``labels`` (one per sample, or ``None``) are the classes the
     samples are asked for, which class accuracy is measured against: the conditions of a class-conditional run,
     ``None`` when every sample is conditioned on the null class. ``classifier`` (optional) maps images in [-1, 1]
-    to class logits for the class statistics; ``samples_dir`` receives each sampler's PNGs."""
+    to class logits for the class statistics; ``samples_dir`` receives each sampler's PNGs; ``decode`` (optional)
+    turns a latent sampler's output into images."""
 
     num_samples: int
     seed: int
@@ -81,6 +83,7 @@ class ImageProtocol:
     num_classes: int | None = None
     samples_dir: Path | None = None
     progress: bool = False
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def describe(self) -> dict:
         if self.conditions is None:
@@ -163,6 +166,8 @@ def evaluate_images(nets: Networks, ec: EvalConfig, protocol: ImageProtocol) -> 
             x, nfe = teacher_samples(nets, protocol.num_samples, ec.teacher_steps, ec.teacher_sampler,
                                      protocol.seed, protocol.conditions, protocol.batch_size, protocol.progress)
             extra = {"sampler": ec.teacher_sampler}
+        if protocol.decode is not None:
+            x = protocol.decode(x)
         rate = protocol.num_samples / (time.time() - start)
         entry = image_entry(x, protocol, reference, f"{model}_nfe{nfe}")
         results.append({"model": model, "nfe": nfe, **extra, **entry, "samples_per_second": rate, **common})

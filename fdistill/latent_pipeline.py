@@ -35,6 +35,7 @@ PIPELINE_PARTS = {
     "PixArtAlphaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
     "PixArtSigmaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
     "SanaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
+    "DiTPipeline": (("vae",), ()),  # class-conditional: a VAE and no text
 }
 # each transformer pipeline's default max_sequence_length
 DEFAULT_MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "PixArtAlphaPipeline": 120,
@@ -126,7 +127,7 @@ class LatentPipelineParts:
         needed, optional = PIPELINE_PARTS[pipeline_class]
         missing = [part for part in needed if not (root / part).is_dir()]
         if missing:
-            raise ConfigError(f"{source} has a text-conditioned denoiser but no {', '.join(p + '/' for p in missing)}; "
+            raise ConfigError(f"{source} has a latent denoiser but no {', '.join(p + '/' for p in missing)}; "
                               f"give a full {pipeline_class} directory (model_index.json and "
                               f"{', '.join(p + '/' for p in needed)})")
         if max_sequence_length is not None and pipeline_class not in DEFAULT_MAX_SEQUENCE_LENGTH:
@@ -162,6 +163,11 @@ class LatentPipelineParts:
         return self
 
     @property
+    def text(self) -> bool:
+        """Whether the pipeline is conditioned on text (rather than class labels)."""
+        return "tokenizer" in self.parts
+
+    @property
     def vae_scale_factor(self) -> int:
         return vae_scale_factor(self.vae.config)
 
@@ -192,8 +198,13 @@ class LatentPipelineParts:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (unclamped) of latents in the denoiser's (scaled, shifted) space."""
-        latents = latents.to(self.device, self.vae.dtype) / self.scaling_factor
+        """Images in [-1, 1] (unclamped) of latents in the denoiser's (scaled, shifted) space, un-scaled in the
+        pipeline's own arithmetic (``DiTPipeline`` multiplies by the reciprocal, the others divide)."""
+        latents = latents.to(self.device, self.vae.dtype)
+        if self.pipeline_class == "DiTPipeline":
+            latents = 1 / self.scaling_factor * latents
+        else:
+            latents = latents / self.scaling_factor
         if self.shift_factor is not None:
             latents = latents + self.shift_factor
         return self.vae.decode(latents).sample

@@ -16,6 +16,8 @@ Every operation below is the scheduler's, in its order and dtypes (0-dim float32
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from fdistill.schedules import DiscreteVPSchedule
@@ -75,16 +77,22 @@ class LCMSampling:
         noise = torch.randn(denoised.shape, generator=generator, device=device, dtype=denoised.dtype)
         return alpha_prod_next.sqrt() * denoised + (1 - alpha_prod_next).sqrt() * noise.to(denoised.device)
 
-    def scheduler(self):
+    def scheduler(self, first_timestep: int | None = None):
         """A stock ``LCMScheduler`` with this arithmetic: the teacher's scheduler config (hence the same
         ``alphas_cumprod``, checked), this prediction type, no clipping, and every integer timestep on its
-        grid (``original_inference_steps = num_train_timesteps``), so custom timesteps raise no warning."""
+        grid (``original_inference_steps = num_train_timesteps``), so custom timesteps raise no warning.
+
+        ``first_timestep`` is for pipelines that pass no timesteps (``DiTPipeline``): ``original_inference_steps =
+        first_timestep + 1`` makes ``set_timesteps(K)`` start at that timestep (for ``first_timestep >= N / 2``)
+        and space its K steps evenly below it."""
         from diffusers import LCMScheduler
 
-        config = self.schedule.scheduler_config
+        accepted = inspect.signature(LCMScheduler.__init__).parameters  # the source scheduler's other keys
+        config = {k: v for k, v in self.schedule.scheduler_config.items() if k in accepted}
+        grid = config["num_train_timesteps"] if first_timestep is None else first_timestep + 1
         scheduler = LCMScheduler.from_config(config, prediction_type=self.prediction_type, clip_sample=False,
                                              thresholding=False, timestep_scaling=TIMESTEP_SCALING,
-                                             original_inference_steps=config["num_train_timesteps"])
+                                             original_inference_steps=grid)
         if not torch.equal(scheduler.alphas_cumprod, self.alphas_cumprod):
             raise ValueError("diffusers' LCMScheduler computes another alphas_cumprod from this teacher's scheduler "
                              "config; the student cannot be served by it exactly")

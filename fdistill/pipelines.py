@@ -11,6 +11,11 @@ it as fdistill does:
   ``FlowMatchEulerDiscreteScheduler`` with no shift (:mod:`fdistill.flow_sampling`), driven by
   ``sigmas = [t / 1000 for t in student_times]``;
 * a VP transformer student (``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``): the ``LCMScheduler`` as for UNets;
+* a class-conditional latent transformer student (``DiTPipeline``, which passes no timesteps): an ``LCMScheduler``
+  whose own spacing starts at the student's first time (``original_inference_steps = t_0 + 1``), so
+  ``num_inference_steps=1`` samples it; ``fdistill.json``'s ``pipeline_steps`` lists the step counts whose
+  spacing is the student's. The pipeline does not hand its generator to the scheduler, so the fresh noise of a
+  multi-step sample comes from torch's global RNG;
 
 plus
 ``fdistill.json`` (how it was made) and ``README.md`` (a model card with the Hub's metadata block). Loading it
@@ -54,7 +59,8 @@ MODEL_CARD = "README.md"
 LORA_DIR = "lora"  # a LoRA student's adapters, for the teacher's pipeline
 
 
-def load_snippet(times: list[int], class_embeds: int | None, serving: dict | None = None) -> str:
+def load_snippet(times: list[int], class_embeds: int | None, serving: dict | None = None,
+                 pipeline_class: str = "ConsistencyModelPipeline") -> str:
     """How to sample the export with plain diffusers (``DIR`` stands for its path or hub id). ``serving`` is a text
     student's pipeline call (:func:`text_serving`)."""
     if serving is not None:
@@ -64,18 +70,37 @@ def load_snippet(times: list[int], class_embeds: int | None, serving: dict | Non
                 f"              {serving['step_argument']}={serving['steps'][:1]},\n"
                 f"              generator=torch.Generator().manual_seed(0)).images"
                 f"  # K steps: {serving['step_argument']}={serving['steps']}[:K]")
-    labels = f", class_labels={list(range(min(4, class_embeds - 1)))}" if class_embeds else ""
+    labels = list(range(min(4, class_embeds - 1))) if class_embeds else []
+    if pipeline_class == "DiTPipeline":
+        return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
+                f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
+                f"images = pipe(class_labels={labels}, guidance_scale=1.0, num_inference_steps=1,\n"
+                f"              generator=torch.Generator().manual_seed(0)).images")
+    label_argument = f", class_labels={labels}" if class_embeds else ""
     return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
-            f"images = pipe(batch_size=4{labels}, num_inference_steps=None, timesteps={times[:1]},\n"
+            f"images = pipe(batch_size=4{label_argument}, num_inference_steps=None, timesteps={times[:1]},\n"
             f"              generator=torch.Generator().manual_seed(0)).images  # K steps: timesteps={times}[:K]")
+
+
+def pipeline_step_counts(scheduler, times: list[int]) -> list[int]:
+    """The step counts ``K`` at which ``scheduler.set_timesteps(K)`` visits the student's first ``K`` times."""
+    import copy
+
+    counts = []
+    for k in range(1, len(times) + 1):
+        probe = copy.deepcopy(scheduler)
+        probe.set_timesteps(k)
+        if probe.timesteps.tolist() == times[:k]:
+            counts.append(k)
+    return counts
 
 
 def _keywords(arguments: dict) -> str:
     return "".join(f", {key}={value!r}" for key, value in arguments.items())
 
 
-def text_serving(net, text_parts, times: list, flow: bool) -> dict:
+def text_serving(net, parts, times: list, flow: bool) -> dict:
     """How the stock pipeline samples a text student: ``call`` (keyword arguments of ``pipe(...)``: the
     network's own, e.g. Flux's embedded guidance, else ``guidance_scale=1``, since the student is never guided;
     the size and T5 prompt length it was trained at), ``load_kwargs`` (of ``from_pretrained``: an SD3 pipeline
@@ -83,10 +108,10 @@ def text_serving(net, text_parts, times: list, flow: bool) -> dict:
     for a flow student, else its timesteps."""
     call = {"guidance_scale": 1.0}
     if net.pipeline_role == "transformer":
-        pixels = net.sample_shape[-1] * text_parts.vae_scale_factor
-        call.update(height=pixels, width=pixels, max_sequence_length=text_parts.max_sequence_length)
+        pixels = net.sample_shape[-1] * parts.vae_scale_factor
+        call.update(height=pixels, width=pixels, max_sequence_length=parts.max_sequence_length)
     call.update(net.pipeline_call_arguments())
-    no_t5 = "text_encoder_3" in text_parts.parts and text_parts.parts["text_encoder_3"] is None
+    no_t5 = "text_encoder_3" in parts.parts and parts.parts["text_encoder_3"] is None
     load_kwargs = {"text_encoder_3": None, "tokenizer_3": None} if no_t5 else {}
     if flow:
         steps = [t / net.schedule.num_train_timesteps for t in times]
@@ -174,16 +199,17 @@ def model_card(info: dict) -> str:
         lines += ["The student's LoRA adapters are also in `lora/`. The teacher's own pipeline samples like the "
                   "student with them:", "", "```python", info["load_lora"].replace("DIR", '"PATH"'), "```", ""]
     if info.get("num_class_embeds"):
-        lines += [f"Pass `class_labels`: class {info['null_class']} is the null (unconditional) class, which the "
-                  "pipeline would otherwise draw among random labels.", ""]
+        drawn = ("" if info["format"].startswith("diffusers DiTPipeline")
+                 else ", which the pipeline would otherwise draw among random labels")
+        lines += [f"Pass `class_labels`: class {info['null_class']} is the null (unconditional) class{drawn}.", ""]
     return "\n".join(header + lines)
 
 
 def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | None = None,
-                    text_parts=None) -> Path:
+                    parts=None) -> Path:
     """Write ``student`` (as it is served, :meth:`~fdistill.generator.Generator.servable`) as a diffusers
-    ``ConsistencyModelPipeline`` directory, or a ``StableDiffusionPipeline`` with ``text_parts``'s VAE, text
-    encoder and tokenizer (:class:`~fdistill.latent_pipeline.LatentPipelineParts`) for a text-conditioned
+    ``ConsistencyModelPipeline`` directory (a pixel student), or as its teacher's pipeline class with ``parts``'s
+    VAE, text encoders and tokenizers (:class:`~fdistill.latent_pipeline.LatentPipelineParts`) for a latent
     student, and return its path.
 
     A LoRA student of a text-to-image teacher also gets ``lora/``: its adapters as diffusers LoRA weights, which
@@ -198,18 +224,26 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     """
     student = student.servable()  # an sCM/rCM student: its network at the SNR-matched timesteps
     net = exportable_network(student)
-    if net.text_conditioned and text_parts is None:
+    if net.text_conditioned and parts is None:
         raise ValueError("a text-conditioned student exports with its teacher's VAE, text encoder and tokenizer; "
-                         "pass text_parts")
+                         "pass its pipeline parts")
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
         raise ConfigError(f"{out} exists and is not an exported pipeline; choose another output directory")
     class_embeds = net.num_class_embeds
     flow = isinstance(student.stock, FlowMatchSampling)
     times = [float(t) for t in student.times] if flow else [int(t) for t in student.times]
-    serving = text_serving(net, text_parts, times, flow) if net.text_conditioned else None
-    pipeline_class = text_parts.pipeline_class if net.text_conditioned else "ConsistencyModelPipeline"
-    scheduler = student.stock.scheduler()
+    serving = text_serving(net, parts, times, flow) if net.text_conditioned else None
+    pipeline_class = parts.pipeline_class if parts is not None else "ConsistencyModelPipeline"
+    if pipeline_class == "DiTPipeline":
+        scheduler = student.stock.scheduler(first_timestep=times[0])
+        pipeline_steps = pipeline_step_counts(scheduler, times)
+        if 1 not in pipeline_steps:
+            raise ValueError(f"DiTPipeline passes no timesteps, and its LCMScheduler cannot start a one-step sample "
+                             f"at the student's time {times[0]}; train with generator.times=[t] for t >= "
+                             f"{len(student.net.schedule.alphas_cumprod) // 2} (e.g. [999])")
+    else:
+        scheduler = student.stock.scheduler()
     info = {
         "format": f"diffusers {pipeline_class} + {type(scheduler).__name__} (stock classes), exported by fdistill",
         "fdistill_version": _fdistill_version(),
@@ -223,20 +257,21 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
         "null_class": class_embeds - 1 if class_embeds else None,
         "text_to_image": net.text_conditioned,
         **(serving or {}),
-        "load": load_snippet(times, class_embeds, serving),
+        **({"pipeline_steps": pipeline_steps} if pipeline_class == "DiTPipeline" else {}),
+        "load": load_snippet(times, class_embeds, serving, pipeline_class),
         **(metadata or {}),
     }
     lora = net.text_conditioned and has_adapters(net.network) and loads_lora(pipeline_class)
     if lora:
-        info["load_lora"] = lora_snippet(text_parts.source, type(scheduler).__name__, serving,
+        info["load_lora"] = lora_snippet(parts.source, type(scheduler).__name__, serving,
                                          net.attention_kwargs_argument)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stock_pipeline(net, scheduler, text_parts).save_pretrained(tmp)
+        stock_pipeline(net, scheduler, parts).save_pretrained(tmp)
         if lora:
-            save_lora(net, text_parts.pipeline_class, scheduler, tmp / LORA_DIR)
+            save_lora(net, parts.pipeline_class, scheduler, tmp / LORA_DIR)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MODEL_CARD).write_text(model_card(info))
         _move_into_place(tmp, out)
@@ -280,20 +315,20 @@ def lora_snippet(teacher: str, scheduler_class: str, serving: dict, scale_argume
             f"              generator=torch.Generator().manual_seed(0)).images")
 
 
-def stock_pipeline(net, scheduler, text_parts=None):
+def stock_pipeline(net, scheduler, parts=None):
     """The stock diffusers pipeline that samples ``net``'s diffusers model with ``scheduler``: a
-    ``ConsistencyModelPipeline`` for a pixel UNet, else the teacher's pipeline class with ``text_parts``'s
+    ``ConsistencyModelPipeline`` for a pixel UNet, else the teacher's pipeline class with ``parts``'s
     components. A LoRA model's adapters are merged into its weights (:func:`fdistill.lora.merged_network`)."""
     import diffusers
 
     model = merged_network(net.network)
-    if not net.text_conditioned:
+    if parts is None:
         return diffusers.ConsistencyModelPipeline(unet=model, scheduler=scheduler)
     extra = {}
-    if text_parts.pipeline_class == "StableDiffusionPipeline":
+    if parts.pipeline_class == "StableDiffusionPipeline":
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipeline = getattr(diffusers, text_parts.pipeline_class)
-    return pipeline(**{net.pipeline_role: model}, scheduler=scheduler, **text_parts.parts, **extra)
+    pipeline = getattr(diffusers, parts.pipeline_class)
+    return pipeline(**{net.pipeline_role: model}, scheduler=scheduler, **parts.parts, **extra)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

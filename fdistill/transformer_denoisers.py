@@ -9,7 +9,9 @@ is served by that pipeline unchanged, and reads the output as x0 through the sch
   :class:`~fdistill.schedules.FlowMatchSchedule`; the velocity ``v = eps - x0`` gives ``x0 = x_t - sigma v``;
 * :class:`PixArtTransformerDenoiser` (``PixArtTransformer2DModel``, ``PixArtAlphaPipeline`` and
   ``PixArtSigmaPipeline``): a discrete VP schedule and an epsilon (or v) prediction, of which a learned-variance
-  model's second half of channels is dropped, as the pipeline does.
+  model's second half of channels is dropped, as the pipeline does;
+* :class:`DiTTransformerDenoiser` (``DiTTransformer2DModel``, ``DiTPipeline``): the class-conditional transformer
+  on a discrete VP schedule, likewise.
 
 A text condition travels through fdistill as one tensor per prompt (:func:`pack_text_condition`): the text
 encoder's hidden states with one more row, the pooled embedding (SD3, Flux) or the attention mask (PixArt, Sana).
@@ -324,11 +326,50 @@ class PixArtTransformerDenoiser(TransformerDenoiser):
         return LCMSampling(self.schedule, self.prediction_type)
 
 
+class DiTTransformerDenoiser(TransformerDenoiser):
+    """``DiTTransformer2DModel``: class-conditional (``cond`` is ``[B]`` class labels) on a discrete VP schedule,
+    epsilon prediction with a learned variance that is dropped, sampled by the stock ``LCMScheduler``. Its label
+    table has one more row than classes, the null class of guidance (``DiTPipeline``'s label 1000 for the 1000
+    ImageNet classes), so ``num_class_embeds`` counts it as fdistill's UNets do. Features: ``block.i``."""
+
+    text_conditioned = False
+    pipeline_classes = ("DiTPipeline",)
+
+    def __init__(self, transformer, schedule, sample_shape, prediction_type: str = "epsilon"):
+        super().__init__(transformer, schedule, sample_shape, prediction_type=prediction_type)
+        self.prediction_type = prediction_type
+        self.num_class_embeds = transformer.config.num_embeds_ada_norm + 1
+        for module in transformer.modules():  # labels are taken as given: the null class is asked for explicitly
+            if hasattr(module, "token_drop"):  # diffusers' LabelEmbedding, which drops labels in train mode
+                module.dropout_prob = 0.0
+
+    @classmethod
+    def settings(cls, transformer, scheduler_config, prediction_type=None, embedded_guidance=None, pixel_size=None):
+        """The scheduler's ``prediction_type`` unless ``prediction_type`` overrides it."""
+        super().settings(transformer, scheduler_config, None, embedded_guidance)
+        return {"prediction_type": prediction_type or scheduler_config.get("prediction_type", "epsilon")}
+
+    def network_output(self, x_t, t, cond=None) -> torch.Tensor:
+        """The transformer's epsilon (or v) at times ``t`` for class labels ``cond``."""
+        if cond is None:
+            raise ValueError("a class-conditional transformer needs class labels (the null class: unconditional)")
+        out = self.transformer(x_t, timestep=t.to(x_t.dtype), class_labels=cond).sample
+        return without_learned_variance(out, self.sample_shape[0])
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The last label, which the transformer's training dropped classes to."""
+        return torch.full_like(cond, self.num_class_embeds - 1)
+
+    def stock_sampling(self):
+        return LCMSampling(self.schedule, self.prediction_type)
+
+
 TRANSFORMER_DENOISERS: dict[str, type[TransformerDenoiser]] = {
     "SD3Transformer2DModel": SD3TransformerDenoiser,
     "FluxTransformer2DModel": FluxTransformerDenoiser,
     "PixArtTransformer2DModel": PixArtTransformerDenoiser,
     "SanaTransformer2DModel": SanaTransformerDenoiser,
+    "DiTTransformer2DModel": DiTTransformerDenoiser,
 }
 
 

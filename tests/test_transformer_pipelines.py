@@ -344,3 +344,101 @@ def test_flux_schedule_without_dynamic_shifting_keeps_its_shift():
     assert FlowMatchSchedule.from_diffusers(dynamic, 4096).shift == pytest.approx(math.exp(1.15))
     with pytest.raises(ValueError, match="number of image tokens"):
         FlowMatchSchedule.from_diffusers(dynamic)
+
+
+def save_tiny_dit_pipeline(root):
+    """A DiTPipeline directory for the digits: 16x16 gray images, 8x8x4 latents of a one-channel AutoencoderKL, a
+    learned-variance DiT with 10 classes (label 10 is its null class) on DDIM's VP schedule."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=1.5)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                        norm_num_groups=4)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(),
+                id2label={i: str(i) for i in range(10)}).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(tmp_path_factory):
+    return save_tiny_dit_pipeline(tmp_path_factory.mktemp("tiny_dit"))
+
+
+def dit_experiment(pipeline, name, *overrides):
+    cfg, options = load_config(None, [
+        "teacher.kind=pretrained", f"teacher.pretrained={pipeline}", "data.kind=digits", "teacher.guidance_scale=2.0",
+        "train.batch_size=4", f"objective.name={name}", *TRIGFLOW_TIMES.get(name, []), *overrides])
+    torch.manual_seed(0)
+    return cfg, build_experiment(cfg, options)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_one_critic_and_one_generator_step_per_objective_on_dit(tiny_dit, name):
+    cfg, (nets, objective, task) = dit_experiment(tiny_dit, name)
+    trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, progress=False)
+    check_one_critic_and_one_generator_step(trainer, name)
+
+
+def test_dit_teacher_reads_its_pipeline_and_trains_on_latents(tiny_dit):
+    """Labels condition the DiT without dropout, the learned variance is dropped, epsilon is read as x0 on the
+    pipeline's VP schedule, the null class is the label past the classes, and real digits arrive as latents."""
+    from diffusers import DiTPipeline
+
+    _, (nets, objective, task) = dit_experiment(tiny_dit, "dmd", "objective.gan_weight=0.1")
+    teacher = nets.student.net
+    assert teacher.sample_shape == (4, 8, 8) and teacher.num_class_embeds == 11 and task.image_shape == (1, 16)
+    labels = torch.tensor([3, 7])
+    assert teacher.null_condition(labels).tolist() == [10, 10]
+    pipe = DiTPipeline.from_pretrained(tiny_dit)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 400.0])
+    teacher.train()  # train mode: a dropped label would show
+    with torch.no_grad():
+        eps = pipe.transformer(x, timestep=t, class_labels=labels).sample[:, :4]
+        alpha_bar = teacher.schedule.alphas_cumprod[t.long()].float()[:, None, None, None]
+        expected = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        for _ in range(3):
+            torch.testing.assert_close(teacher(x, t, labels), expected, rtol=1e-5, atol=1e-5)
+    batch = next(task.batches(True))
+    assert batch.real.shape == (4, 4, 8, 8) and batch.cond.dtype == torch.long
+    assert task.to_images(batch.real).shape == (4, 1, 16, 16)
+
+
+DIT_CHECK = r"""
+import json, sys, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+images = pipe(class_labels=[3, 7], guidance_scale=1.0, num_inference_steps=1, output_type="np",
+              generator=torch.Generator().manual_seed(3)).images
+assert "fdistill" not in sys.modules
+print(json.dumps([type(pipe).__name__, type(pipe.scheduler).__name__, images.tolist()]))
+"""
+
+
+def test_dit_export_is_a_stock_dit_pipeline_that_reproduces_the_student(tiny_dit, tmp_path):
+    _, (nets, _, task) = dit_experiment(tiny_dit, "dmd", "generator.times=[999,499]")
+    perturbed_student(nets)
+    out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
+    assert json.loads((out / "fdistill.json").read_text())["pipeline_steps"] == [1, 2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", DIT_CHECK, str(out)], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pipeline_class, scheduler_class, images = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (pipeline_class, scheduler_class) == ("DiTPipeline", "LCMScheduler")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        latents = nets.student.sample(nets.student.noise(2, generator=g), torch.tensor([3, 7]), 1, generator=g)
+        expected = (task.to_images(latents) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(torch.tensor(images), expected, rtol=0, atol=0)
+
+
+def test_dit_student_at_a_time_dit_pipeline_cannot_start_from_exports_nothing(tiny_dit, tmp_path):
+    _, (nets, _, task) = dit_experiment(tiny_dit, "dmd")  # the epsilon default, sigma/alpha = 2.5
+    assert nets.student.times[0] < 500
+    with pytest.raises(ValueError, match=r"generator.times=\[t\] for t >= 500"):
+        task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
+    assert not (tmp_path / "pipeline").exists()

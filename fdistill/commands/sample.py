@@ -96,6 +96,19 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
 
         return Sampler("student", draw_text, True, text=True)
 
+    if type(pipe).__name__ == "DiTPipeline":
+        if steps not in info["pipeline_steps"]:
+            raise ConfigError(f"--steps {steps}: DiTPipeline samples this student at {info['pipeline_steps']} "
+                              "steps only (it takes no timesteps)")
+
+        def draw_latent(n, labels, generator):
+            images = pipe(class_labels=labels, guidance_scale=1.0, num_inference_steps=steps, generator=generator,
+                          output_type="np").images
+            return torch.from_numpy(images).permute(0, 3, 1, 2), steps
+
+        embeds = info["num_class_embeds"]
+        return Sampler("student", draw_latent, True, embeds, info.get("num_classes", embeds - 1))
+
     def draw(n, labels, generator):
         images = pipe(batch_size=n, class_labels=labels, num_inference_steps=None, timesteps=times[:steps],
                       generator=generator, output_type="pt").images
@@ -106,13 +119,16 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
     return Sampler("student", draw, True, embeds, classes)
 
 
-def _conditioning(text_parts, device):
+def _conditioning(parts, device):
     """Conditions to network inputs (prompts through the text encoder, labels as a tensor), and network outputs to
-    [0, 1] images (latents through the VAE)."""
-    if text_parts is None:
-        return (lambda labels: _label_tensor(labels, device)), to_unit
-    text_parts.to(device)
-    return text_parts.embed, (lambda latents: to_unit(text_parts.decode(latents)))
+    [0, 1] images (latents through the VAE of a latent model's pipeline ``parts``)."""
+    def labels(given):
+        return _label_tensor(given, device)
+
+    if parts is None:
+        return labels, to_unit
+    parts.to(device)
+    return (parts.embed if parts.text else labels), (lambda latents: to_unit(parts.decode(latents)))
 
 
 def student_sampler(student, steps: int | None, renoise: str | None, device, text_parts=None) -> Sampler:
@@ -129,7 +145,7 @@ def student_sampler(student, steps: int | None, renoise: str | None, device, tex
         x = student.sample(z, condition(conditions), steps, renoise, generator)
         return (output(x) if images else x), steps
 
-    return Sampler("student", draw, images, *_class_info(student.net), text=text_parts is not None)
+    return Sampler("student", draw, images, *_class_info(student.net), text=text_parts is not None and text_parts.text)
 
 
 def teacher_sampler(teacher, steps: int, method: str, device, text_parts=None) -> Sampler:
@@ -147,7 +163,7 @@ def teacher_sampler(teacher, steps: int, method: str, device, text_parts=None) -
         x, nfe = sample_ode(teacher, z, steps, method, condition(conditions))
         return (output(x) if images else x), nfe
 
-    return Sampler("teacher", draw, images, *_class_info(teacher), text=text_parts is not None)
+    return Sampler("teacher", draw, images, *_class_info(teacher), text=text_parts is not None and text_parts.text)
 
 
 def guided_text_teacher(teacher, text_parts, scale: float, negative_prompt: str, interval=None):
@@ -188,7 +204,7 @@ def open_model(model: str, teacher: bool, steps: int | None, device, guidance_sc
         if teacher:
             teacher_steps = cfg.eval.teacher_steps if steps is None else steps
             guided = nets.teacher
-            if text_parts is None:
+            if text_parts is None or not text_parts.text:
                 refuse_text_guidance()
             elif text_guidance:
                 tc = cfg.teacher
@@ -198,12 +214,15 @@ def open_model(model: str, teacher: bool, steps: int | None, device, guidance_sc
             return teacher_sampler(guided, teacher_steps, cfg.eval.teacher_sampler, device, text_parts)
         return student_sampler(nets.student.servable(), steps, cfg.eval.renoise, device, text_parts)
     if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file():
+        from fdistill.latent_pipeline import LatentPipelineParts
+
         teacher_net = load_diffusers_teacher(path).to(device)
         teacher_steps = DEFAULT_TEACHER_STEPS if steps is None else steps
         if not teacher_net.text_conditioned:
             refuse_text_guidance()
-            return teacher_sampler(teacher_net, teacher_steps, "euler", device)
-        from fdistill.latent_pipeline import LatentPipelineParts
+            latent = (path / "vae").is_dir()  # a class-conditional latent pipeline (DiTPipeline)
+            vae = LatentPipelineParts.load(path, str(path), teacher_net.network) if latent else None
+            return teacher_sampler(teacher_net, teacher_steps, "euler", device, vae)
 
         text_parts = LatentPipelineParts.load(path, str(path), teacher_net.network, prompt_length(path))
         guided = guided_text_teacher(teacher_net, text_parts, 1.0 if guidance_scale is None else guidance_scale,

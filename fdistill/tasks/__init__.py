@@ -18,9 +18,7 @@ def build_task(cfg: Config, teacher: Denoiser) -> Task:
     """The task of a run whose (unguided) teacher is ``teacher``."""
     if isinstance(teacher, GaussianMixtureDenoiser):
         return ToyTask(cfg, teacher)
-    if isinstance(teacher, UNetDenoiser):
+    if isinstance(teacher, (UNetDenoiser, TransformerDenoiser)):
         return TextToImageTask(cfg, teacher) if teacher.text_conditioned else ImageTask(cfg, teacher)
-    if isinstance(teacher, TransformerDenoiser):
-        return TextToImageTask(cfg, teacher)
     raise ConfigError(f"teacher.kind={cfg.teacher.kind!r} gives a {type(teacher).__name__} teacher, for which "
                       "fdistill has no task yet; use a diffusers UNet or transformer teacher, or an analytic one")

@@ -1,4 +1,5 @@
-"""The image task: a diffusers UNet teacher (class-conditional or unconditional) and an image data set.
+"""The image task: a diffusers UNet teacher (class-conditional or unconditional), or a class-conditional latent
+transformer (``DiTPipeline``: the network works on the latents of its pipeline's VAE), and an image data set.
 
 Training batches come from ``data.kind`` (digits, shapes or an image folder), whose class labels condition a
 class-conditional teacher, drawn in the data's own class proportions or in ``data.class_frequencies``. With
@@ -6,7 +7,8 @@ class-conditional teacher, drawn in the data's own class proportions or in ``dat
 frequencies. The run is judged by FD against the data (``eval.reference``) in a feature network's space
 (``eval.features``), plus class frequencies, label accuracy and class coverage from the shipped digits classifier
 when the data are the digits, and for unconditional samplers the total-variation distances of their class
-frequencies to the data's and the teacher's; the student exports as a diffusers pipeline.
+frequencies to the data's and the teacher's; the student exports as a diffusers pipeline. A latent teacher's real
+images are VAE-encoded once per run, and every sample is decoded before it is judged or shown.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from fdistill.data.images import (
 )
 from fdistill.denoisers import Denoiser, UNetDenoiser
 from fdistill.evaluation import ImageProtocol, evaluate_images, student_samples, upscaled_grid
+from fdistill.latent_pipeline import LatentPipelineParts
 from fdistill.metrics.class_frequencies import sampling_floor, total_variation
 from fdistill.tasks.base import Task
+from fdistill.teachers import teacher_directory
 
 PREVIEW_ROWS = 4
+DECODE_BATCH = 64  # latents decoded at a time
 
 
 class ImageTask(Task):
@@ -38,10 +43,32 @@ class ImageTask(Task):
     unread = {**{f"model.{name}": "the MLPs of analytic teachers read it; image students copy the teacher's UNet"
                  for name in ("hidden", "depth", "sigma_data")},
               **{key: "text-to-image runs read it" for key in
-                 ("teacher.negative_prompt", "eval.clip_model", "eval.clip_pretrained")}}
+                 ("teacher.negative_prompt", "teacher.max_sequence_length", "eval.clip_model",
+                  "eval.clip_pretrained")}}
+
+    def __init__(self, cfg, teacher: Denoiser):
+        super().__init__(cfg, teacher)
+        located = teacher_directory(cfg)
+        self.parts = None  # the VAE of a latent teacher's pipeline
+        if located is not None and (located[0] / "vae").is_dir():
+            self.parts = LatentPipelineParts.load(*located, teacher.network)
 
     def trainable_copy(self) -> Denoiser:
         return self.teacher.copy_network().train().requires_grad_(True)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """``(channels, size)`` of the data's images: the teacher's own, or its VAE's images for a latent one."""
+        if self.parts is None:
+            return self.teacher.sample_shape[0], self.teacher.sample_shape[-1]
+        vae = self.parts.vae.config
+        return vae.in_channels, self.teacher.sample_shape[-1] * self.parts.vae_scale_factor
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples of the networks as images in [-1, 1]: decoded by the VAE for a latent teacher."""
+        if self.parts is None:
+            return x
+        return torch.cat([self.parts.decode(chunk).float().cpu() for chunk in x.split(DECODE_BATCH)])
 
     def condition_probe(self, n: int) -> torch.Tensor | None:
         return None if self.teacher.num_class_embeds is None else torch.zeros(n, dtype=torch.long)
@@ -67,7 +94,7 @@ class ImageTask(Task):
         """The run's image data set, at the teacher's resolution and channel count."""
         cfg, teacher = self.cfg, self.teacher
         kind = cfg.data.kind
-        channels, size = teacher.sample_shape[0], teacher.sample_shape[-1]
+        channels, size = self.image_shape
         if kind not in IMAGE_DATASETS:
             raise ConfigError(f"data.kind={kind!r} is not an image data set; choose one of "
                               f"{', '.join(IMAGE_DATASETS)}")
@@ -139,12 +166,22 @@ class ImageTask(Task):
         self.check_sample_counts()
         conditional = self.teacher.num_class_embeds is not None
         frequencies = None if self.cfg.data.class_frequencies is None else self.data_class_frequencies
+        data = self.dataset if self.parts is None or not needs_real_data else self.latent_dataset
         try:
-            batches = ImageBatches(self.dataset, self.cfg.train.batch_size, needs_real_data, conditional,
+            batches = ImageBatches(data, self.cfg.train.batch_size, needs_real_data, conditional,
                                    frequencies, self.null_label)
         except ValueError as e:
             raise ConfigError(f"data.class_frequencies: {e}") from None
         return iter(batches)
+
+    @cached_property
+    def latent_dataset(self) -> LatentImages:
+        """The data set's images as VAE latents (posterior samples, seeded by ``run.seed``), with its labels."""
+        g = torch.Generator().manual_seed(self.cfg.run.seed)
+        images = self.dataset.images if hasattr(self.dataset, "images") else \
+            torch.stack([self.dataset[i][0] for i in range(len(self.dataset))])
+        latents = torch.cat([self.parts.encode(chunk, g).cpu() for chunk in images.split(250)])
+        return LatentImages(latents, self.dataset.labels, getattr(self.dataset, "num_classes", 0))
 
     def protocol(self, samples_dir: Path | None, progress: bool = False) -> ImageProtocol:
         """What every sampler of this run is judged under (see :class:`~fdistill.evaluation.ImageProtocol`)."""
@@ -162,7 +199,8 @@ class ImageTask(Task):
         labels = conditions if self.null_label is None else None  # the null class asks for no class
         return ImageProtocol(ec.num_samples, ec.seed, ec.batch_size, conditions, labels,
                              reference_images(ec.reference or default_reference), features, classifier,
-                             getattr(dataset, "num_classes", None), samples_dir, progress)
+                             getattr(dataset, "num_classes", None), samples_dir, progress,
+                             None if self.parts is None else self.to_images)
 
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
         """The image protocol's entries; unconditional samplers judged by the digits classifier also get the TVs
@@ -202,7 +240,7 @@ class ImageTask(Task):
         if classes:
             cond = (torch.arange(n) % columns if self.null_label is None else self.conditions(n)).to(nets.device)
         student = nets.student.servable()
-        x = student(student.noise(n, generator=g).to(nets.device), cond).float().cpu()
+        x = self.to_images(student(student.noise(n, generator=g).to(nets.device), cond).float().cpu())
         save_image(upscaled_grid(x, columns), path)
 
     def training_metrics(self, nets: Networks) -> dict[str, float]:
@@ -213,8 +251,8 @@ class ImageTask(Task):
 
         _, feature_net, reference = self._training_reference
         n = self.cfg.log.fd_samples
-        x = student_samples(nets, n, 1, self.cfg.eval.seed, cond=self.conditions(n),
-                            batch_size=self.cfg.eval.batch_size)
+        x = self.to_images(student_samples(nets, n, 1, self.cfg.eval.seed, cond=self.conditions(n),
+                                           batch_size=self.cfg.eval.batch_size))
         fd = frechet_distance_to_reference(x.clamp(-1, 1), reference, feature_net, backend="clean")
         return {"eval/fd": fd["value"]}
 
@@ -230,4 +268,18 @@ class ImageTask(Task):
     def export(self, student, out_dir: Path, metadata: dict) -> Path:
         from fdistill.pipelines import export_pipeline
 
-        return export_pipeline(student, out_dir, metadata)
+        return export_pipeline(student, out_dir, metadata, self.parts)
+
+
+class LatentImages:
+    """Latents of a labelled image data set, in memory: what :class:`~fdistill.data.images.ImageBatches` draws
+    real samples from for a latent teacher."""
+
+    def __init__(self, latents: torch.Tensor, labels: torch.Tensor, num_classes: int):
+        self.images, self.labels, self.num_classes = latents, labels, num_classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])

@@ -268,7 +268,7 @@ class TextToImageTask(Task):
     def export(self, student, out_dir: Path, metadata: dict) -> Path:
         from fdistill.pipelines import export_pipeline
 
-        return export_pipeline(student, out_dir, metadata, text_parts=self.parts)
+        return export_pipeline(student, out_dir, metadata, self.parts)
 
 
 class RowsOf:
