@@ -56,7 +56,8 @@ def unpack_text_condition(cond: torch.Tensor, row_width: int) -> tuple[torch.Ten
 
 
 class TransformerDenoiser(DiffusersDenoiser):
-    """A diffusers text-to-image transformer read as an x0-denoiser on latents of ``sample_shape``.
+    """A diffusers diffusion transformer (text-to-image, or class-conditional: DiT) read as an x0-denoiser on
+    latents of ``sample_shape``.
 
     ``options`` are the adapter's own settings, passed on to copies (:meth:`copy_network`). Subclasses give
     :meth:`network_output`, :meth:`stock_sampling` and, where they differ from a plain patch-embedding
