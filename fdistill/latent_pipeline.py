@@ -37,6 +37,7 @@ PIPELINE_PARTS = {
     "SanaPipeline": (("tokenizer", "text_encoder", "vae"), ()),
     "DiTPipeline": (("vae",), ()),  # class-conditional: a VAE and no text
 }
+ENCODE_BATCH = 250  # images VAE-encoded at a time
 # each transformer pipeline's default max_sequence_length
 DEFAULT_MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "PixArtAlphaPipeline": 120,
                                "PixArtSigmaPipeline": 300, "SanaPipeline": 300}
@@ -208,6 +209,10 @@ class LatentPipelineParts:
         if self.shift_factor is not None:
             latents = latents + self.shift_factor
         return self.vae.decode(latents).sample
+
+    def encode_all(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """:meth:`encode` of a whole image set, a chunk at a time, as CPU latents."""
+        return torch.cat([self.encode(chunk, generator).cpu() for chunk in images.split(ENCODE_BATCH)])
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -199,11 +199,9 @@ class FluxTransformerDenoiser(FlowTransformerDenoiser):
     def settings(cls, transformer, scheduler_config, prediction_type=None, embedded_guidance=None, pixel_size=None):
         """``embedded_guidance``: as given, else ``FluxPipeline``'s default ``guidance_scale`` of 3.5 when the
         transformer embeds one."""
-        if prediction_type is not None:
-            raise ValueError(f"a flow-matching {type(transformer).__name__} predicts the velocity; remove "
-                             "teacher.prediction_type")
         if not transformer.config.guidance_embeds:
-            return super().settings(transformer, scheduler_config, None, embedded_guidance)
+            return super().settings(transformer, scheduler_config, prediction_type, embedded_guidance)
+        super().settings(transformer, scheduler_config, prediction_type)
         return {"embedded_guidance": FLUX_DEFAULT_GUIDANCE if embedded_guidance is None else embedded_guidance}
 
     def blocks(self) -> dict[str, nn.Module]:
@@ -278,7 +276,25 @@ class SanaTransformerDenoiser(FlowTransformerDenoiser):
         return {"use_resolution_binning": False}
 
 
-class PixArtTransformerDenoiser(TransformerDenoiser):
+class VPTransformerDenoiser(TransformerDenoiser):
+    """A transformer on its pipeline's discrete VP schedule, its epsilon (or v) prediction read through the noise
+    table, sampled by the stock ``LCMScheduler`` (:class:`~fdistill.lcm_sampling.LCMSampling`)."""
+
+    def __init__(self, transformer, schedule, sample_shape, prediction_type: str = "epsilon", **options):
+        super().__init__(transformer, schedule, sample_shape, prediction_type=prediction_type, **options)
+        self.prediction_type = prediction_type
+
+    @classmethod
+    def settings(cls, transformer, scheduler_config, prediction_type=None, embedded_guidance=None, pixel_size=None):
+        """The scheduler's ``prediction_type`` unless ``prediction_type`` overrides it."""
+        super().settings(transformer, scheduler_config, None, embedded_guidance)
+        return {"prediction_type": prediction_type or scheduler_config.get("prediction_type", "epsilon")}
+
+    def stock_sampling(self):
+        return LCMSampling(self.schedule, self.prediction_type)
+
+
+class PixArtTransformerDenoiser(VPTransformerDenoiser):
     """``PixArtTransformer2DModel`` on a discrete VP schedule: ``cond`` packs the T5 hidden states and their
     attention mask; the transformer gets the schedule's timestep and, when it uses additional conditions
     (PixArt-alpha at 1024), the resolution and aspect ratio; a learned-variance output keeps its first half of
@@ -289,16 +305,14 @@ class PixArtTransformerDenoiser(TransformerDenoiser):
 
     @classmethod
     def settings(cls, transformer, scheduler_config, prediction_type=None, embedded_guidance=None, pixel_size=None):
-        """The scheduler's ``prediction_type`` unless ``prediction_type`` overrides it, and the pixel size of the
-        micro-conditions."""
-        super().settings(transformer, scheduler_config, None, embedded_guidance)
-        return {"prediction_type": prediction_type or scheduler_config.get("prediction_type", "epsilon"),
+        """The prediction type, and the pixel size of the micro-conditions."""
+        return {**super().settings(transformer, scheduler_config, prediction_type, embedded_guidance),
                 "pixel_size": pixel_size}
 
     def __init__(self, transformer, schedule, sample_shape, prediction_type: str = "epsilon",
                  pixel_size: int | None = None):
-        super().__init__(transformer, schedule, sample_shape, prediction_type=prediction_type, pixel_size=pixel_size)
-        self.prediction_type, self.pixel_size = prediction_type, pixel_size
+        super().__init__(transformer, schedule, sample_shape, prediction_type, pixel_size=pixel_size)
+        self.pixel_size = pixel_size
 
     def pipeline_call_arguments(self) -> dict:
         """No resolution binning (the pipeline would move a size it has no bin for) and no caption cleaning
@@ -323,11 +337,8 @@ class PixArtTransformerDenoiser(TransformerDenoiser):
                                ).sample
         return without_learned_variance(out, self.sample_shape[0])
 
-    def stock_sampling(self):
-        return LCMSampling(self.schedule, self.prediction_type)
 
-
-class DiTTransformerDenoiser(TransformerDenoiser):
+class DiTTransformerDenoiser(VPTransformerDenoiser):
     """``DiTTransformer2DModel``: class-conditional (``cond`` is ``[B]`` class labels) on a discrete VP schedule,
     epsilon prediction with a learned variance that is dropped, sampled by the stock ``LCMScheduler``. Its label
     table has one more row than classes, the null class of guidance (``DiTPipeline``'s label 1000 for the 1000
@@ -337,18 +348,11 @@ class DiTTransformerDenoiser(TransformerDenoiser):
     pipeline_classes = ("DiTPipeline",)
 
     def __init__(self, transformer, schedule, sample_shape, prediction_type: str = "epsilon"):
-        super().__init__(transformer, schedule, sample_shape, prediction_type=prediction_type)
-        self.prediction_type = prediction_type
+        super().__init__(transformer, schedule, sample_shape, prediction_type)
         self.num_class_embeds = transformer.config.num_embeds_ada_norm + 1
         for module in transformer.modules():  # labels are taken as given: the null class is asked for explicitly
             if hasattr(module, "token_drop"):  # diffusers' LabelEmbedding, which drops labels in train mode
                 module.dropout_prob = 0.0
-
-    @classmethod
-    def settings(cls, transformer, scheduler_config, prediction_type=None, embedded_guidance=None, pixel_size=None):
-        """The scheduler's ``prediction_type`` unless ``prediction_type`` overrides it."""
-        super().settings(transformer, scheduler_config, None, embedded_guidance)
-        return {"prediction_type": prediction_type or scheduler_config.get("prediction_type", "epsilon")}
 
     def network_output(self, x_t, t, cond=None) -> torch.Tensor:
         """The transformer's epsilon (or v) at times ``t`` for class labels ``cond``."""
@@ -360,9 +364,6 @@ class DiTTransformerDenoiser(TransformerDenoiser):
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         """The last label, which the transformer's training dropped classes to."""
         return torch.full_like(cond, self.num_class_embeds - 1)
-
-    def stock_sampling(self):
-        return LCMSampling(self.schedule, self.prediction_type)
 
 
 TRANSFORMER_DENOISERS: dict[str, type[TransformerDenoiser]] = {

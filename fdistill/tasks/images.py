@@ -180,7 +180,7 @@ class ImageTask(Task):
         g = torch.Generator().manual_seed(self.cfg.run.seed)
         images = self.dataset.images if hasattr(self.dataset, "images") else \
             torch.stack([self.dataset[i][0] for i in range(len(self.dataset))])
-        latents = torch.cat([self.parts.encode(chunk, g).cpu() for chunk in images.split(250)])
+        latents = self.parts.encode_all(images, g)
         return LatentImages(latents, self.dataset.labels, getattr(self.dataset, "num_classes", 0))
 
     def protocol(self, samples_dir: Path | None, progress: bool = False) -> ImageProtocol:

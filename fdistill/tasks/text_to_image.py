@@ -116,7 +116,7 @@ class TextToImageTask(Task):
             images = torch.stack([_load_image(r.image, self.pixel_size) for r in pairs])
             prompts = [r.prompt for r in pairs]
         g = torch.Generator().manual_seed(self.cfg.run.seed)
-        latents = torch.cat([self.parts.encode(chunk, g).cpu() for chunk in images.split(250)])
+        latents = self.parts.encode_all(images, g)
         return latents, prompts
 
     def batches(self, needs_real_data: bool):
