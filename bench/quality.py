@@ -16,7 +16,7 @@ run itself (its ``metrics.json``), so the numbers are the ones a user gets from 
   classifier's features, class accuracy and coverage of 1000 samples (seed 1234), against the teacher's
   35-step Euler sampler. Consistency students (sCM, rCM) sample at 1, 2 and 4 steps; DMD and f-distill also
   train 1/2/4-step students (``<objective>_4_times``: sampling times 999, 749, 499, 249, trained by backward
-  simulation).
+  simulation, all at batch 48).
 * ``ring_divergences``: ``configs/ring_f_distill_js.yaml`` on the unequal ring with the divergences KL, JS,
   Jeffreys and reverse KL: how well each reproduces the mode weights.
 * ``imbalanced``: ``configs/digits_imbalanced.yaml`` (an unconditional one-step student; data classes at
@@ -28,7 +28,8 @@ run itself (its ``metrics.json``), so the numbers are the ones a user gets from 
 kept. ``--collect`` trains nothing and summarises the run directories already in ``--work``, e.g. copied back
 from another machine. Results are written after every run to ``bench/results/quality_<suite>.json`` (or
 ``--out``): each run's metrics, and per configuration and sampler the mean and standard deviation over
-seeds. The table prints ``mean ± std (n seeds)``.
+seeds. With ``--only``, the runs of the suite's other configurations already in that file are kept, so one
+recipe can be measured again without losing the rest. The table prints ``mean ± std (n seeds)``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ DIGITS_OBJECTIVES = ["dmd", "f_distill", "diff_instruct", "sid", "sim", "uni_ins
 # Few-step students of the distribution-matching family: trained by backward simulation through these times.
 FEW_STEP_OBJECTIVES = ["dmd", "f_distill"]
 FEW_STEP_TIMES = "[999,749,499,249]"
+FEW_STEP_BATCH = 48  # the same batch for every few-step student (the quickstart's own is larger)
 IMBALANCED_DIVERGENCES = ["kl", "js", "jf", "rkl"]
 UNEQUAL_RING_WEIGHTS = [0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.07, 0.03]
 
@@ -87,7 +89,8 @@ def plan(suite: str, work: Path) -> list[dict]:
     if suite == "digits":
         entries = [{"name": o, "config": configs / f"digits_{o}.yaml", "overrides": []} for o in DIGITS_OBJECTIVES]
         return entries + [{"name": f"{o}_4_times", "config": configs / f"digits_{o}.yaml",
-                           "overrides": [f"generator.times={FEW_STEP_TIMES}", "eval.student_steps=[1,2,4]"]}
+                           "overrides": [f"generator.times={FEW_STEP_TIMES}", "eval.student_steps=[1,2,4]",
+                                         f"train.batch_size={FEW_STEP_BATCH}"]}
                           for o in FEW_STEP_OBJECTIVES]
     if suite == "imbalanced":
         return [{"name": d, "config": configs / "digits_imbalanced.yaml", "overrides": [f"objective.divergence={d}"]}
@@ -202,6 +205,13 @@ def table(rows: list[dict], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
+def kept_runs(out: Path, measured: set[str]) -> list[dict]:
+    """The runs in an earlier results file whose configuration is not measured again now."""
+    if not out.exists():
+        return []
+    return [run for run in json.loads(out.read_text())["runs"] if run["name"] not in measured]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=sorted(SUMMARY_METRICS))
@@ -229,7 +239,7 @@ def main(argv=None) -> int:
         entries = [e for e in entries if e["name"] in args.only]
     stop_at = time.time() + args.deadline if args.deadline else math.inf
     metrics = SUMMARY_METRICS[args.suite]
-    runs: list[dict] = []
+    runs: list[dict] = kept_runs(out, {e["name"] for e in entries}) if args.only else []
     started = time.time()
 
     def write():

@@ -4,7 +4,7 @@
 
 Everything is built as ``configs/quickstart.yaml`` builds it (the config loader, then
 :func:`fdistill.run.build_experiment`: the embedded class-conditional 16x16 UNet teacher, the task, the objective
-and its networks), on one device, with ``--batch-size`` samples (default: the quickstart's training batch).
+and its networks), on one device, with ``--batch-size`` samples (default 48, the digits recipes' training batch).
 Every measurement is preceded by warm-up calls and repeated ``--repeats`` times, round-robin over what it
 compares, so that load on a shared machine affects all alike; tables print the median and, after ``±``, half
 the range (min to max) of the repeats; the JSON keeps every repeat.
