@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     work = (args.work or ROOT / "runs" / f"bench_quality_{args.suite}").resolve()
     out = args.out or RESULTS / f"quality_{args.suite}.json"
     entries = plan(args.suite, work)
+    order = {e["name"]: i for i, e in enumerate(entries)}  # the suite's order, also for runs kept from before
     if args.only:
         unknown = set(args.only) - {e["name"] for e in entries}
         if unknown:
@@ -258,6 +259,7 @@ def main(argv=None) -> int:
         for future in futures:
             run = future.result()
             runs.append(run)
+            runs.sort(key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
             print(f"{run['name']} seed {run['seed']}: {run['status']}", flush=True)
             write()
     print(table(summarise(runs, metrics), metrics))
