@@ -71,7 +71,7 @@ def digits_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
     unfinished = sorted(f"{r['name']} seed {r['seed']}" for r in quality["runs"] if r["status"] != "ok")
     lines = ["## Every objective on the digits teacher", "",
              f"`configs/digits_<objective>.yaml`, seeds {seeds}, 600 steps at batch 48 (f_distill, the quickstart's "
-             f"recipe: batch 96) ({devices(quality)}). FD of "
+             f"recipe: batch 96; diff_instruct: 1200 steps) ({devices(quality)}). FD of "
              "1000 samples (seed 1234) in the digits classifier's 64-d features against the 1797 scikit-learn "
              f"digits; the teacher's 35-step Euler sampler scores {teacher:.2f}. Mean ± standard deviation over "
              "seeds; x teacher is the mean's ratio to the teacher's FD. Regenerate with "
