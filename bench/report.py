@@ -9,7 +9,8 @@ Reads what the benchmarks wrote (each file names the command and the machine tha
 * ``quality_imbalanced.json``: ``python bench/quality.py imbalanced`` (12 runs, about 55 minutes on 2 cores);
 * ``quality_ring_divergences.json``: ``python bench/quality.py ring_divergences`` (12 runs, about 15 minutes);
 * ``quality_analytic.json`` (optional): ``python bench/quality.py analytic``;
-* ``quickstart_long_gpu.json``: the quickstart at batch 256 for longer, on an H200 GPU;
+* ``quickstart_long_gpu.json``: the quickstart at batch 256 for longer, on an H200 GPU (commands in the file);
+* ``consistency_probes_gpu.json`` (optional): sCM and rCM recipes with one option changed, on an H200 GPU;
 * ``speed.json``: ``python bench/speed.py`` (about 3 minutes on 2 cores).
 
 The headline table is also written between the ``results-headline`` markers of README.md.
@@ -179,15 +180,31 @@ def long_run_section(long_run: dict) -> tuple[list[str], list[str]]:
     student = next(r for r in long_run["results"] if r["model"] == "student")
     teacher = next(r for r in long_run["results"] if r["model"] == "teacher")
     trace = ", ".join(f"{p['fd']:.1f} ({p['step']})" for p in long_run["fd_during_training"])
-    best = min(long_run["fd_during_training"], key=lambda p: p["fd"])
     device = long_run["environment"]["device"]
     lines = ["## A longer quickstart on a GPU", "", long_run["description"] + f" ({device}).", "",
              f"* End of the {long_run['steps']}-step run: one-step FD {student['fd']:.2f} against the teacher's "
              f"{teacher['fd']:.2f} ({student['fd'] / teacher['fd']:.2f}x), "
-             f"{long_run['wall_seconds']:.0f} s of training.",
-             f"* One-step FD during the longer run (step): {trace}.", ""]
-    return lines, [f"| digits, one-step student of the quickstart at batch 256, step {best['step']} ({device}) | "
-                   f"{best['fd'] / teacher['fd']:.2f}x the teacher's FD |"]
+             f"{long_run['wall_seconds']:.0f} s of training; discriminator loss over the second half "
+             f"{long_run['discriminator_loss_second_half']:.3f}.",
+             f"* One-step FD during the run (step): {trace}."]
+    for variant in long_run["variants"]:
+        fds = ", ".join(f"{r['fd']:.1f} at {r['nfe']} step{'s' * (r['nfe'] > 1)}" for r in variant["results"]
+                        if r["model"] == "student")
+        lines.append(f"* {variant['label']}: FD {fds}.")
+    return lines + ["", "Commands: " + "; ".join(f"`{c}`" for c in long_run["commands"]) + ".", ""], [
+        f"| digits, one-step student of the quickstart at batch 256, {long_run['steps']} steps ({device}) | "
+        f"{student['fd'] / teacher['fd']:.2f}x the teacher's FD |"]
+
+
+def consistency_probes_section(probes: dict) -> list[str]:
+    lines = ["## Consistency recipes: one-option probes on a GPU", "",
+             f"{probes['description']} ({probes['environment']['device']}). `{probes['command']}`.", "",
+             "| run | steps | FD 1 step | FD 2 steps | FD 4 steps |", "|---|---|---|---|---|"]
+    for probe in probes["probes"]:
+        fd = probe["fd_by_nfe"]
+        lines.append(f"| {probe['label']} | {probe['steps']} | " + " | ".join(f"{fd[k]:.1f}" for k in ("1", "2", "4"))
+                     + " |")
+    return lines + [f"\nThe teacher's 35-step FD on that machine: {probes['probes'][0]['teacher_fd']:.2f}.", ""]
 
 
 def speed_section(speed: dict, plots: Path) -> tuple[list[str], list[str]]:
@@ -238,6 +255,9 @@ def main(argv=None) -> int:
         lines, head = section(data, plots)
         body += lines
         headline += head
+    probes = load(args.results, "consistency_probes_gpu.json")
+    if probes is not None:
+        body += consistency_probes_section(probes)
     analytic = load(args.results, "quality_analytic.json")
     if analytic is not None:
         body += analytic_section(analytic)

@@ -177,6 +177,26 @@ def test_rcm_cycles_through_the_step_counts(monkeypatch):
     assert len(observed["critic"]) >= 5
 
 
+@pytest.mark.parametrize("name", [*SCORE_OBJECTIVES, "rcm"])
+def test_last_step_count_always_simulates_every_time(name, monkeypatch):
+    """``backward_simulation_steps: last``: critic and generator steps alike draw the K-step sampler's samples,
+    so the fake score tracks that sampler's law rather than the mixture over step counts."""
+    times = TRIGFLOW_TIMES if name == "rcm" else RING_TIMES
+    nets, objective = ring_experiment(name, times, "objective.backward_simulation_steps=last",
+                                      *(["objective.tangent_warmup=0"] if name == "rcm" else []))
+    calls = record_simulations(monkeypatch)
+    kinds = set()
+    for step in range(12):
+        kind = objective.step_kind(step)
+        torch.manual_seed(step)
+        loss, _ = (objective.generator_loss if kind == "generator" else objective.critic_loss)(ring_batch(), nets, step)
+        assert [call["steps"] for call in calls] == [4], (name, step)
+        assert calls.pop()["x_g"].requires_grad == (kind == "generator")
+        assert torch.isfinite(loss)
+        kinds.add(kind)
+    assert kinds == {"critic", "generator"}
+
+
 # ------------------------------------------------------------------------------------------------ random times
 
 
@@ -246,10 +266,17 @@ def test_unknown_backward_simulation_times_are_rejected(name):
         build_experiment(cfg, options)
 
 
-def test_backward_simulation_times_default_to_fixed():
+def test_unknown_backward_simulation_steps_are_rejected():
+    cfg, options = load_config(None, ["objective.name=dmd", "objective.backward_simulation_steps=first"])
+    with pytest.raises(ConfigError, match="backward_simulation_steps must be every or last"):
+        build_experiment(cfg, options)
+
+
+def test_backward_simulation_defaults_to_fixed_times_and_every_step_count():
     for name, (_, options) in OBJECTIVES.items():
         if name != "scm":
             assert options().backward_simulation_times == "fixed", name
+            assert options().backward_simulation_steps == "every", name
 
 
 # ------------------------------------------------------------------------------------------------ one time

@@ -54,22 +54,33 @@ def denoising_loss(net: Denoiser, x0, t, cond=None, weighting: str = "none"):
 # The student's samples: one step, or DMD2's backward simulation for a few-step student (§3.1).
 
 BACKWARD_SIMULATION_TIMES = ("fixed", "random")
+BACKWARD_SIMULATION_STEPS = ("every", "last")
 
 
 @dataclass
 class BackwardSimulationOptions:
-    """Times of the backward simulation of a student with ``K > 1`` sampling times (§3.1): ``fixed`` (default)
-    the student's own times, exactly those its sampler uses; ``random`` keeps ``t_0`` and draws each later time
-    in its stratum ``(t_{i+1}, t_i]`` every call, which trains the student between its sampling times too."""
+    """Backward simulation of a student with ``K > 1`` sampling times (§3.1).
+
+    ``backward_simulation_times``: ``fixed`` (default) the student's own times, exactly those its sampler uses;
+    ``random`` keeps ``t_0`` and draws each later time in its stratum ``(t_{i+1}, t_i]`` every call, which trains
+    the student between its sampling times too.
+
+    ``backward_simulation_steps``: ``every`` (default) simulates ``k`` steps with ``k`` over ``1..K`` (DMD2's
+    uniform draw, rCM's cycle), so the fake score tracks the mixture of the student's 1- to K-step laws; ``last``
+    always simulates all ``K``, so it tracks the K-step sampler's own law and the loss is that sampler's."""
 
     backward_simulation_times: str = "fixed"
+    backward_simulation_steps: str = "every"
 
 
 def check_backward_simulation_options(options: BackwardSimulationOptions) -> None:
-    """A one-line ``ValueError`` for an unknown ``backward_simulation_times``."""
+    """A one-line ``ValueError`` for an unknown ``backward_simulation_times`` or ``backward_simulation_steps``."""
     if options.backward_simulation_times not in BACKWARD_SIMULATION_TIMES:
         raise ValueError(f"objective.backward_simulation_times must be fixed or random, "
                          f"not {options.backward_simulation_times!r}")
+    if options.backward_simulation_steps not in BACKWARD_SIMULATION_STEPS:
+        raise ValueError(f"objective.backward_simulation_steps must be every or last, "
+                         f"not {options.backward_simulation_steps!r}")
 
 
 def uniform_simulation_steps(step: int, max_steps: int) -> int:
@@ -94,11 +105,13 @@ def backward_simulation_samples(batch: Batch, nets: Networks, steps: int, times:
     return student.backward_simulation(z, batch.cond, steps, random_times=times == "random")
 
 
-def student_samples(batch: Batch, nets: Networks, step: int, times: str = "fixed") -> torch.Tensor:
+def student_samples(batch: Batch, nets: Networks, step: int, options: BackwardSimulationOptions) -> torch.Tensor:
     """``x_g`` of training step ``step`` in the score-distillation objectives, critic and generator steps alike:
-    a backward simulation of ``k = uniform_simulation_steps(step, K)`` steps (DMD2, §3.1)."""
-    steps = uniform_simulation_steps(step, nets.student.max_steps)
-    return backward_simulation_samples(batch, nets, steps, times)
+    a backward simulation of ``k = uniform_simulation_steps(step, K)`` steps (DMD2, §3.1), or of all ``K`` with
+    ``backward_simulation_steps: last``."""
+    max_steps = nets.student.max_steps
+    steps = max_steps if options.backward_simulation_steps == "last" else uniform_simulation_steps(step, max_steps)
+    return backward_simulation_samples(batch, nets, steps, options.backward_simulation_times)
 
 
 @dataclass

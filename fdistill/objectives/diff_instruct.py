@@ -42,7 +42,7 @@ class DiffInstruct(DMD):
         return Generator(net, common.student_input_times(self.schedule, times, self.options.init_sigma))
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
-        x_g = common.student_samples(batch, nets, step, self.options.backward_simulation_times)
+        x_g = common.student_samples(batch, nets, step, self.options)
         t = self._times(batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
         gan = self.needs_discriminator

@@ -13,7 +13,8 @@ the generator's law); it reads the teacher blocks of ``discriminator_features`` 
 Subclasses change only the per-sample weight (f-distill).
 
 A student with ``K > 1`` sampling times ``t_0 > ... > t_{K-1}`` draws ``x_g`` by DMD2's backward simulation
-(docs/objectives.md §3.1), in critic and generator steps alike: ``k ~ U{1..K}`` once per training step,
+(docs/objectives.md §3.1), in critic and generator steps alike: ``k ~ U{1..K}`` once per training step
+(``k = K`` always with ``objective.backward_simulation_steps: last``),
 
     x^(0) = s z,   x^(i) = alpha(t_i) sg(G(x^(i-1), t_{i-1})) + sigma(t_i) eps_i,   x_g = G(x^(k-1), t_{k-1}),
 
@@ -100,7 +101,7 @@ class DMD(Objective):
 
     def critic_loss(self, batch: Batch, nets: Networks, step: int):
         with torch.no_grad():
-            x_g = common.student_samples(batch, nets, step, self.options.backward_simulation_times)
+            x_g = common.student_samples(batch, nets, step, self.options)
         t = self._times(batch.size, x_g.device)
         loss_fake, _, _ = common.denoising_loss(nets.fake_score, x_g, t, batch.cond, self.options.fake_score_weighting)
         logs = {"fake_score": loss_fake.detach()}
@@ -125,7 +126,7 @@ class DMD(Objective):
         return None, {}
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
-        x_g = common.student_samples(batch, nets, step, self.options.backward_simulation_times)
+        x_g = common.student_samples(batch, nets, step, self.options)
         t = self._times(batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
         # The teacher sees x_t with its input gradient kept: the GAN term backpropagates through its features.

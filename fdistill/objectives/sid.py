@@ -18,7 +18,8 @@ forward pass and the GAN term; each implements only :meth:`ScoreIdentity.score_l
 like the score loss, ``D N_i softplus(-l_i)`` with ``N_i`` the normaliser and ``D`` the sample size.
 
 A student with ``K > 1`` sampling times draws ``x_g`` by DMD2's backward simulation (docs/objectives.md §3.1), in
-critic and generator steps alike: ``k ~ U{1..K}`` per training step, ``k - 1`` steps of its sampler without
+critic and generator steps alike: ``k ~ U{1..K}`` per training step (``k = K`` with
+``backward_simulation_steps: last``), ``k - 1`` steps of its sampler without
 gradient from ``x^(0) = s z`` (fresh noise at each re-noising), then ``x_g = G(x^(k-1), t_{k-1})`` with gradient;
 the loss above reaches the student through that last call only. ``objective.backward_simulation_times`` picks
 the student's own times (``fixed``) or later times drawn in ``(t_{i+1}, t_i]`` (``random``).
@@ -132,7 +133,7 @@ class ScoreIdentity(Objective):
     def critic_loss(self, batch: Batch, nets: Networks, step: int):
         o, schedule = self.options, self.schedule
         with torch.no_grad():
-            x_g = common.student_samples(batch, nets, step, o.backward_simulation_times)
+            x_g = common.student_samples(batch, nets, step, o)
         t = self.times(o.critic_time_distribution, batch.size, x_g.device)
         loss, eps, feat_fake = common.denoising_loss(nets.fake_score, x_g, t, batch.cond, o.fake_score_weighting)
         logs = {"fake_score": loss.detach()}
@@ -160,7 +161,7 @@ class ScoreIdentity(Objective):
 
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
         o = self.options
-        x_g = common.student_samples(batch, nets, step, o.backward_simulation_times)
+        x_g = common.student_samples(batch, nets, step, o)
         t = self.times("sid", batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
         # Teacher and fake score are frozen, but the gradient must flow through their input (§12 item 8).
