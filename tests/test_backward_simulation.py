@@ -49,6 +49,21 @@ def record_simulations(monkeypatch) -> list[dict]:
     return calls
 
 
+def simulated_steps(objective, nets, monkeypatch, steps=12):
+    """``(step, kind, simulation)`` of training steps ``0..steps-1``: each step's loss is finite and comes from
+    exactly one backward simulation, whose sample carries gradient in generator steps only."""
+    calls = record_simulations(monkeypatch)
+    for step in range(steps):
+        kind = objective.step_kind(step)
+        torch.manual_seed(step)
+        loss, _ = (objective.generator_loss if kind == "generator" else objective.critic_loss)(ring_batch(), nets, step)
+        call = calls.pop()
+        assert not calls
+        assert call["x_g"].requires_grad == (kind == "generator")
+        assert torch.isfinite(loss)
+        yield step, kind, call
+
+
 # ------------------------------------------------------------------------------------------------ the sample
 
 
@@ -123,18 +138,10 @@ def test_gradient_reaches_the_student_through_the_last_step_only():
 @pytest.mark.parametrize("times", ["fixed", "random"])
 def test_critic_and_generator_steps_both_simulate_the_step_count_of_their_step(name, times, monkeypatch):
     nets, objective = ring_experiment(name, RING_TIMES, f"objective.backward_simulation_times={times}")
-    calls = record_simulations(monkeypatch)
     kinds = set()
-    for step in range(12):
-        kind = objective.step_kind(step)
-        torch.manual_seed(step)
-        loss, _ = (objective.generator_loss if kind == "generator" else objective.critic_loss)(ring_batch(), nets, step)
-        call = calls.pop()
-        assert not calls
+    for step, kind, call in simulated_steps(objective, nets, monkeypatch):
         assert call["steps"] == common.uniform_simulation_steps(step, 4)
         assert call["random_times"] == (times == "random")
-        assert call["x_g"].requires_grad == (kind == "generator")
-        assert torch.isfinite(loss)
         kinds.add(kind)
     assert kinds == {"critic", "generator"}
 
@@ -184,15 +191,9 @@ def test_last_step_count_always_simulates_every_time(name, monkeypatch):
     times = TRIGFLOW_TIMES if name == "rcm" else RING_TIMES
     nets, objective = ring_experiment(name, times, "objective.backward_simulation_steps=last",
                                       *(["objective.tangent_warmup=0"] if name == "rcm" else []))
-    calls = record_simulations(monkeypatch)
     kinds = set()
-    for step in range(12):
-        kind = objective.step_kind(step)
-        torch.manual_seed(step)
-        loss, _ = (objective.generator_loss if kind == "generator" else objective.critic_loss)(ring_batch(), nets, step)
-        assert [call["steps"] for call in calls] == [4], (name, step)
-        assert calls.pop()["x_g"].requires_grad == (kind == "generator")
-        assert torch.isfinite(loss)
+    for step, kind, call in simulated_steps(objective, nets, monkeypatch):
+        assert call["steps"] == 4, (name, step)
         kinds.add(kind)
     assert kinds == {"critic", "generator"}
 
