@@ -237,8 +237,8 @@ def analytic_section(quality: dict) -> list[str]:
              "Every `configs/ring_<objective>.yaml` on three teachers with exact scores: the equal 8-mode ring, the "
              "unequal ring (mode weights 0.3 ... 0.03) and the 16-mode Gaussian mixture in 8 dimensions of "
              "`configs/mixture_8d.yaml`; 4000 samples per run, mean ± standard deviation over seeds "
-             f"{quality['seeds']}. Regenerate with `python bench/quality.py analytic` (90 runs, about 80 minutes "
-             "per two seeds on 2 CPU cores).", "",
+             f"{quality['seeds']}. Regenerate with `python bench/quality.py analytic` (90 runs; two seeds, one job "
+             "at a time, took 89 minutes on 2 CPU cores).", "",
              "| teacher/objective | sampler | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for row in quality["summary"]:
         lines.append(f"| {row['name']} | {row['sampler']} | " + " | ".join(mean_std(row.get(m), 3) for m in metrics)
