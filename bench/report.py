@@ -210,7 +210,7 @@ def consistency_probes_section(probes: dict) -> list[str]:
         fd = probe["fd_by_nfe"]
         lines.append(f"| {probe['label']} | {probe['steps']} | " + " | ".join(f"{fd[k]:.1f}" for k in ("1", "2", "4"))
                      + " |")
-    return lines + [f"\nThe teacher's 35-step FD on that machine: {probes['probes'][0]['teacher_fd']:.2f}.", ""]
+    return lines + ["", f"The teacher's 35-step FD on that machine: {probes['probes'][0]['teacher_fd']:.2f}.", ""]
 
 
 def speed_section(speed: dict, plots: Path) -> tuple[list[str], list[str]]:

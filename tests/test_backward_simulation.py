@@ -185,7 +185,7 @@ def test_rcm_cycles_through_the_step_counts(monkeypatch):
 
 
 @pytest.mark.parametrize("name", [*SCORE_OBJECTIVES, "rcm"])
-def test_last_step_count_always_simulates_every_time(name, monkeypatch):
+def test_last_simulates_all_k_steps_in_critic_and_generator_steps(name, monkeypatch):
     """``backward_simulation_steps: last``: critic and generator steps alike draw the K-step sampler's samples,
     so the fake score tracks that sampler's law rather than the mixture over step counts."""
     times = TRIGFLOW_TIMES if name == "rcm" else RING_TIMES
@@ -283,7 +283,7 @@ def test_backward_simulation_defaults_to_fixed_times_and_every_step_count():
 # ------------------------------------------------------------------------------------------------ one time
 
 
-def one_step_samples(batch, nets, step, times="fixed"):
+def one_step_samples(batch, nets, step, options):
     """What every score-distillation objective drew before backward simulation: one call on fresh noise."""
     return nets.student(nets.student.noise(batch.size, device=nets.device), batch.cond)
 

@@ -83,6 +83,12 @@ def check_backward_simulation_options(options: BackwardSimulationOptions) -> Non
                          f"not {options.backward_simulation_steps!r}")
 
 
+def simulation_steps(options: BackwardSimulationOptions, max_steps: int, drawn: int) -> int:
+    """The step count of a backward simulation: all ``max_steps`` with ``backward_simulation_steps: last``, else
+    ``drawn``, the objective's own draw over ``1..K`` (DMD2's uniform one, rCM's cycle)."""
+    return max_steps if options.backward_simulation_steps == "last" else drawn
+
+
 def uniform_simulation_steps(step: int, max_steps: int) -> int:
     """DMD2's number of student steps ``k`` for training step ``step``: uniform on ``1..K``, one draw per step.
     The draw is a hash of ``step`` alone, so every micro-batch and process of a step simulates the same ``k``
@@ -110,7 +116,7 @@ def student_samples(batch: Batch, nets: Networks, step: int, options: BackwardSi
     a backward simulation of ``k = uniform_simulation_steps(step, K)`` steps (DMD2, §3.1), or of all ``K`` with
     ``backward_simulation_steps: last``."""
     max_steps = nets.student.max_steps
-    steps = max_steps if options.backward_simulation_steps == "last" else uniform_simulation_steps(step, max_steps)
+    steps = simulation_steps(options, max_steps, uniform_simulation_steps(step, max_steps))
     return backward_simulation_samples(batch, nets, steps, options.backward_simulation_times)
 
 

@@ -9,11 +9,10 @@ regulariser. Student step, ``L = scm_weight L_sCM + dmd_weight L_DMD`` (100 and 
   ``g_hat = g / (||g||_2 + 0.1)``, no prior and no adaptive weighting (:meth:`SCM.consistency_target`);
 * ``L_DMD = sum_elem (x_g - sg(x_g - grad))^2``, ``grad = (x0_q - x0_p) / max(mean|x_g - x0_p|, c)``
   (``c = 1e-5``), on ``x_g`` from a backward simulation of ``N = (k mod K) + 1`` student steps (``N = K`` with
-  ``backward_simulation_steps: last``; gradient
-  through the last one only; ``K`` the student's number of times; docs/objectives.md §3.1) re-noised at
-  ``t ~ p_D`` (RF shift 5); only after the tangent warm-up. The simulation runs at the student's times
-  (``backward_simulation_times: fixed``) or with its later times drawn in ``(t_{i+1}, t_i]`` (``random``; rCM's
-  code draws them from ``p_D``, each capped by the time before).
+  ``backward_simulation_steps: last``; gradient through the last one only; ``K`` the student's number of times;
+  docs/objectives.md §3.1) re-noised at ``t ~ p_D`` (RF shift 5); only after the tangent warm-up. The simulation
+  runs at the student's times (``backward_simulation_times: fixed``) or with its later times drawn in
+  ``(t_{i+1}, t_i]`` (``random``; rCM's code draws them from ``p_D``, each capped by the time before).
 
 Critic step: the fake score's flow-matching loss ``sum_elem (x_g - x0_q(x_t, t))^2 / sin^2 t`` on detached
 backward-simulated samples. During the first ``tangent_warmup`` steps every step is a (pure sCM) student
@@ -73,8 +72,8 @@ class RCM(SCM):
 
     def _student_samples(self, batch: Batch, nets: Networks, simulation_index: int) -> torch.Tensor:
         max_steps = nets.student.max_steps
-        last = self.options.backward_simulation_steps == "last"
-        steps = max_steps if last else common.cyclic_simulation_steps(simulation_index, max_steps)
+        cycle = common.cyclic_simulation_steps(simulation_index, max_steps)
+        steps = common.simulation_steps(self.options, max_steps, cycle)
         return common.backward_simulation_samples(batch, nets, steps, self.options.backward_simulation_times)
 
     def _renoise(self, net: TrigFlowDenoiser, x_g: torch.Tensor):

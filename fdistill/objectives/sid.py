@@ -19,9 +19,9 @@ like the score loss, ``D N_i softplus(-l_i)`` with ``N_i`` the normaliser and ``
 
 A student with ``K > 1`` sampling times draws ``x_g`` by DMD2's backward simulation (docs/objectives.md §3.1), in
 critic and generator steps alike: ``k ~ U{1..K}`` per training step (``k = K`` with
-``backward_simulation_steps: last``), ``k - 1`` steps of its sampler without
-gradient from ``x^(0) = s z`` (fresh noise at each re-noising), then ``x_g = G(x^(k-1), t_{k-1})`` with gradient;
-the loss above reaches the student through that last call only. ``objective.backward_simulation_times`` picks
+``backward_simulation_steps: last``), ``k - 1`` steps of its sampler without gradient from ``x^(0) = s z`` (fresh
+noise at each re-noising), then ``x_g = G(x^(k-1), t_{k-1})`` with gradient; the loss above reaches the student
+through that last call only. ``objective.backward_simulation_times`` picks
 the student's own times (``fixed``) or later times drawn in ``(t_{i+1}, t_i]`` (``random``).
 """
 
