@@ -163,6 +163,38 @@ def test_f_distill_with_zero_logits_is_dmd(divergence):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
 
 
+def test_dmd_without_normaliser_is_diff_instruct_up_to_the_element_count():
+    """objective.normalizer=none: DMD's gradient is (x0_q - x0_p)/(B D), Diff-Instruct's is (x0_q - x0_p)/B; with
+    Diff-Instruct's times and student input the student gradients differ by exactly the factor D."""
+    d_nets, d_obj = ring_nets(["objective.name=dmd", "objective.normalizer=none",
+                               "objective.time_distribution=lognormal", "generator.times=[1.0]"])
+    i_nets, i_obj = ring_nets(["objective.name=diff_instruct"])
+    assert i_nets.student.times == d_nets.student.times == [1.0]
+    i_nets.student.load_state_dict(d_nets.student.state_dict())
+    i_nets.fake_score.load_state_dict(d_nets.fake_score.state_dict())
+    _, gd = generator_loss_with_seed(d_obj, d_nets)
+    _, gi = generator_loss_with_seed(i_obj, i_nets)
+    dim = d_nets.teacher.sample_shape[0]
+    assert any(float(g.abs().max()) > 0 for g in gi)
+    for a, b in zip(gd, gi, strict=True):
+        assert torch.allclose(a * dim, b, rtol=1e-4, atol=1e-9)
+    # with DMD's normaliser the gradient is not Diff-Instruct's
+    n_nets, n_obj = ring_nets(["objective.name=dmd", "objective.time_distribution=lognormal", "generator.times=[1.0]"])
+    n_nets.student.load_state_dict(d_nets.student.state_dict())
+    n_nets.fake_score.load_state_dict(d_nets.fake_score.state_dict())
+    _, gn = generator_loss_with_seed(n_obj, n_nets)
+    assert not all(torch.allclose(a * dim, b, rtol=1e-2) for a, b in zip(gn, gi, strict=True))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.name=dmd", "objective.normalizer=batch"], "objective.normalizer='batch' is unknown"),
+    (["objective.name=diff_instruct", "objective.normalizer=dmd"], "Diff-Instruct has no normaliser"),
+])
+def test_normalizer_choices_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ring_nets(overrides)
+
+
 def test_student_gradient_vanishes_when_fake_score_equals_teacher():
     nets, obj = ring_nets(["objective.name=dmd"])
     nets.fake_score = nets.teacher

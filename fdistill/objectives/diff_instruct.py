@@ -34,10 +34,16 @@ class DiffInstructOptions(DMDOptions):
     time_distribution: str = "lognormal"
     fake_score_weighting: str = "edm"
     init_sigma: Optional[float] = 1.0  # student input sigma (SNR-matched); explicit generator.times win
+    normalizer: str = "none"  # fixed: the estimator has no normaliser
 
 
 @register("diff_instruct", DiffInstructOptions)
 class DiffInstruct(DMD):
+    def __init__(self, options: DiffInstructOptions, schedule):
+        super().__init__(options, schedule)
+        if options.normalizer != "none":
+            raise ValueError("Diff-Instruct has no normaliser; for DMD's, use objective.name=dmd")
+
     def build_student(self, net, times):
         return Generator(net, common.student_input_times(self.schedule, times, self.options.init_sigma))
 

@@ -6,11 +6,14 @@ Integral reverse KL ``int w(t) KL(q_t || p_t) dt`` (docs/objectives.md §3). Its
     g_i = w_i (x0_q(x_t) - x0_p(x_t)),    w_i = 1 / (mean |x_g - x0_p| + 1e-6),
     L_G = 1/2 mean (x_g - sg(x_g - g))^2  +  lambda_GAN mean softplus(-l_fake),
 
-where ``x0_p`` is the (possibly guided, §2.5) teacher. The critic step trains the fake score by denoising on
-detached student samples and, with a GAN, the discriminator on teacher features of noisy real vs noisy student
-samples (DMD2's two-time-scale update), its inputs noised at ``discriminator_time_distribution`` when set (else
-the generator's law); it reads the teacher blocks of ``discriminator_features`` (docs/objectives.md §2.4).
-Subclasses change only the per-sample weight (f-distill).
+where ``x0_p`` is the (possibly guided, §2.5) teacher. ``objective.normalizer: none`` sets ``w_i = 1``: the
+per-sample mean runs over the sample's elements, which on low-dimensional data are too few to average out the
+fake score's error, and there the normaliser amplifies it on samples already near a mode (§3.2).
+
+The critic step trains the fake score by denoising on detached student samples and, with a GAN, the discriminator
+on teacher features of noisy real vs noisy student samples (DMD2's two-time-scale update), its inputs noised at
+``discriminator_time_distribution`` when set (else the generator's law); it reads the teacher blocks of
+``discriminator_features`` (docs/objectives.md §2.4). Subclasses change only the per-sample weight (f-distill).
 
 A student with ``K > 1`` sampling times ``t_0 > ... > t_{K-1}`` draws ``x_g`` by DMD2's backward simulation
 (docs/objectives.md §3.1), in critic and generator steps alike: ``k ~ U{1..K}`` once per training step
@@ -47,10 +50,18 @@ def pseudo_gradient_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x.float() - target.float()).pow(2).mean()
 
 
-def sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight=None, normalizer_eps: float = 1e-6):
-    """VSD/DMD pseudo-gradient ``g_i = W_i w_i (x0_q - x0_p)`` with the DMD normaliser ``w_i`` (§3, §4.3 step 5),
-    returned with its loss ``1/2 mean (x_g - sg(x_g - g))^2``. ``weight`` is an extra per-sample ``W_i``."""
-    w = dmd_normalizer(x_g, x0_teacher, normalizer_eps)
+NORMALIZERS = ("dmd", "none")
+
+
+def sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight=None, normalizer: str = "dmd",
+                                    normalizer_eps: float = 1e-6):
+    """VSD/DMD pseudo-gradient ``g_i = W_i w_i (x0_q - x0_p)`` with the DMD normaliser ``w_i`` (§3, §4.3 step 5;
+    ``w_i = 1`` for ``normalizer="none"``), returned with its loss ``1/2 mean (x_g - sg(x_g - g))^2``.
+    ``weight`` is an extra per-sample ``W_i``."""
+    if normalizer == "dmd":
+        w = dmd_normalizer(x_g, x0_teacher, normalizer_eps)
+    else:
+        w = torch.ones(len(x_g), device=x_g.device)
     if weight is not None:
         w = w * weight.float()
     g = per_sample(w, x_g) * (x0_fake.detach() - x0_teacher.detach()).to(x_g.dtype)
@@ -68,6 +79,8 @@ class DMDOptions(common.DiscriminatorFeatureOptions, common.BackwardSimulationOp
     # times of the discriminator's training inputs (critic step); null: time_distribution, as the generator step
     discriminator_time_distribution: Optional[str] = None
     fake_score_weighting: str = "none"
+    # dmd: DMD's per-sample normaliser 1 / mean|x_g - x0_p|; none: the raw x0_q - x0_p (Diff-Instruct's gradient)
+    normalizer: str = "dmd"
 
 
 @register("dmd", DMDOptions)
@@ -81,6 +94,9 @@ class DMD(Objective):
             law = getattr(options, key)
             if law is not None and law not in TIME_DISTRIBUTIONS:
                 raise ValueError(f"objective.{key}={law!r} is unknown; use one of {', '.join(TIME_DISTRIBUTIONS)}")
+        if options.normalizer not in NORMALIZERS:
+            raise ValueError(f"objective.normalizer={options.normalizer!r} is unknown; use one of "
+                             f"{', '.join(NORMALIZERS)}")
 
     @property
     def needs_discriminator(self) -> bool:
@@ -135,7 +151,7 @@ class DMD(Objective):
             x0_fake = nets.fake_score(x_t.detach(), t, batch.cond)
         logits = nets.discriminator(features) if self.needs_discriminator else None
         weight, weight_logs = self.sample_weight(logits, t)
-        loss, _ = sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight)
+        loss, _ = sample_weighted_pseudo_gradient(x_g, x0_fake, x0_teacher, weight, self.options.normalizer)
         logs = {"vsd": loss.detach(), **weight_logs}
         if logits is not None:
             loss, logs = common.add_gan_term(loss, logs, common.gan_generator_loss(logits), self.options.gan_weight)
