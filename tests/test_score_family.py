@@ -23,9 +23,9 @@ from numpy.polynomial.hermite_e import hermegauss
 from fdistill.config import load_config
 from fdistill.containers import Batch
 from fdistill.denoisers import GaussianMixtureDenoiser
-from fdistill.objectives import OBJECTIVES, build_objective, common, sim, uni_instruct
+from fdistill.objectives import OBJECTIVES, build_objective, common, sid, sim, uni_instruct
 from fdistill.run import build_experiment
-from fdistill.schedules import EDMSchedule
+from fdistill.schedules import EDMSchedule, sample_time
 
 SIGMA = 0.8
 THETA0 = (0.4, 0.9)
@@ -374,6 +374,39 @@ def test_objective_relations_to_sid(name, overrides, sid_alpha):
     assert torch.allclose(losses[0][0], losses[1][0], rtol=1e-6, atol=1e-8)
     grads = zip(losses[0][1], losses[1][1], strict=True)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in grads)
+
+
+@pytest.mark.parametrize("name", ["sid", "sim", "uni_instruct"])
+def test_normalizer_none_drops_exactly_the_per_sample_normaliser(name, monkeypatch):
+    """``objective.normalizer=none`` is the default loss with ``sid_normalizer`` replaced by 1 (docs/objectives.md
+    §3.2), and the normaliser is not 1 on this batch."""
+    nets, plain = experiment(name, "objective.normalizer=none", "objective.gan_weight=0")
+    _, normalised = experiment(name, "objective.gan_weight=0")
+    batch = real_batch(nets, 64)
+    without = generator_loss_with_seed(plain, nets, batch, step=1)
+    with_normaliser = generator_loss_with_seed(normalised, nets, batch, step=1)
+    assert not torch.allclose(without, with_normaliser, rtol=1e-3)
+    monkeypatch.setattr(sid, "sid_normalizer", lambda x_g, x0, clip: torch.ones(len(x_g)))
+    assert torch.allclose(without, generator_loss_with_seed(normalised, nets, batch, step=1), rtol=1e-6)
+
+
+def test_generator_time_distribution_sets_the_student_loss_times(monkeypatch):
+    drawn = []
+
+    def recording_sample_time(schedule, n, kind="uniform", generator=None, **kw):
+        drawn.append(kind)
+        return sample_time(schedule, n, kind, generator, **kw)
+
+    monkeypatch.setattr(sid, "sample_time", recording_sample_time)
+    batch = None
+    for law in ("sid", "lognormal"):
+        nets, objective = experiment("sid", f"objective.generator_time_distribution={law}")
+        batch = batch or real_batch(nets, 8)
+        drawn.clear()
+        objective.generator_loss(batch, nets, step=1)
+        assert drawn == [law]
+    with pytest.raises(ValueError, match="objective.normalizer='batch' is unknown"):
+        experiment("sid", "objective.normalizer=batch")
 
 
 def test_uni_instruct_takes_a_divergence_defined_in_python():

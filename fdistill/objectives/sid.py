@@ -40,6 +40,7 @@ from fdistill.objectives.base import Objective, ObjectiveOptions, register
 from fdistill.schedules import sample_time
 
 DISCRIMINATORS = ("shared", "separate")
+NORMALIZERS = ("sid", "none")
 
 
 def sid_normalizer(x_g, x0_teacher, clip: float = 1e-5) -> torch.Tensor:
@@ -68,9 +69,11 @@ class ScoreIdentityOptions(common.DiscriminatorFeatureOptions, common.BackwardSi
     critic_steps: int = 1
     init_sigma: Optional[float] = 2.5  # student input sigma (SNR-matched); explicit generator.times win
     generator_t_max: float = 800.0  # SiD time law: u ~ U[0, t_max/1000] on the Karras grid
+    generator_time_distribution: str = "sid"  # the student loss's times: SiD's law, or any of §1.4's
     critic_time_distribution: str = "lognormal"
     fake_score_weighting: str = "edm"
     loss_scale: float = 100.0
+    normalizer: str = "sid"  # sid: 1 / max(mean|x_g - x0_p|, clip) per sample | none: 1 (docs/objectives.md §3.2)
     normalizer_clip: float = 1e-5
     critic_warmup_steps: int = 0  # critic-only steps before the first generator step
     gan_weight: float = 0.0
@@ -88,6 +91,9 @@ class ScoreIdentity(Objective):
         if options.discriminator not in DISCRIMINATORS:
             raise ValueError(f"objective.discriminator must be one of {DISCRIMINATORS}, "
                              f"not {options.discriminator!r}")
+        if options.normalizer not in NORMALIZERS:
+            raise ValueError(f"objective.normalizer={options.normalizer!r} is unknown; use one of "
+                             f"{', '.join(NORMALIZERS)}")
         common.check_backward_simulation_options(options)
         if options.discriminator_features is not None and options.discriminator != "separate":
             raise ValueError("objective.discriminator_features is read by the separate discriminator only (the "
@@ -162,13 +168,14 @@ class ScoreIdentity(Objective):
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
         o = self.options
         x_g = common.student_samples(batch, nets, step, o)
-        t = self.times("sid", batch.size, x_g.device)
+        t = self.times(o.generator_time_distribution, batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
         # Teacher and fake score are frozen, but the gradient must flow through their input (§12 item 8).
         x0_teacher, feat_teacher = nets.teacher.forward_with_features(x_t, t, batch.cond)
         x0_fake, feat_fake = nets.fake_score.forward_with_features(x_t, t, batch.cond)
         logits = self.logits(nets, feat_teacher, feat_fake) if self.uses_discriminator else None
-        normalizer = sid_normalizer(x_g, x0_teacher, o.normalizer_clip)
+        normalizer = (sid_normalizer(x_g, x0_teacher, o.normalizer_clip) if o.normalizer == "sid" else
+                      torch.ones(len(x_g), device=x_g.device))
         gen_step = self.generator_step(step)
         per_sample, logs = self.score_loss(x_g, x0_teacher, x0_fake, t, logits, gen_step)
         loss = common.finite_mean(o.loss_scale * normalizer * per_sample)
