@@ -6,9 +6,11 @@ t_max = 800 law and ``x_g = G(2.5 z)``:
 
     L_SiD(alpha) = 100 (f_phi - f_psi).((f_phi - x_g) - alpha (f_phi - f_psi)) / sg(max(mean|x_g - f_phi|, c))
 
-with ``c = 1e-5``. ``alpha = 1/2`` is the exact gradient of the Fisher divergence ``E_q||s_q - s_p||^2``
-(= Uni-Instruct RKL), ``alpha = 1`` holds the sampling distribution fixed (= SIM-L2); SiD's default 1.2 is
-empirical.
+with ``c = 1e-5``. ``objective.normalizer: none`` replaces the normaliser by 1 and
+``objective.generator_time_distribution`` replaces SiD's time law (docs/objectives.md §3.2: on 2-D data the
+normaliser and SiD's law blur the modes). ``alpha = 1/2`` is the exact gradient of the Fisher divergence
+``E_q||s_q - s_p||^2`` (= Uni-Instruct RKL), ``alpha = 1`` holds the sampling distribution fixed (= SIM-L2);
+SiD's default 1.2 is empirical.
 
 :class:`ScoreIdentity` is the base of SiD, SIM and Uni-Instruct. They share the critic step (fake-score DSM
 with EDM lognormal times and EDM weighting, plus the discriminator BCE when there is one), the generator
