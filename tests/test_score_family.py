@@ -407,6 +407,8 @@ def test_generator_time_distribution_sets_the_student_loss_times(monkeypatch):
         assert drawn == [law]
     with pytest.raises(ValueError, match="objective.normalizer='batch' is unknown"):
         experiment("sid", "objective.normalizer=batch")
+    with pytest.raises(ValueError, match="ratio_grad_clip bounds the ratio-gradient terms"):
+        experiment("uni_instruct", "objective.ratio_grad=attached", "objective.ratio_grad_clip=1.0")
 
 
 def test_uni_instruct_takes_a_divergence_defined_in_python():

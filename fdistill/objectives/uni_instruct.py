@@ -158,6 +158,9 @@ class UniInstruct(ScoreIdentity):
         if options.estimator not in UI_ESTIMATORS or options.ratio_grad not in UI_RATIO_GRADS:
             raise ValueError(f"objective.estimator must be one of {UI_ESTIMATORS} and "
                              f"objective.ratio_grad one of {UI_RATIO_GRADS}")
+        if options.ratio_grad_clip is not None and options.estimator == "exact" and options.ratio_grad == "attached":
+            raise ValueError("objective.ratio_grad_clip bounds the ratio-gradient terms of ratio_grad: detached; "
+                             "with attached the gradient comes through the discriminator: remove the clip")
         if divergence is None:
             divergence = common.get_divergence(options.divergence, options.alpha)
         elif not isinstance(divergence, Divergence):
