@@ -405,10 +405,16 @@ def test_generator_time_distribution_sets_the_student_loss_times(monkeypatch):
         drawn.clear()
         objective.generator_loss(batch, nets, step=1)
         assert drawn == [law]
-    with pytest.raises(ValueError, match="objective.normalizer='batch' is unknown"):
-        experiment("sid", "objective.normalizer=batch")
-    with pytest.raises(ValueError, match="ratio_grad_clip bounds the ratio-gradient terms"):
-        experiment("uni_instruct", "objective.ratio_grad=attached", "objective.ratio_grad_clip=1.0")
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("sid", ["objective.normalizer=batch"], "objective.normalizer='batch' is unknown"),
+    ("uni_instruct", ["objective.ratio_grad=attached", "objective.ratio_grad_clip=1.0"],
+     "ratio_grad_clip bounds the ratio-gradient terms"),
+])
+def test_score_identity_option_checks(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        experiment(name, *overrides)
 
 
 def test_uni_instruct_takes_a_divergence_defined_in_python():
