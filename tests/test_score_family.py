@@ -409,6 +409,8 @@ def test_generator_time_distribution_sets_the_student_loss_times(monkeypatch):
 
 @pytest.mark.parametrize("name, overrides, message", [
     ("sid", ["objective.normalizer=batch"], "objective.normalizer='batch' is unknown"),
+    ("sim", ["objective.generator_time_distribution=logit"],
+     "objective.generator_time_distribution='logit' is unknown"),
     ("uni_instruct", ["objective.ratio_grad=attached", "objective.ratio_grad_clip=1.0"],
      "ratio_grad_clip bounds the ratio-gradient terms"),
 ])

@@ -39,7 +39,7 @@ from fdistill.containers import Batch, Networks
 from fdistill.generator import Generator
 from fdistill.objectives import common
 from fdistill.objectives.base import Objective, ObjectiveOptions, register
-from fdistill.schedules import sample_time
+from fdistill.schedules import TIME_DISTRIBUTIONS, sample_time
 
 DISCRIMINATORS = ("shared", "separate")
 NORMALIZERS = ("sid", "none")
@@ -96,6 +96,10 @@ class ScoreIdentity(Objective):
         if options.normalizer not in NORMALIZERS:
             raise ValueError(f"objective.normalizer={options.normalizer!r} is unknown; use one of "
                              f"{', '.join(NORMALIZERS)}")
+        for key in ("generator_time_distribution", "critic_time_distribution"):
+            if getattr(options, key) not in TIME_DISTRIBUTIONS:
+                raise ValueError(f"objective.{key}={getattr(options, key)!r} is unknown; use one of "
+                                 f"{', '.join(TIME_DISTRIBUTIONS)}")
         common.check_backward_simulation_options(options)
         if options.discriminator_features is not None and options.discriminator != "separate":
             raise ValueError("objective.discriminator_features is read by the separate discriminator only (the "
