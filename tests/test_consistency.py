@@ -11,6 +11,8 @@ from fdistill.containers import Batch
 from fdistill.jvp import time_jvp
 from fdistill.objectives.scm import normalize_tangent, rcm_tangent, scm_tangent
 from fdistill.run import build_experiment
+from fdistill.schedules import sample_time
+from fdistill.trigflow import TrigFlowDenoiser
 
 # ---------------------------------------------------------------------------------------------------
 # 1-D Gaussian data N(0, v): the PF-ODE is linear and the consistency map is known (docs/objectives.md §13.9).
@@ -160,3 +162,55 @@ def test_few_step_sampling_shapes_and_seeds(tmp_path):
         assert x.shape == (3, 3, 8, 8) and torch.isfinite(x).all()
         assert torch.equal(x, sample(steps, seed=5))
     assert not torch.equal(sample(2, seed=5), sample(2, seed=6))
+
+
+# ---------------------------------------------------------------------------------------------------
+# rCM's DMD term on the analytic ring: its gradient, its normaliser and its time law (docs/objectives.md §9).
+
+
+def ring_rcm(*overrides):
+    cfg, options = load_config(None, ["objective.name=rcm", "generator.times=[1.5]", "objective.tangent_warmup=0",
+                                      *overrides])
+    torch.manual_seed(0)
+    return build_experiment(cfg, options)[:2]
+
+
+@pytest.mark.parametrize("normalizer", ["dmd", "none"])
+def test_rcm_dmd_term_gradient_is_the_score_difference(normalizer, monkeypatch):
+    """``d L_DMD / d x_g = (2 / B) w_i (x0_q - x0_p)`` at the re-noised ``x_t``, with ``w_i`` DMD's clipped
+    normaliser ``1 / max(mean|x_g - x0_p|, c)`` or 1 for ``dmd_normalizer: none``."""
+    nets, objective = ring_rcm(f"objective.dmd_normalizer={normalizer}")
+    g = torch.Generator().manual_seed(1)
+    x_g = torch.randn(6, 2, generator=g).requires_grad_(True)
+    x_t = torch.randn(6, 2, generator=g)
+    t = torch.linspace(0.3, 1.4, 6, dtype=torch.float64)
+    monkeypatch.setattr(objective, "_student_samples", lambda *args: x_g)
+    monkeypatch.setattr(objective, "_renoise", lambda net, x: (x_t, t))
+    objective.dmd_loss(Batch(size=6, real=torch.zeros(6, 2)), nets, step=0).backward()
+
+    with torch.no_grad():
+        x0_teacher = TrigFlowDenoiser(nets.teacher, objective.options.sigma_data)(x_t, t).double()
+        x0_fake = TrigFlowDenoiser(nets.fake_score, objective.options.sigma_data)(x_t, t).double()
+    weight = torch.ones(6, 1, dtype=torch.float64)
+    if normalizer == "dmd":
+        weight = 1 / (x_g.detach().double() - x0_teacher).abs().mean(1, keepdim=True).clamp(min=1e-5)
+        assert (weight - 1).abs().max() > 0.1  # the normaliser is not 1 on this batch
+    assert (x0_fake - x0_teacher).abs().max() > 1e-3
+    torch.testing.assert_close(x_g.grad, (2 / 6 * weight * (x0_fake - x0_teacher)).float())
+
+
+@pytest.mark.parametrize("law", ["shift", "lognormal", "uniform"])
+def test_rcm_dmd_times_follow_the_chosen_law(law):
+    nets, objective = ring_rcm(f"objective.dmd_time_distribution={law}")
+    teacher = TrigFlowDenoiser(nets.teacher, objective.options.sigma_data)
+    torch.manual_seed(3)
+    drawn = objective._dmd_times(teacher, 500, "cpu")
+    torch.manual_seed(3)
+    expected = sample_time(teacher.schedule, 500, law, shift=objective.options.dmd_time_shift)
+    torch.testing.assert_close(drawn, teacher.clamp_time(expected))
+
+
+@pytest.mark.parametrize("option", ["dmd_time_distribution=bogus", "dmd_normalizer=sid"])
+def test_rcm_refuses_unknown_dmd_options(option):
+    with pytest.raises(ValueError, match=option.split("=")[0]):
+        ring_rcm(f"objective.{option}")

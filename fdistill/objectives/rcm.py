@@ -10,7 +10,8 @@ regulariser. Student step, ``L = scm_weight L_sCM + dmd_weight L_DMD`` (100 and 
 * ``L_DMD = sum_elem (x_g - sg(x_g - grad))^2``, ``grad = (x0_q - x0_p) / max(mean|x_g - x0_p|, c)``
   (``c = 1e-5``), on ``x_g`` from a backward simulation of ``N = (k mod K) + 1`` student steps (``N = K`` with
   ``backward_simulation_steps: last``; gradient through the last one only; ``K`` the student's number of times;
-  docs/objectives.md §3.1) re-noised at ``t ~ p_D`` (RF shift 5); only after the tangent warm-up. The simulation
+  docs/objectives.md §3.1) re-noised at ``t ~ p_D`` (RF shift 5, or ``dmd_time_distribution``); only after the
+  tangent warm-up. ``dmd_normalizer: none`` drops the per-sample normaliser (``grad = x0_q - x0_p``). The simulation
   runs at the student's times (``backward_simulation_times: fixed``) or with its later times drawn in
   ``(t_{i+1}, t_i]`` (``random``; rCM's code draws them from ``p_D``, each capped by the time before).
 
@@ -29,8 +30,9 @@ from fdistill.containers import Batch, Networks
 from fdistill.denoisers import per_sample
 from fdistill.objectives import common
 from fdistill.objectives.base import register
+from fdistill.objectives.dmd import NORMALIZERS
 from fdistill.objectives.scm import SCM, ConsistencyOptions
-from fdistill.schedules import sample_time
+from fdistill.schedules import TIME_DISTRIBUTIONS, sample_time
 from fdistill.trigflow import TrigFlowDenoiser
 
 
@@ -44,7 +46,12 @@ class RCMOptions(common.BackwardSimulationOptions, ConsistencyOptions):
     scm_weight: float = 100.0
     dmd_weight: float = 1.0
     student_update_freq: int = 5  # after warm-up: 1 student step, then freq - 1 critic steps
-    dmd_time_shift: float = 5.0  # p_D: RF time s = shift u / (1 + (shift - 1) u), u ~ U[0, 1)
+    # p_D, the times of the DMD term and the fake score: shift is RF time s = shift u / (1 + (shift - 1) u),
+    # u ~ U[0, 1); any law of docs/objectives.md §1.4
+    dmd_time_distribution: str = "shift"
+    dmd_time_shift: float = 5.0
+    # dmd: DMD's per-sample normaliser 1 / max(mean|x_g - x0_p|, dmd_normalizer_clip); none: 1
+    dmd_normalizer: str = "dmd"
     dmd_normalizer_clip: float = 1e-5
 
 
@@ -56,6 +63,12 @@ class RCM(SCM):
     def __init__(self, options: RCMOptions, schedule):
         super().__init__(options, schedule)
         common.check_backward_simulation_options(options)
+        if options.dmd_time_distribution not in TIME_DISTRIBUTIONS:
+            raise ValueError(f"objective.dmd_time_distribution={options.dmd_time_distribution!r} is unknown; use "
+                             f"one of {', '.join(TIME_DISTRIBUTIONS)}")
+        if options.dmd_normalizer not in NORMALIZERS:
+            raise ValueError(f"objective.dmd_normalizer={options.dmd_normalizer!r} is unknown; use one of "
+                             f"{', '.join(NORMALIZERS)}")
 
     def student_updates_before(self, step: int) -> int:
         """How many student steps precede ``step`` (rCM's "effective iteration")."""
@@ -67,7 +80,8 @@ class RCM(SCM):
         return "generator" if after < 0 or after % self.options.student_update_freq == 0 else "critic"
 
     def _dmd_times(self, net: TrigFlowDenoiser, n: int, device) -> torch.Tensor:
-        t = sample_time(net.schedule, n, "shift", shift=self.options.dmd_time_shift)
+        o = self.options
+        t = sample_time(net.schedule, n, o.dmd_time_distribution, shift=o.dmd_time_shift)
         return net.clamp_time(t).to(device)
 
     def _student_samples(self, batch: Batch, nets: Networks, simulation_index: int) -> torch.Tensor:
@@ -82,7 +96,7 @@ class RCM(SCM):
         return x_t, t
 
     def dmd_loss(self, batch: Batch, nets: Networks, step: int) -> torch.Tensor:
-        """``mean_batch sum_elem (x_g - sg(x_g - grad))^2`` with rCM's clipped DMD normaliser (float64)."""
+        """``mean_batch sum_elem (x_g - sg(x_g - grad))^2`` with rCM's clipped DMD normaliser or none (float64)."""
         o = self.options
         x_g = self._student_samples(batch, nets, self.student_updates_before(step))
         teacher = TrigFlowDenoiser(nets.teacher, o.sigma_data)
@@ -90,8 +104,10 @@ class RCM(SCM):
         with torch.no_grad():
             x0_teacher = teacher(x_t, t, batch.cond).double()
             x0_fake = TrigFlowDenoiser(nets.fake_score, o.sigma_data)(x_t, t, batch.cond).double()
-            scale = (x_g.detach().double() - x0_teacher).abs().flatten(1).mean(1)
-            grad = per_sample(1 / scale.clamp(min=o.dmd_normalizer_clip), x0_fake) * (x0_fake - x0_teacher)
+            grad = x0_fake - x0_teacher
+            if o.dmd_normalizer == "dmd":
+                scale = (x_g.detach().double() - x0_teacher).abs().flatten(1).mean(1)
+                grad = per_sample(1 / scale.clamp(min=o.dmd_normalizer_clip), grad) * grad
             grad = common.zero_nonfinite_samples(grad)
         return (x_g.double() - (x_g.detach().double() - grad)).pow(2).flatten(1).sum(1).mean()
 
