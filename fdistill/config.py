@@ -103,6 +103,9 @@ class StudentConfig:
     lora: Optional[LoraConfig] = None  # null: the student (and fake score) train all of a copy of the teacher
 
 
+LR_DECAYS = ("constant", "cosine", "linear")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
@@ -110,8 +113,15 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: Optional[float] = None  # max global gradient norm
     warmup_steps: int = 0  # linear learning-rate warm-up over this many updates of this optimizer
+    # constant | cosine | linear: after the warm-up the learning rate stays, or falls to 0 at train.steps
+    lr_decay: str = "constant"
     # learning rates of single networks this optimizer trains, overriding lr, e.g. {discriminator: 0.001}
     lr_by_network: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.lr_decay not in LR_DECAYS:
+            raise ConfigError(f"student_optim/critic_optim lr_decay={self.lr_decay!r} is unknown; use one of "
+                              f"{', '.join(LR_DECAYS)}")
 
 
 @dataclass

@@ -42,6 +42,7 @@ def test_tiny_config_resolves_its_base_and_new_sections():
     (["eval.ema=nope"], "eval.ema='nope' names no ema.averages entry"),
     (["train.mixed_precision=fp32"], "choose one of no, bf16, fp16"),
     (["ema.update=sometimes"], "bad value for config key 'ema.update'"),
+    (["critic_optim.lr_decay=exponential"], "lr_decay='exponential' is unknown; use one of constant, cosine, linear"),
 ])
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -205,3 +205,29 @@ def test_bf16_casts_the_frozen_teacher_and_keeps_trainable_weights_fp32(tmp_path
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in nets.student.parameters()} == {torch.float32}
     assert summary.nonfinite_steps == 0 and math.isfinite(summary.last_logs["generator/loss"])
+
+
+def test_learning_rate_warms_up_then_decays_over_each_optimizers_updates(tmp_path):
+    """f-distill with ``critic_steps: 1`` alternates critic and generator: 12 steps give each optimizer 6 updates.
+    The ``k``-th update uses ``lr * (k + 1) / warmup`` during the warm-up, then the decay from 1 to 0 over the
+    remaining updates: ``(1 + cos(pi p)) / 2`` (cosine) or ``1 - p`` (linear), ``p = (k - warmup) / (6 - warmup)``."""
+    cfg, options = _cfg(None, "student_optim.lr=0.01", "student_optim.warmup_steps=2", "student_optim.lr_decay=cosine",
+                        "critic_optim.lr=0.02", "critic_optim.lr_decay=linear")
+    trainer = _trainer(cfg, options)
+    used = {"generator": [], "critic": []}
+    for step in range(12):
+        kind = trainer.objective.step_kind(step)
+        used[kind].append(trainer.optimizers[kind].param_groups[0]["lr"])
+        trainer.train_step(step)
+    cosine = [0.005, 0.01, *(0.005 * (1 + math.cos(math.pi * k / 4)) for k in range(4))]
+    assert used["generator"] == pytest.approx(cosine)
+    assert used["critic"] == pytest.approx([0.02 * (1 - k / 6) for k in range(6)])
+    assert used["critic"][-1] > 0 and trainer.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(0)
+
+
+def test_constant_learning_rate_is_the_default(tmp_path):
+    cfg, options = _cfg(None, "student_optim.lr=0.01")
+    trainer = _trainer(cfg, options)
+    for step in range(12):
+        trainer.train_step(step)
+    assert trainer.optimizers["generator"].param_groups[0]["lr"] == 0.01

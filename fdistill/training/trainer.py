@@ -24,9 +24,11 @@ reduce-scatters its gradient.
 from __future__ import annotations
 
 import hashlib
+import math
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +87,18 @@ def _adamw(params_by_network: dict[str, list[torch.nn.Parameter]], oc: OptimConf
     return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
 
 
-def _warmup(opt, steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / steps) if steps else 1.0)
+def _lr_schedule(opt, warmup: int, decay: str, updates: int):
+    """The learning-rate factor of the ``k``-th update of ``opt``: a linear warm-up over ``warmup`` updates, then
+    ``decay`` from 1 to 0 over the rest of the ``updates`` this optimizer gets in the run."""
+    def factor(k: int) -> float:
+        if warmup and k < warmup:
+            return (k + 1) / warmup
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (k - warmup) / max(1, updates - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _shard(module: torch.nn.Module) -> None:
@@ -126,7 +138,9 @@ class Trainer:
         sections = {"generator": "student_optim", "critic": "critic_optim"}
         self.optimizers = {k: _adamw(self._params_by_network(self.trains[k], extra[k]), optim[k], sections[k])
                            for k in optim}
-        self.schedulers = {k: _warmup(o, optim[k].warmup_steps) for k, o in self.optimizers.items() if o}
+        updates = Counter(objective.step_kind(step) for step in range(cfg.train.steps))
+        self.schedulers = {k: _lr_schedule(o, optim[k].warmup_steps, optim[k].lr_decay, updates[k])
+                           for k, o in self.optimizers.items() if o}
         self.clip = {k: optim[k].grad_clip for k in optim}
         self.ema = EMASet(nets.student, cfg.ema.averages, cfg.train.batch_size)
         self.step, self.nonfinite_total, self.nonfinite_run, self.wall_seconds = 0, 0, 0, 0.0
