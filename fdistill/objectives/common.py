@@ -73,6 +73,13 @@ class BackwardSimulationOptions:
     backward_simulation_steps: str = "every"
 
 
+def check_choice(options, key: str, choices, optional: bool = False) -> None:
+    """A one-line ``ValueError`` when ``objective.<key>`` is not one of ``choices`` (or null, if ``optional``)."""
+    value = getattr(options, key)
+    if value not in choices and not (optional and value is None):
+        raise ValueError(f"objective.{key}={value!r} is unknown; use one of {', '.join(choices)}")
+
+
 def check_backward_simulation_options(options: BackwardSimulationOptions) -> None:
     """A one-line ``ValueError`` for an unknown ``backward_simulation_times`` or ``backward_simulation_steps``."""
     if options.backward_simulation_times not in BACKWARD_SIMULATION_TIMES:

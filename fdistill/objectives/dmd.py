@@ -90,13 +90,9 @@ class DMD(Objective):
     def __init__(self, options: DMDOptions, schedule):
         super().__init__(options, schedule)
         common.check_backward_simulation_options(options)
-        for key in ("time_distribution", "discriminator_time_distribution"):
-            law = getattr(options, key)
-            if law is not None and law not in TIME_DISTRIBUTIONS:
-                raise ValueError(f"objective.{key}={law!r} is unknown; use one of {', '.join(TIME_DISTRIBUTIONS)}")
-        if options.normalizer not in NORMALIZERS:
-            raise ValueError(f"objective.normalizer={options.normalizer!r} is unknown; use one of "
-                             f"{', '.join(NORMALIZERS)}")
+        common.check_choice(options, "time_distribution", TIME_DISTRIBUTIONS)
+        common.check_choice(options, "discriminator_time_distribution", TIME_DISTRIBUTIONS, optional=True)
+        common.check_choice(options, "normalizer", NORMALIZERS)
 
     @property
     def needs_discriminator(self) -> bool:

@@ -63,12 +63,8 @@ class RCM(SCM):
     def __init__(self, options: RCMOptions, schedule):
         super().__init__(options, schedule)
         common.check_backward_simulation_options(options)
-        if options.dmd_time_distribution not in TIME_DISTRIBUTIONS:
-            raise ValueError(f"objective.dmd_time_distribution={options.dmd_time_distribution!r} is unknown; use "
-                             f"one of {', '.join(TIME_DISTRIBUTIONS)}")
-        if options.dmd_normalizer not in NORMALIZERS:
-            raise ValueError(f"objective.dmd_normalizer={options.dmd_normalizer!r} is unknown; use one of "
-                             f"{', '.join(NORMALIZERS)}")
+        common.check_choice(options, "dmd_time_distribution", TIME_DISTRIBUTIONS)
+        common.check_choice(options, "dmd_normalizer", NORMALIZERS)
 
     def student_updates_before(self, step: int) -> int:
         """How many student steps precede ``step`` (rCM's "effective iteration")."""

@@ -93,13 +93,9 @@ class ScoreIdentity(Objective):
         if options.discriminator not in DISCRIMINATORS:
             raise ValueError(f"objective.discriminator must be one of {DISCRIMINATORS}, "
                              f"not {options.discriminator!r}")
-        if options.normalizer not in NORMALIZERS:
-            raise ValueError(f"objective.normalizer={options.normalizer!r} is unknown; use one of "
-                             f"{', '.join(NORMALIZERS)}")
+        common.check_choice(options, "normalizer", NORMALIZERS)
         for key in ("generator_time_distribution", "critic_time_distribution"):
-            if getattr(options, key) not in TIME_DISTRIBUTIONS:
-                raise ValueError(f"objective.{key}={getattr(options, key)!r} is unknown; use one of "
-                                 f"{', '.join(TIME_DISTRIBUTIONS)}")
+            common.check_choice(options, key, TIME_DISTRIBUTIONS)
         common.check_backward_simulation_options(options)
         if options.discriminator_features is not None and options.discriminator != "separate":
             raise ValueError("objective.discriminator_features is read by the separate discriminator only (the "
