@@ -13,6 +13,7 @@ from fdistill.objectives.scm import normalize_tangent, rcm_tangent, scm_tangent
 from fdistill.run import build_experiment
 from fdistill.schedules import sample_time
 from fdistill.trigflow import TrigFlowDenoiser
+from tests.test_backward_simulation import ring_experiment
 
 # ---------------------------------------------------------------------------------------------------
 # 1-D Gaussian data N(0, v): the PF-ODE is linear and the consistency map is known (docs/objectives.md §13.9).
@@ -169,10 +170,7 @@ def test_few_step_sampling_shapes_and_seeds(tmp_path):
 
 
 def ring_rcm(*overrides):
-    cfg, options = load_config(None, ["objective.name=rcm", "generator.times=[1.5]", "objective.tangent_warmup=0",
-                                      *overrides])
-    torch.manual_seed(0)
-    return build_experiment(cfg, options)[:2]
+    return ring_experiment("rcm", "generator.times=[1.5]", "objective.tangent_warmup=0", *overrides)
 
 
 @pytest.mark.parametrize("normalizer", ["dmd", "none"])
