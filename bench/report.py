@@ -10,6 +10,8 @@ Reads what the benchmarks wrote (each file names the command and the machine tha
 * ``quality_ring_divergences.json``: ``python bench/quality.py ring_divergences`` (12 runs, about 15 minutes);
 * ``quality_analytic.json`` (optional): ``python bench/quality.py analytic``;
 * ``quickstart_long_gpu.json``: the quickstart at batch 256 for longer, on an H200 GPU (commands in the file);
+* ``digits_gpu.json`` (optional): digits recipes at bigger batches and over seeds on an H200 GPU (commands in the
+  file);
 * ``consistency_probes_gpu.json`` (optional): sCM and rCM recipes with one option changed, on an H200 GPU;
 * ``speed.json``: ``python bench/speed.py`` (about 3 minutes on 2 cores).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -211,6 +214,44 @@ def long_run_section(long_run: dict) -> tuple[list[str], list[str]]:
         f"{student['fd'] / teacher['fd']:.2f}x the teacher's FD |"]
 
 
+def seed_cell(values: list[float]) -> str:
+    """``mean ± sample std (n)`` over seeds, or the value alone for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f} ({len(values)})"
+
+
+def gpu_runs_section(gpu: dict) -> tuple[list[str], list[str]]:
+    """One row per recipe with its FD at 1, 2 and 4 steps over seeds; the headline takes each step count's best
+    among the recipes run with several seeds."""
+    device = gpu["environment"]["device"]
+    lines = ["## Digits recipes on a GPU: bigger batches and seeds", "", f"{gpu['description']} ({device}).", "",
+             "| run | steps | FD 1 step | FD 2 steps | FD 4 steps | best vs teacher |", "|---|---|---|---|---|---|"]
+    best: dict[str, tuple[float, str, int]] = {}
+    for run in gpu["runs"]:
+        seeds = run["seeds"]
+        teacher = statistics.fmean(s["teacher_fd"] for s in seeds)
+        cells, means = [], {}
+        for nfe in ("1", "2", "4"):
+            values = [s["fd_by_nfe"][nfe] for s in seeds if nfe in s["fd_by_nfe"]]
+            cells.append(seed_cell(values) if values else "-")
+            if values:
+                means[nfe] = statistics.fmean(values) / teacher
+                if len(values) > 1 and means[nfe] < best.get(nfe, (float("inf"),))[0]:
+                    best[nfe] = (means[nfe], run["label"], len(values))
+        top = min(means, key=means.get)
+        lines.append(f"| {run['label']} | {seeds[0]['steps']} | " + " | ".join(cells)
+                     + f" | {means[top]:.2f}x at {top} step{'s' * (top != '1')} |")
+    lines += ["", f"The teacher's 35-step FD there: {teacher:.2f}. A student trained on its 4-step path alone "
+              "(`backward_simulation_steps=last`) is a 4-step sampler: its 1- and 2-step samples are untrained. "
+              "Commands (`<seed>` 0, 1, 2):", ""]
+    lines += [f"* {run['label']}: `{run['command']}`" for run in gpu["runs"]]
+    headline = [f"| digits, best {nfe}-step student on a GPU, {n} seeds: {label} ({device}) | {ratio:.2f}x the "
+                "teacher's FD |" for nfe, (ratio, label, n) in sorted(best.items()) if nfe != "2"]
+    return lines + [""], headline
+
+
 def consistency_probes_section(probes: dict) -> list[str]:
     lines = ["## Consistency recipes: one-option probes on a GPU", "",
              f"{probes['description']} ({probes['environment']['device']}). `{probes['command']}`.", "",
@@ -265,6 +306,7 @@ def main(argv=None) -> int:
     body: list[str] = []
     headline = ["| result | value |", "|---|---|"]
     sections = [("quality_digits.json", digits_section), ("quickstart_long_gpu.json", lambda d, _: long_run_section(d)),
+                ("digits_gpu.json", lambda d, _: gpu_runs_section(d)),
                 ("quality_imbalanced.json", imbalanced_section),
                 ("quality_ring_divergences.json", ring_divergences_section), ("speed.json", speed_section)]
     for name, section in sections:
