@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, get_args, get_type_hints
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -253,6 +253,28 @@ def _valid_keys(schema, prefix: str = "") -> list[str]:
     return keys
 
 
+def _string_keys(schema, prefix: str = "") -> list[str]:
+    """Every dotted key of ``schema`` whose value is a string, into nested sections."""
+    keys, hints = [], get_type_hints(schema)
+    for f in fields(schema):
+        kind = hints[f.name]
+        if kind is str or kind == Optional[str]:
+            keys.append(prefix + f.name)
+        optional = get_args(kind) if get_origin(kind) is Union else ()  # not into lists: their items are checked alone
+        for section in [t for t in (kind, *optional) if is_dataclass(t)][:1]:
+            keys += _string_keys(section, prefix + f.name + ".")
+    return keys
+
+
+def _restore_words(user: DictConfig) -> None:
+    """YAML reads the words ``no`` and ``yes`` as booleans; a string key gets its word back, so that
+    ``train.mixed_precision=no`` (accelerate's name for full precision) means "no", not "False"."""
+    for key in _string_keys(Config):
+        value = OmegaConf.select(user, key)
+        if isinstance(value, bool):
+            OmegaConf.update(user, key, "yes" if value else "no")
+
+
 def _nearest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -392,6 +414,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> tuple[Config, An
     schema = OmegaConf.structured(Config)
     valid = _valid_keys(Config)
     user = _apply_overrides(_load_yaml(Path(path)) if path else OmegaConf.create(), list(overrides))
+    _restore_words(user)
     objective = user.pop("objective", None)
     _check_list_items(user)
     cfg = _merge(schema, user, valid)

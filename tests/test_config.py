@@ -26,6 +26,16 @@ def test_include_chain_then_file_then_overrides(tmp_path):
     assert cfg.run.dir == str(Path("runs") / "top")
 
 
+def test_yaml_no_is_the_word_for_a_string_key(tmp_path):
+    """YAML reads ``no`` as false; ``train.mixed_precision`` takes it as accelerate's word, from a file or the CLI."""
+    top = _write(tmp_path / "top.yaml", "include: " + TINY + "\ntrain: {mixed_precision: no}\n")
+    assert load_config(top)[0].train.mixed_precision == "no"
+    cfg, _ = load_config(TINY, ["train.mixed_precision=bf16", "train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    cfg, _ = load_config(TINY, ["log.tensorboard=no"])  # a boolean key still reads the word as false
+    assert cfg.log.tensorboard is False
+
+
 def test_tiny_config_resolves_its_base_and_new_sections():
     cfg, options = load_config(TINY, ["ema.averages=[{name: slow, half_life_kimg: 0.5}]", "eval.ema=slow"])
     assert cfg.teacher.num_modes == 8 and options.name == "f_distill"  # from ring_base.yaml and the file
