@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -240,36 +240,31 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _valid_keys(schema, prefix: str = "") -> list[str]:
-    """Every dotted key of ``schema``, into nested sections, also those that default to null (``student.lora``)."""
-    keys, hints = [], get_type_hints(schema)
-    for f in fields(schema):
-        keys.append(prefix + f.name)
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        optional = [t for t in get_args(hints[f.name]) if is_dataclass(t)]
-        section = type(default) if is_dataclass(default) else optional[0] if optional else None
-        if section is not None:
-            keys += _valid_keys(section, prefix + f.name + ".")
-    return keys
-
-
-def _string_keys(schema, prefix: str = "") -> list[str]:
-    """Every dotted key of ``schema`` whose value is a string, into nested sections."""
-    keys, hints = [], get_type_hints(schema)
+def _schema_fields(schema, prefix: str = "", in_list: bool = False):
+    """``(dotted key, type, inside a list)`` of every field of ``schema``, into nested sections and list items,
+    also sections that default to null (``student.lora``)."""
+    hints = get_type_hints(schema)
     for f in fields(schema):
         kind = hints[f.name]
-        if kind is str or kind == Optional[str]:
-            keys.append(prefix + f.name)
-        optional = get_args(kind) if get_origin(kind) is Union else ()  # not into lists: their items are checked alone
-        for section in [t for t in (kind, *optional) if is_dataclass(t)][:1]:
-            keys += _string_keys(section, prefix + f.name + ".")
-    return keys
+        yield prefix + f.name, kind, in_list
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        optional = [t for t in get_args(kind) if is_dataclass(t)]
+        section = type(default) if is_dataclass(default) else optional[0] if optional else None
+        if section is not None:
+            yield from _schema_fields(section, prefix + f.name + ".", in_list or get_origin(kind) is list)
+
+
+def _valid_keys(schema) -> list[str]:
+    """Every dotted key of ``schema``."""
+    return [key for key, _, _ in _schema_fields(schema)]
 
 
 def _restore_words(user: DictConfig) -> None:
     """YAML reads the words ``no`` and ``yes`` as booleans; a string key gets its word back, so that
     ``train.mixed_precision=no`` (accelerate's name for full precision) means "no", not "False"."""
-    for key in _string_keys(Config):
+    for key, kind, in_list in _schema_fields(Config):
+        if kind not in (str, Optional[str]) or in_list:  # list items are merged one by one
+            continue
         value = OmegaConf.select(user, key)
         if isinstance(value, bool):
             OmegaConf.update(user, key, "yes" if value else "no")

@@ -90,9 +90,7 @@ class ScoreIdentity(Objective):
 
     def __init__(self, options: ScoreIdentityOptions, schedule):
         super().__init__(options, schedule)
-        if options.discriminator not in DISCRIMINATORS:
-            raise ValueError(f"objective.discriminator must be one of {DISCRIMINATORS}, "
-                             f"not {options.discriminator!r}")
+        common.check_choice(options, "discriminator", DISCRIMINATORS)
         common.check_choice(options, "normalizer", NORMALIZERS)
         for key in ("generator_time_distribution", "critic_time_distribution"):
             common.check_choice(options, key, TIME_DISTRIBUTIONS)

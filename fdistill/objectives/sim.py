@@ -58,9 +58,7 @@ class SIMOptions(ScoreIdentityOptions):
 class SIM(ScoreIdentity):
     def __init__(self, options: SIMOptions, schedule):
         super().__init__(options, schedule)
-        if options.distance not in SIM_DISTANCES:
-            raise ValueError(f"objective.distance must be one of {SIM_DISTANCES}, "
-                             f"not {options.distance!r}")
+        common.check_choice(options, "distance", SIM_DISTANCES)
 
     def huber_c(self, dim: int) -> float:
         c = self.options.huber_c
