@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fdistill.config import load_config
 from fdistill.containers import Batch
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 
 MODES = ("exact", "finite_difference")

@@ -33,7 +33,7 @@ from pathlib import Path
 import speed
 from speed import MIB, elapsed_ms, make_accelerator, quickstart_experiment, steady_state_steps, step_peak_mib
 
-from fdistill.config import load_config
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
 

@@ -76,10 +76,11 @@ from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from fdistill.config import load_config, validate_objective
+from fdistill.config import validate_objective
 from fdistill.evaluation import student_samples, teacher_samples
-from fdistill.jvp import time_jvp
+from fdistill.networks.jvp import time_jvp
 from fdistill.objectives import OBJECTIVES, build_objective, scm
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment, environment
 from fdistill.teachers import build_teacher
 from fdistill.training.trainer import Trainer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
-from fdistill.config import ConfigError
+from fdistill.errors import ConfigError
 
 
 @contextmanager

@@ -16,9 +16,7 @@ from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hin
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A problem with the user's configuration; its message is one line that names the fix."""
+from fdistill.errors import ConfigError
 
 
 @dataclass
@@ -270,7 +268,7 @@ def _restore_words(user: DictConfig) -> None:
             OmegaConf.update(user, key, "yes" if value else "no")
 
 
-def _nearest(key: str, valid: list[str]) -> str:
+def nearest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -281,7 +279,7 @@ def _merge(schema_cfg, user_cfg, valid: list[str], prefix: str = ""):
     except OmegaConfBaseException as e:
         key = prefix + (e.full_key or "")
         if "not in struct" in str(e) or "Key '" in str(e) and "not in" in str(e):
-            raise ConfigError(f"unknown config key {key!r}{_nearest(key, valid)}") from None
+            raise ConfigError(f"unknown config key {key!r}{nearest(key, valid)}") from None
         msg = str(e).splitlines()[0]
         raise ConfigError(f"bad value for config key {key!r}: {msg}") from None
 
@@ -356,7 +354,7 @@ def _check_values(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value not in choices:
-            hint = _nearest(str(value), list(choices))
+            hint = nearest(str(value), list(choices))
             raise ConfigError(f"bad value for config key {key!r}: {value!r}{hint}; "
                               f"choose one of {', '.join(choices)}")
     names = [spec.name for spec in cfg.ema.averages]
@@ -368,7 +366,7 @@ def _check_values(cfg: Config) -> None:
         if names.count(spec.name) > 1:
             raise ConfigError(f"ema.averages: the name {spec.name!r} is used twice; give each its own name")
     if cfg.eval.ema is not None and cfg.eval.ema not in names:
-        hint = _nearest(cfg.eval.ema, names)
+        hint = nearest(cfg.eval.ema, names)
         raise ConfigError(f"eval.ema={cfg.eval.ema!r} names no ema.averages entry{hint}; "
                           f"defined: {', '.join(names) or 'none'}")
     if cfg.generator.times and cfg.generator.noise_level is not None:
@@ -389,23 +387,16 @@ def batch_layout(train: TrainConfig, num_processes: int) -> tuple[int, int]:
     return device, train.batch_size // micro
 
 
-def validate_objective(section) -> Any:
-    """Turn the ``objective`` mapping into its registered options dataclass, rejecting unknown keys."""
-    from fdistill.objectives import OBJECTIVES
-
-    name = section.get("name", "dmd")
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {name!r}{_nearest(name, list(OBJECTIVES))}; "
-                          f"choose one of {', '.join(sorted(OBJECTIVES))}")
-    options_cls = OBJECTIVES[name][1]
-    schema = OmegaConf.structured(options_cls)
-    valid = ["objective." + k for k in _valid_keys(options_cls)]
-    merged = _merge(schema, OmegaConf.create(dict(section)), valid, prefix="objective.")
+def section_options(section, options_cls, prefix: str) -> Any:
+    """The mapping ``section`` (keys under ``prefix``) as an ``options_cls`` dataclass, rejecting unknown keys."""
+    valid = [prefix + k for k in _valid_keys(options_cls)]
+    merged = _merge(OmegaConf.structured(options_cls), OmegaConf.create(dict(section)), valid, prefix=prefix)
     return OmegaConf.to_object(merged)
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> tuple[Config, Any]:
-    """Load, merge and validate; returns ``(config, objective_options)``."""
+def read_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Load, merge and validate every section but ``objective``, which stays the user's mapping (its schema is
+    the chosen objective's options: :func:`fdistill.recipes.load_config`)."""
     schema = OmegaConf.structured(Config)
     valid = _valid_keys(Config)
     user = _apply_overrides(_load_yaml(Path(path)) if path else OmegaConf.create(), list(overrides))
@@ -417,11 +408,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> tuple[Config, An
         cfg.objective = objective
     cfg = OmegaConf.to_object(cfg)
     _check_values(cfg)
-    options = validate_objective(cfg.objective)
-    cfg.objective = OmegaConf.to_container(OmegaConf.structured(options))
     if path and cfg.run.dir is None:
         cfg.run.dir = str(Path("runs") / Path(path).stem)
-    return cfg, options
+    return cfg
 
 
 def dump_config(cfg: Config) -> str:

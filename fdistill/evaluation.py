@@ -23,14 +23,14 @@ from tqdm import tqdm
 from fdistill.config import EvalConfig
 from fdistill.containers import Networks
 from fdistill.metrics.class_frequencies import class_frequencies
-from fdistill.sampling import sample_ode
+from fdistill.samplers.ode import sample_ode
 
 
 @torch.no_grad()
 def student_samples(nets: Networks, n: int, steps: int, seed: int, renoise: str | None = None, cond=None,
                     batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
-    """``n`` samples of the student as it is served (:meth:`~fdistill.generator.Generator.servable`); one generator
-    seeded with ``seed`` draws each batch's noise in turn."""
+    """``n`` samples of the student as it is served (:meth:`~fdistill.networks.generator.Generator.servable`); one
+    generator seeded with ``seed`` draws each batch's noise in turn."""
     g = torch.Generator().manual_seed(seed)
     device, student = nets.device, nets.student.servable()
     out = []

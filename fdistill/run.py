@@ -1,12 +1,12 @@
 """One experiment end to end: build, train (on any number of processes), export, evaluate, write the run dir.
 
 ``RUN_DIR/config.yaml`` holds the resolved configuration, ``RUN_DIR/student.safetensors`` the student's
-trained weights (a LoRA student's adapter weights alone, :mod:`fdistill.lora`) and
+trained weights (a LoRA student's adapter weights alone, :mod:`fdistill.networks.lora`) and
 ``RUN_DIR/student_ema_<name>.safetensors`` each EMA of them, ``RUN_DIR/checkpoints/`` the resumable state,
 ``RUN_DIR/train_log.csv`` and ``RUN_DIR/tensorboard/`` the training scalars, and ``RUN_DIR/metrics.json`` the
 results (one entry per sampler, computed with the ``eval.ema`` weights), the objective, steps and wall time; image
 runs add ``RUN_DIR/samples/`` (each sampler's PNGs and a student-vs-teacher grid) and ``RUN_DIR/pipeline/``, the
-student as a diffusers pipeline (``fdistill.pipelines``). Only the main process writes; evaluation runs on it
+student as a diffusers pipeline (``fdistill.pipelines.export``). Only the main process writes; evaluation runs on it
 alone.
 
 The run is where the parts meet: it builds the teacher, the task (:func:`fdistill.tasks.build_task`), the
@@ -27,13 +27,15 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from fdistill.config import Config, ConfigError, LoraConfig, dump_config, load_config
+from fdistill.config import Config, LoraConfig, dump_config
 from fdistill.containers import Networks
-from fdistill.denoisers import Denoiser
-from fdistill.discriminator import discriminator_for
-from fdistill.generator import student_times
-from fdistill.lora import add_lora, load_student_file, student_file_weights
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import Denoiser
+from fdistill.networks.discriminator import discriminator_for
+from fdistill.networks.generator import student_times
+from fdistill.networks.lora import add_lora, load_student_file, student_file_weights
 from fdistill.objectives import Objective, build_objective
+from fdistill.recipes import load_config
 from fdistill.tasks import Task, build_task
 from fdistill.teachers import build_teacher, with_guidance
 from fdistill.training import checkpoint as checkpoints

@@ -105,7 +105,7 @@ class DiscreteVPSchedule(Schedule):
     Time is the scheduler's timestep index ``t in [0, N-1]`` (what the UNet receives); non-integer times
     interpolate ``log alpha_bar`` linearly so that continuous-time objectives (sCM) can use it too. Built from a
     diffusers scheduler, it keeps that scheduler's config and float32 table, from which students are served
-    (``fdistill.lcm_sampling``).
+    (``fdistill.samplers.lcm``).
     """
 
     name = "discrete_vp"

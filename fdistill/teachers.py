@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from fdistill.config import Config, ConfigError, TeacherConfig
-from fdistill.denoisers import (
+from fdistill.config import Config, TeacherConfig
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import (
     Denoiser,
     GaussianMixtureDenoiser,
     UNetDenoiser,
@@ -29,10 +30,10 @@ from fdistill.denoisers import (
     gaussian_mixture,
     ring_mixture,
 )
-from fdistill.guidance import GuidedDenoiser
-from fdistill.latent_pipeline import vae_scale_factor
+from fdistill.networks.guidance import GuidedDenoiser
+from fdistill.pipelines.parts import vae_scale_factor
+from fdistill.pipelines.transformers import TRANSFORMER_DENOISERS, transformer_schedule
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
-from fdistill.transformer_denoisers import TRANSFORMER_DENOISERS, transformer_schedule
 
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
 EMBEDDED_IMBALANCED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_imbalanced_teacher"
@@ -271,7 +272,7 @@ def load_diffusers_teacher(source: str | Path, prediction_type: str | None = Non
 
     * A UNet's scheduler gives its ``alphas_cumprod`` as a :class:`DiscreteVPSchedule`, and its
       ``prediction_type`` (unless overridden) says how to read the UNet's output.
-    * A transformer gets its class's adapter (:data:`~fdistill.transformer_denoisers.TRANSFORMER_DENOISERS`) on
+    * A transformer gets its class's adapter (:data:`~fdistill.pipelines.transformers.TRANSFORMER_DENOISERS`) on
       latents of ``resolution`` pixels (default: the pipeline's), with ``embedded_guidance`` for a Flux
       transformer that embeds a guidance scale.
     """

@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from fdistill.config import load_config
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,12 +32,12 @@ from train_digits_teacher import optimizer_and_ema_step  # the script beside thi
 
 from fdistill.data import DigitsDataset
 from fdistill.data.images import ImageBatches, normalised_frequencies
-from fdistill.denoisers import UNetDenoiser, freeze
 from fdistill.evaluation import class_statistics
 from fdistill.metrics.class_frequencies import sampling_floor, total_variation
 from fdistill.metrics.features import load_digits_classifier, weights_hash
 from fdistill.metrics.image_sources import to_uint8_nchw
-from fdistill.sampling import sample_ode
+from fdistill.networks.denoisers import UNetDenoiser, freeze
+from fdistill.samplers.ode import sample_ode
 from fdistill.teachers import load_diffusers_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def evaluate(teacher_dir: Path, cfg) -> dict:
     labels = torch.arange(e.num_samples) % DigitsDataset.num_classes
     labelled = class_statistics(classifier_logits(teacher, classifier, labels, e), labels, DigitsDataset.num_classes)
     return {
-        "sampler": f"{e.sampler} ODE, {e.steps} steps (fdistill.sampling.sample_ode), noise from one generator "
+        "sampler": f"{e.sampler} ODE, {e.steps} steps (fdistill.samplers.ode.sample_ode), noise from one generator "
         f"seeded {e.seed}, batches of {e.batch_size}; images quantised to 8 bits",
         "num_samples": e.num_samples,
         "seed": e.seed,

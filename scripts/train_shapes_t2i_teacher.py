@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fdistill.data.captions import CAPTION_WORDS, CaptionedShapes
-from fdistill.latent_pipeline import word_tokenizer
+from fdistill.pipelines.parts import word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -81,7 +81,7 @@ def without_names(config: dict) -> dict:
 def test_imbalanced_teacher_is_the_digits_teacher_architecture():
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from fdistill.config import load_config
+    from fdistill.recipes import load_config
     from fdistill.teachers import build_teacher
 
     directories = (TEACHER_DIR, IMBALANCED_TEACHER_DIR)
@@ -117,8 +117,8 @@ def test_imbalanced_teacher_provenance_records_frequencies_near_its_target():
 
 def test_imbalanced_teacher_null_class_draws_zeros_most_often():
     """200 null-class samples of 8 Euler steps: digit 0 (frequency 0.3) leads, where the digits teacher is balanced."""
-    from fdistill.config import load_config
-    from fdistill.sampling import sample_ode
+    from fdistill.recipes import load_config
+    from fdistill.samplers.ode import sample_ode
     from fdistill.teachers import build_teacher
 
     teacher = build_teacher(load_config(None, ["teacher.kind=embedded_imbalanced"])[0])

@@ -6,11 +6,12 @@ from collections import Counter
 import pytest
 import torch
 
-from fdistill.config import ConfigError, load_config
 from fdistill.containers import Batch
-from fdistill.denoisers import MLPDenoiser
-from fdistill.generator import Generator, renoise
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import MLPDenoiser
+from fdistill.networks.generator import Generator, renoise
 from fdistill.objectives import OBJECTIVES, common
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.schedules import DiscreteVPSchedule
 from tests.test_objective_steps import TINY_UNET

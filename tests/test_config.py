@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fdistill.config import ConfigError, batch_layout, dump_config, load_config
+from fdistill.config import batch_layout, dump_config
+from fdistill.errors import ConfigError
+from fdistill.recipes import load_config
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "ring_tiny.yaml")

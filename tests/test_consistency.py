@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from fdistill.config import load_config
 from fdistill.containers import Batch
-from fdistill.jvp import time_jvp
+from fdistill.networks.jvp import time_jvp
+from fdistill.networks.trigflow import TrigFlowDenoiser
 from fdistill.objectives.scm import normalize_tangent, rcm_tangent, scm_tangent
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.schedules import sample_time
-from fdistill.trigflow import TrigFlowDenoiser
 from tests.test_backward_simulation import ring_experiment
 
 # ---------------------------------------------------------------------------------------------------

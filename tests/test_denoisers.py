@@ -1,6 +1,6 @@
 import torch
 
-from fdistill.denoisers import GaussianMixtureDenoiser, MLPDenoiser, UNetDenoiser, ring_mixture
+from fdistill.networks.denoisers import GaussianMixtureDenoiser, MLPDenoiser, UNetDenoiser, ring_mixture
 from fdistill.schedules import DiscreteVPSchedule, EDMSchedule, TrigFlowSchedule, VPSchedule, from_x0
 
 
@@ -76,7 +76,7 @@ def test_unet_adapter_reads_each_prediction_type_as_x0():
 def test_guidance_uses_the_null_class_of_a_class_conditional_unet():
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from fdistill.guidance import GuidedDenoiser
+    from fdistill.networks.guidance import GuidedDenoiser
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),

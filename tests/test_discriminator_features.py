@@ -8,8 +8,9 @@ import torch
 from test_objective_steps import TINY_UNET, batches, check_one_critic_and_one_generator_step, tiny_unet_experiment
 
 import fdistill.objectives.dmd as dmd
-from fdistill.config import ConfigError, load_config
-from fdistill.denoisers import UNetDenoiser, unet_blocks
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import UNetDenoiser, unet_blocks
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
 

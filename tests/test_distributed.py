@@ -16,7 +16,8 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import fdistill.run
-from fdistill.config import ConfigError, load_config
+from fdistill.errors import ConfigError
+from fdistill.recipes import load_config
 from fdistill.run import run_experiment
 from fdistill.training.checkpoint import full_tensor
 from fdistill.training.trainer import Trainer

@@ -10,11 +10,12 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import train
-from fdistill.config import EMASpec, load_config
+from fdistill.config import EMASpec
 from fdistill.containers import Batch, Networks
-from fdistill.denoisers import MLPDenoiser, freeze
+from fdistill.networks.denoisers import MLPDenoiser, freeze
 from fdistill.objectives import build_objective
 from fdistill.objectives.f_distill import FDistill
+from fdistill.recipes import load_config
 from fdistill.run import load_run, make_accelerator, run_experiment
 from fdistill.schedules import SCHEDULES
 from fdistill.tasks import ToyTask

@@ -5,13 +5,13 @@ import pytest
 import torch
 from numpy.polynomial.hermite_e import hermegauss
 
-from fdistill.config import load_config
 from fdistill.containers import Batch
-from fdistill.denoisers import GaussianMixtureDenoiser
+from fdistill.networks.denoisers import GaussianMixtureDenoiser
 from fdistill.objectives import common
 from fdistill.objectives.common import DIVERGENCES, get_divergence
 from fdistill.objectives.dmd import pseudo_gradient_loss
 from fdistill.objectives.f_distill import normalize_to_mean_one
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.schedules import EDMSchedule
 

@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from fdistill.commands.sample import pipeline_sampler
-from fdistill.config import ConfigError, load_config
 from fdistill.data.captions import CAPTION_WORDS
-from fdistill.flow_sampling import FlowMatchSampling
-from fdistill.guidance import GuidedDenoiser
-from fdistill.latent_pipeline import word_tokenizer
-from fdistill.lora import is_adapter_weight
+from fdistill.errors import ConfigError
+from fdistill.networks.guidance import GuidedDenoiser
+from fdistill.networks.lora import is_adapter_weight
 from fdistill.objectives import OBJECTIVES
+from fdistill.pipelines.parts import word_tokenizer
+from fdistill.pipelines.transformers import SD3TransformerDenoiser, pack_text_condition, unpack_text_condition
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
+from fdistill.samplers.flow import FlowMatchSampling
 from fdistill.schedules import FlowMatchSchedule, from_x0, to_x0
 from fdistill.training.trainer import Trainer
-from fdistill.transformer_denoisers import SD3TransformerDenoiser, pack_text_condition, unpack_text_condition
 from tests.test_objective_steps import TRIGFLOW_TIMES, check_one_critic_and_one_generator_step
 
 PROMPTS = ["a red circle at the top left", "a green square at the bottom right"]

@@ -11,10 +11,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from fdistill.config import ConfigError, load_config
 from fdistill.data.images import DigitsDataset, ImageBatches
+from fdistill.errors import ConfigError
 from fdistill.evaluation import class_statistics
-from fdistill.generator import default_student_times
+from fdistill.networks.generator import default_student_times
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.teachers import EMBEDDED_TEACHER_DIR, load_diffusers_teacher
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdistill.config import ConfigError, load_config
 from fdistill.data.images import DigitsDataset, ImageBatches, ShapesDataset
+from fdistill.errors import ConfigError
 from fdistill.evaluation import class_statistics
 from fdistill.metrics.class_frequencies import class_frequencies, sampling_floor, total_variation
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 
 ROOT = Path(__file__).resolve().parent.parent

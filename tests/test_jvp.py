@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fdistill.denoisers import UNetDenoiser
-from fdistill.jvp import ReplayRNG, forward_ad_context, time_jvp
+from fdistill.networks.denoisers import UNetDenoiser
+from fdistill.networks.jvp import ReplayRNG, forward_ad_context, time_jvp
+from fdistill.networks.trigflow import TrigFlowDenoiser
 from fdistill.schedules import VPSchedule
-from fdistill.trigflow import TrigFlowDenoiser
 
 TIMES = torch.tensor([0.4, 0.9, 1.3], dtype=torch.float64)
 

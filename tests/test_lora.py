@@ -9,10 +9,12 @@ from accelerate.state import AcceleratorState
 from diffusers import DiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file
 
-from fdistill.config import ConfigError, dump_config, load_config
+from fdistill.config import dump_config
 from fdistill.containers import Batch
-from fdistill.lora import is_adapter_weight, load_student_file, merged_network
-from fdistill.pipelines import export_pipeline
+from fdistill.errors import ConfigError
+from fdistill.networks.lora import is_adapter_weight, load_student_file, merged_network
+from fdistill.pipelines.export import export_pipeline
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment, export_run, load_run, save_student_files, student_file
 from fdistill.training.trainer import Trainer
 

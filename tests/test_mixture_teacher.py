@@ -11,8 +11,10 @@ import pytest
 import torch
 from scipy.stats import chi2, ncx2
 
-from fdistill.config import ConfigError, dump_config, load_config
+from fdistill.config import dump_config
+from fdistill.errors import ConfigError
 from fdistill.metrics.toy import mode_statistics, nearest_mode, off_mode_threshold
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.teachers import build_teacher
 

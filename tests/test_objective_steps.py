@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from fdistill.config import ConfigError, load_config
 from fdistill.containers import Batch
-from fdistill.guidance import GuidedDenoiser
+from fdistill.errors import ConfigError
+from fdistill.networks.guidance import GuidedDenoiser
 from fdistill.objectives import OBJECTIVES
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
 

@@ -18,11 +18,13 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DCond
 from PIL import Image
 from safetensors.torch import save_file
 
-from fdistill.config import ConfigError, dump_config, load_config
+from fdistill.config import dump_config
 from fdistill.containers import Batch
-from fdistill.denoisers import MLPDenoiser, UNetDenoiser
-from fdistill.generator import Generator
-from fdistill.pipelines import export_pipeline
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import MLPDenoiser, UNetDenoiser
+from fdistill.networks.generator import Generator
+from fdistill.pipelines.export import export_pipeline
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment, export_run, student_file
 from fdistill.schedules import DiscreteVPSchedule, EDMSchedule
 from fdistill.teachers import load_diffusers_teacher

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdistill.config import load_config
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

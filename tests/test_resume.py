@@ -10,8 +10,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from fdistill.config import ConfigError, load_config
+from fdistill.errors import ConfigError
 from fdistill.objectives.f_distill import FDistill
+from fdistill.recipes import load_config
 from fdistill.run import run_experiment
 from fdistill.training import checkpoint
 from fdistill.training.trainer import Interrupted

@@ -20,10 +20,10 @@ import pytest
 import torch
 from numpy.polynomial.hermite_e import hermegauss
 
-from fdistill.config import load_config
 from fdistill.containers import Batch
-from fdistill.denoisers import GaussianMixtureDenoiser
+from fdistill.networks.denoisers import GaussianMixtureDenoiser
 from fdistill.objectives import OBJECTIVES, build_objective, common, sid, sim, uni_instruct
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.schedules import EDMSchedule, sample_time
 

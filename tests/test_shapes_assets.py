@@ -141,7 +141,7 @@ def test_assets_are_small():
                                              ("shapes_flow_teacher", "quickstart_t2i_flow.yaml")])
 def test_text_to_image_teacher_reproduces_its_recorded_metrics(teacher, config):
     """A shipped teacher under the protocol its provenance records (scripts/evaluate_shapes_t2i_teacher.py)."""
-    from fdistill.config import load_config
+    from fdistill.recipes import load_config
     from fdistill.run import build_experiment
 
     root = Path(__file__).resolve().parent.parent

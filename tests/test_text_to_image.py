@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-from fdistill.config import ConfigError, load_config
 from fdistill.data.captions import CAPTION_WORDS
-from fdistill.guidance import GuidedDenoiser
-from fdistill.latent_pipeline import word_tokenizer
+from fdistill.errors import ConfigError
+from fdistill.networks.guidance import GuidedDenoiser
 from fdistill.objectives import OBJECTIVES
+from fdistill.pipelines.parts import word_tokenizer
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
 from tests.test_objective_steps import TRIGFLOW_TIMES, check_one_critic_and_one_generator_step

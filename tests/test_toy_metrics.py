@@ -1,7 +1,7 @@
 import torch
 
-from fdistill.denoisers import GaussianMixtureDenoiser, ring_mixture
 from fdistill.metrics.toy import energy_distance, mode_statistics
+from fdistill.networks.denoisers import GaussianMixtureDenoiser, ring_mixture
 from fdistill.schedules import EDMSchedule
 
 

@@ -11,17 +11,18 @@ import sys
 import pytest
 import torch
 
-from fdistill.config import ConfigError, load_config
 from fdistill.data.captions import CAPTION_WORDS
-from fdistill.flow_sampling import FlowMatchSampling
-from fdistill.latent_pipeline import gemma_word_tokenizer, t5_word_tokenizer, word_tokenizer
-from fdistill.lcm_sampling import LCMSampling
-from fdistill.lora import is_adapter_weight
+from fdistill.errors import ConfigError
+from fdistill.networks.lora import is_adapter_weight
 from fdistill.objectives import OBJECTIVES
+from fdistill.pipelines.parts import gemma_word_tokenizer, t5_word_tokenizer, word_tokenizer
+from fdistill.pipelines.transformers import FluxTransformerDenoiser, PixArtTransformerDenoiser, SanaTransformerDenoiser
+from fdistill.recipes import load_config
 from fdistill.run import build_experiment
+from fdistill.samplers.flow import FlowMatchSampling
+from fdistill.samplers.lcm import LCMSampling
 from fdistill.schedules import FlowMatchSchedule
 from fdistill.training.trainer import Trainer
-from fdistill.transformer_denoisers import FluxTransformerDenoiser, PixArtTransformerDenoiser, SanaTransformerDenoiser
 from tests.test_flow_transformer import PROMPTS, exported_samples, student_images
 from tests.test_objective_steps import TRIGFLOW_TIMES, check_one_critic_and_one_generator_step
 

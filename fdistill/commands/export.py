@@ -1,7 +1,7 @@
 """Export a run's student as a diffusers pipeline: ``python export.py --run RUN_DIR [--out DIR]``.
 
 The directory is a stock diffusers pipeline: ``DiffusionPipeline.from_pretrained(DIR)`` loads it without fdistill
-and samples exactly like the run's student (``fdistill/pipelines.py``); ``DIR/fdistill.json`` records how it was
+and samples exactly like the run's student (``fdistill/pipelines/export.py``); ``DIR/fdistill.json`` records how it was
 made and ``DIR/README.md`` is its model card. Default ``DIR``: ``RUN_DIR/pipeline``. ``--checkpoint`` exports an
 intermediate checkpoint of the run instead of its final weights.
 """
@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from fdistill.cli import user_errors
-from fdistill.config import ConfigError
+from fdistill.errors import ConfigError
 
 
 def main(argv=None):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fdistill.cli import user_errors
-from fdistill.config import ConfigError
+from fdistill.errors import ConfigError
 from fdistill.evaluation import write_png_folder
 
 DEFAULT_TEACHER_STEPS = 35
@@ -149,8 +149,8 @@ def student_sampler(student, steps: int | None, renoise: str | None, device, tex
 
 
 def teacher_sampler(teacher, steps: int, method: str, device, text_parts=None) -> Sampler:
-    """A teacher's probability-flow ODE sampler (``fdistill.sampling.sample_ode``)."""
-    from fdistill.sampling import sample_ode
+    """A teacher's probability-flow ODE sampler (``fdistill.samplers.ode.sample_ode``)."""
+    from fdistill.samplers.ode import sample_ode
 
     if steps < 1:
         raise ConfigError(f"--steps {steps}: a teacher needs at least 1 ODE step")
@@ -168,7 +168,7 @@ def teacher_sampler(teacher, steps: int, method: str, device, text_parts=None) -
 
 def guided_text_teacher(teacher, text_parts, scale: float, negative_prompt: str, interval=None):
     """The unguided text ``teacher`` guided with ``scale`` and ``negative_prompt`` (none at scale 1)."""
-    from fdistill.guidance import GuidedDenoiser
+    from fdistill.networks.guidance import GuidedDenoiser
 
     if scale == 1.0 and interval is None:
         return teacher
@@ -214,7 +214,7 @@ def open_model(model: str, teacher: bool, steps: int | None, device, guidance_sc
             return teacher_sampler(guided, teacher_steps, cfg.eval.teacher_sampler, device, text_parts)
         return student_sampler(nets.student.servable(), steps, cfg.eval.renoise, device, text_parts)
     if (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file():
-        from fdistill.latent_pipeline import LatentPipelineParts
+        from fdistill.pipelines.parts import LatentPipelineParts
 
         teacher_net = load_diffusers_teacher(path).to(device)
         teacher_steps = DEFAULT_TEACHER_STEPS if steps is None else steps

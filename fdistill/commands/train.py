@@ -13,7 +13,8 @@ import sys
 from accelerate import PartialState
 
 from fdistill.cli import user_errors
-from fdistill.config import dump_config, load_config
+from fdistill.config import dump_config
+from fdistill.recipes import load_config
 from fdistill.run import run_experiment
 from fdistill.training.checkpoint import CheckpointWriteError
 from fdistill.training.trainer import Interrupted, NonFiniteTraining

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from fdistill.containers import Batch
-from fdistill.denoisers import GaussianMixtureDenoiser
 
 
 class TeacherSamples:
-    """An endless stream of batches carrying exact mixture samples (the "real data" of toy runs).
+    """An endless stream of batches carrying exact mixture samples (the "real data" of toy runs) of ``teacher``, an
+    analytic mixture denoiser (anything whose ``sample(n)`` returns ``(samples, components)``).
 
     It draws from torch's global RNG, which the trainer seeds from ``(run.seed, step)`` before every batch:
     the stream's position is the step counter, so a resumed run sees the same data without saving any.
     """
 
-    def __init__(self, teacher: GaussianMixtureDenoiser, batch_size: int, with_real: bool = True):
+    def __init__(self, teacher, batch_size: int, with_real: bool = True):
         self.teacher, self.batch_size, self.with_real = teacher, batch_size, with_real
 
     def __iter__(self):

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from fdistill.containers import Batch, Networks
-from fdistill.denoisers import Denoiser
-from fdistill.generator import Generator
+from fdistill.networks.denoisers import Denoiser
+from fdistill.networks.generator import Generator
 from fdistill.schedules import Schedule
 
 OBJECTIVES: dict[str, tuple[type, type]] = {}

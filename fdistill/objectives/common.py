@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdistill.containers import Batch, Networks
-from fdistill.denoisers import Denoiser, per_sample
-from fdistill.generator import time_at_noise_level
+from fdistill.networks.denoisers import Denoiser, per_sample
+from fdistill.networks.generator import time_at_noise_level
 from fdistill.schedules import Schedule
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from fdistill.containers import Batch, Networks
-from fdistill.generator import Generator
+from fdistill.networks.generator import Generator
 from fdistill.objectives import common
 from fdistill.objectives.base import register
 from fdistill.objectives.dmd import DMD, DMDOptions

@@ -33,7 +33,7 @@ from typing import List, Optional
 import torch
 
 from fdistill.containers import Batch, Networks
-from fdistill.denoisers import per_sample
+from fdistill.networks.denoisers import per_sample
 from fdistill.objectives import common
 from fdistill.objectives.base import Objective, ObjectiveOptions, register
 from fdistill.schedules import TIME_DISTRIBUTIONS, sample_time

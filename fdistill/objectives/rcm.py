@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from fdistill.containers import Batch, Networks
-from fdistill.denoisers import per_sample
+from fdistill.networks.denoisers import per_sample
+from fdistill.networks.trigflow import TrigFlowDenoiser
 from fdistill.objectives import common
 from fdistill.objectives.base import register
 from fdistill.objectives.dmd import NORMALIZERS
 from fdistill.objectives.scm import SCM, ConsistencyOptions
 from fdistill.schedules import TIME_DISTRIBUTIONS, sample_time
-from fdistill.trigflow import TrigFlowDenoiser
 
 
 @dataclass

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from fdistill.containers import Batch, Networks
-from fdistill.denoisers import Denoiser, per_sample
-from fdistill.generator import Generator
-from fdistill.jvp import ReplayRNG, time_jvp
+from fdistill.networks.denoisers import Denoiser, per_sample
+from fdistill.networks.generator import Generator
+from fdistill.networks.jvp import ReplayRNG, time_jvp
+from fdistill.networks.trigflow import LogVarianceHead, TrigFlowDenoiser
 from fdistill.objectives import common
 from fdistill.objectives.base import Objective, register
 from fdistill.schedules import from_x0, sample_time
-from fdistill.trigflow import LogVarianceHead, TrigFlowDenoiser
 
 
 def scm_tangent(F_minus, dxdt, x_t, v, t, sigma_data: float, warmup_ratio: float):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fdistill.containers import Batch, Networks
-from fdistill.generator import Generator
+from fdistill.networks.generator import Generator
 from fdistill.objectives import common
 from fdistill.objectives.base import Objective, ObjectiveOptions, register
 from fdistill.schedules import TIME_DISTRIBUTIONS, sample_time

@@ -3,13 +3,14 @@ of teacher a run has."""
 
 from __future__ import annotations
 
-from fdistill.config import Config, ConfigError
-from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, UNetDenoiser
+from fdistill.config import Config
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import Denoiser, GaussianMixtureDenoiser, UNetDenoiser
+from fdistill.pipelines.transformers import TransformerDenoiser
 from fdistill.tasks.base import Task
 from fdistill.tasks.images import ImageTask
 from fdistill.tasks.text_to_image import TextToImageTask
 from fdistill.tasks.toy import ToyTask
-from fdistill.transformer_denoisers import TransformerDenoiser
 
 __all__ = ["Task", "ImageTask", "TextToImageTask", "ToyTask", "build_task"]
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from fdistill.config import Config, ConfigError
+from fdistill.config import Config
 from fdistill.containers import Batch, Networks
-from fdistill.denoisers import Denoiser
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import Denoiser
 
 
 class Task:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from fdistill.config import ConfigError
 from fdistill.containers import Networks
 from fdistill.data.images import (
     IMAGE_DATASETS,
@@ -27,10 +26,11 @@ from fdistill.data.images import (
     normalised_frequencies,
     reference_images,
 )
-from fdistill.denoisers import Denoiser, UNetDenoiser
+from fdistill.errors import ConfigError
 from fdistill.evaluation import ImageProtocol, evaluate_images, student_samples, upscaled_grid
-from fdistill.latent_pipeline import LatentPipelineParts
 from fdistill.metrics.class_frequencies import sampling_floor, total_variation
+from fdistill.networks.denoisers import Denoiser, UNetDenoiser
+from fdistill.pipelines.parts import LatentPipelineParts
 from fdistill.tasks.base import Task
 from fdistill.teachers import teacher_directory
 
@@ -266,7 +266,7 @@ class ImageTask(Task):
         return protocol, feature_net, reference_statistics(protocol.reference, feature_net, "clean", progress=False)
 
     def export(self, student, out_dir: Path, metadata: dict) -> Path:
-        from fdistill.pipelines import export_pipeline
+        from fdistill.pipelines.export import export_pipeline
 
         return export_pipeline(student, out_dir, metadata, self.parts)
 

@@ -1,9 +1,9 @@
 """The text-to-image task: a latent diffusers pipeline teacher (text encoders, VAE, and a
-``UNet2DConditionModel`` or a diffusion transformer of :mod:`fdistill.transformer_denoisers`) and a prompt set.
+``UNet2DConditionModel`` or a diffusion transformer of :mod:`fdistill.pipelines.transformers`) and a prompt set.
 
 Students and fake scores are copies of the teacher's denoising network and work on VAE latents; their condition
 is the prompt's encoding as the stock pipeline computes it
-(:class:`~fdistill.latent_pipeline.LatentPipelineParts`), computed once per distinct prompt. The teacher alone is
+(:class:`~fdistill.pipelines.parts.LatentPipelineParts`), computed once per distinct prompt. The teacher alone is
 guided, with the negative prompt (``teacher.negative_prompt``) as the unconditional input. Training prompts come
 from ``data.kind``:
 
@@ -29,15 +29,15 @@ from pathlib import Path
 
 import torch
 
-from fdistill.config import ConfigError
 from fdistill.containers import Batch, Networks
 from fdistill.data.captions import CaptionedShapes, caption, combinations, read_prompts
-from fdistill.denoisers import Denoiser, UNetDenoiser
+from fdistill.errors import ConfigError
 from fdistill.evaluation import student_samples, teacher_samples, write_png_folder
-from fdistill.latent_pipeline import LatentPipelineParts
+from fdistill.networks.denoisers import Denoiser, UNetDenoiser
+from fdistill.pipelines.parts import LatentPipelineParts
+from fdistill.pipelines.transformers import TransformerDenoiser
 from fdistill.tasks.base import Task
 from fdistill.teachers import prompt_length, teacher_directory
-from fdistill.transformer_denoisers import TransformerDenoiser
 
 TEXT_DATA = ("captioned_shapes", "prompts")
 REAL_IMAGES = 4000  # captioned-shapes images encoded for the objectives that read real data
@@ -266,7 +266,7 @@ class TextToImageTask(Task):
         save_image(self.parts.decode(latents).float().cpu().clamp(-1, 1) / 2 + 0.5, path, nrow=GRID_SEEDS)
 
     def export(self, student, out_dir: Path, metadata: dict) -> Path:
-        from fdistill.pipelines import export_pipeline
+        from fdistill.pipelines.export import export_pipeline
 
         return export_pipeline(student, out_dir, metadata, self.parts)
 

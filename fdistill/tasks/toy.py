@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from fdistill.config import ConfigError
 from fdistill.containers import Networks
 from fdistill.data.toy import TeacherSamples
-from fdistill.denoisers import Denoiser, GaussianMixtureDenoiser, MLPDenoiser
+from fdistill.errors import ConfigError
 from fdistill.evaluation import student_samples, teacher_samples
 from fdistill.metrics.toy import energy_distance, mode_statistics
+from fdistill.networks.denoisers import Denoiser, GaussianMixtureDenoiser, MLPDenoiser
 from fdistill.tasks.base import Task
 
 PREVIEW_SAMPLES = 2000

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from fdistill.config import ConfigError
+from fdistill.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"

@@ -38,8 +38,9 @@ import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
-from fdistill.config import Config, ConfigError, OptimConfig, batch_layout
+from fdistill.config import Config, OptimConfig, batch_layout
 from fdistill.containers import Batch, Networks
+from fdistill.errors import ConfigError
 from fdistill.objectives.base import Objective
 from fdistill.training import checkpoint
 from fdistill.training.ema import EMASet

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from fdistill.denoisers import Denoiser
 from fdistill.schedules import Schedule, karras_sigmas
 
 SAMPLERS = ("euler", "heun")
@@ -24,8 +23,9 @@ def sampling_times(schedule: Schedule, steps: int, rho: float = 7.0) -> torch.Te
 
 
 @torch.no_grad()
-def sample_ode(teacher: Denoiser, z: torch.Tensor, steps: int = 32, method: str = "heun", cond=None):
-    """Sample from unit noise ``z``; returns ``(x0, nfe)``. Integrates in float64 between evaluations."""
+def sample_ode(teacher, z: torch.Tensor, steps: int = 32, method: str = "heun", cond=None):
+    """Sample from unit noise ``z`` with ``teacher``, an x0-denoiser (``teacher(x_t, t, cond)`` and its
+    ``schedule``); returns ``(x0, nfe)``. Integrates in float64 between evaluations."""
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; use one of {SAMPLERS}")
     sched = teacher.schedule

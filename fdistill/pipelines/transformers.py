@@ -20,7 +20,7 @@ grid (``[B, C, H / p, W / p]``) so that the convolutional heads read them. Laten
 Flux packs them into 2 x 2 patches inside :meth:`FluxTransformerDenoiser.network_output`, as its pipeline does.
 
 :data:`TRANSFORMER_DENOISERS` maps a diffusers class name to its adapter: a new transformer class is one adapter
-here and its pipeline's prompt encoding in :mod:`fdistill.latent_pipeline`.
+here and its pipeline's prompt encoding in :mod:`fdistill.pipelines.parts`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import copy
 import torch
 from torch import nn
 
-from fdistill.denoisers import DiffusersDenoiser
-from fdistill.flow_sampling import FlowMatchSampling
-from fdistill.lcm_sampling import LCMSampling
+from fdistill.networks.denoisers import DiffusersDenoiser
+from fdistill.samplers.flow import FlowMatchSampling
+from fdistill.samplers.lcm import LCMSampling
 from fdistill.schedules import DiscreteVPSchedule, FlowMatchSchedule, Schedule
 
 FLUX_DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the embedded guidance of guidance-distilled Flux
@@ -127,7 +127,7 @@ class TransformerDenoiser(DiffusersDenoiser):
 
 class FlowTransformerDenoiser(TransformerDenoiser):
     """A rectified-flow transformer: velocity prediction on a :class:`FlowMatchSchedule`, sampled by the stock
-    ``FlowMatchEulerDiscreteScheduler`` (:class:`~fdistill.flow_sampling.FlowMatchSampling`)."""
+    ``FlowMatchEulerDiscreteScheduler`` (:class:`~fdistill.samplers.flow.FlowMatchSampling`)."""
 
     prediction_type = "flow_prediction"
 
@@ -278,7 +278,7 @@ class SanaTransformerDenoiser(FlowTransformerDenoiser):
 
 class VPTransformerDenoiser(TransformerDenoiser):
     """A transformer on its pipeline's discrete VP schedule, its epsilon (or v) prediction read through the noise
-    table, sampled by the stock ``LCMScheduler`` (:class:`~fdistill.lcm_sampling.LCMSampling`)."""
+    table, sampled by the stock ``LCMScheduler`` (:class:`~fdistill.samplers.lcm.LCMSampling`)."""
 
     def __init__(self, transformer, schedule, sample_shape, prediction_type: str = "epsilon", **options):
         super().__init__(transformer, schedule, sample_shape, prediction_type=prediction_type, **options)
@@ -298,7 +298,7 @@ class PixArtTransformerDenoiser(VPTransformerDenoiser):
     """``PixArtTransformer2DModel`` on a discrete VP schedule: ``cond`` packs the T5 hidden states and their
     attention mask; the transformer gets the schedule's timestep and, when it uses additional conditions
     (PixArt-alpha at 1024), the resolution and aspect ratio; a learned-variance output keeps its first half of
-    channels. Sampled by the stock ``LCMScheduler`` (:class:`~fdistill.lcm_sampling.LCMSampling`). Features:
+    channels. Sampled by the stock ``LCMScheduler`` (:class:`~fdistill.samplers.lcm.LCMSampling`). Features:
     ``block.i``."""
 
     pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")

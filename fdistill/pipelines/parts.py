@@ -11,7 +11,7 @@ pipeline computes them, so that a student trained here is served by that pipelin
   and a T5, or ``max_sequence_length`` zero tokens when SD3's T5 slot is empty; Sana's Gemma with the instruction
   prefix its ``__call__`` adds), whose hidden states travel with the pooled embedding (SD3, Flux) or the
   attention mask (PixArt, Sana) as one tensor
-  (:func:`fdistill.transformer_denoisers.pack_text_condition`); latents are shifted by the VAE's
+  (:func:`fdistill.pipelines.transformers.pack_text_condition`); latents are shifted by the VAE's
   ``shift_factor`` (when it has one) as well as scaled.
 
 Embeddings are cached per prompt: a fixed prompt set is encoded once per run.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from fdistill.config import ConfigError
-from fdistill.transformer_denoisers import pack_text_condition
+from fdistill.errors import ConfigError
+from fdistill.pipelines.transformers import pack_text_condition
 
 CLIP_AND_T5 = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae")
 # the parts beside the denoiser that each supported pipeline class needs, and the optional ones

@@ -6,9 +6,9 @@ LoRA student's adapters merged into the weights), with the student's network and
 it as fdistill does:
 
 * a UNet student (``ConsistencyModelPipeline``, ``StableDiffusionPipeline``): a stock ``LCMScheduler`` configured
-  with the teacher's noise table (:mod:`fdistill.lcm_sampling`);
+  with the teacher's noise table (:mod:`fdistill.samplers.lcm`);
 * a flow-matching transformer student (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``): a stock
-  ``FlowMatchEulerDiscreteScheduler`` with no shift (:mod:`fdistill.flow_sampling`), driven by
+  ``FlowMatchEulerDiscreteScheduler`` with no shift (:mod:`fdistill.samplers.flow`), driven by
   ``sigmas = [t / 1000 for t in student_times]``;
 * a VP transformer student (``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``): the ``LCMScheduler`` as for UNets;
 * a class-conditional latent transformer student (``DiTPipeline``, which passes no timesteps): an ``LCMScheduler``
@@ -48,11 +48,11 @@ import os
 import shutil
 from pathlib import Path
 
-from fdistill.config import ConfigError
-from fdistill.flow_sampling import FlowMatchSampling
-from fdistill.generator import Generator
-from fdistill.lora import has_adapters, merged_network
-from fdistill.transformer_denoisers import TRANSFORMER_DENOISERS
+from fdistill.errors import ConfigError
+from fdistill.networks.generator import Generator
+from fdistill.networks.lora import has_adapters, merged_network
+from fdistill.pipelines.transformers import TRANSFORMER_DENOISERS
+from fdistill.samplers.flow import FlowMatchSampling
 
 METADATA_FILE = "fdistill.json"
 MODEL_CARD = "README.md"
@@ -207,9 +207,9 @@ def model_card(info: dict) -> str:
 
 def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | None = None,
                     parts=None) -> Path:
-    """Write ``student`` (as it is served, :meth:`~fdistill.generator.Generator.servable`) as a diffusers
+    """Write ``student`` (as it is served, :meth:`~fdistill.networks.generator.Generator.servable`) as a diffusers
     ``ConsistencyModelPipeline`` directory (a pixel student), or as its teacher's pipeline class with ``parts``'s
-    VAE, text encoders and tokenizers (:class:`~fdistill.latent_pipeline.LatentPipelineParts`) for a latent
+    VAE, text encoders and tokenizers (:class:`~fdistill.pipelines.parts.LatentPipelineParts`) for a latent
     student, and return its path.
 
     A LoRA student of a text-to-image teacher also gets ``lora/``: its adapters as diffusers LoRA weights, which
@@ -318,7 +318,7 @@ def lora_snippet(teacher: str, scheduler_class: str, serving: dict, scale_argume
 def stock_pipeline(net, scheduler, parts=None):
     """The stock diffusers pipeline that samples ``net``'s diffusers model with ``scheduler``: a
     ``ConsistencyModelPipeline`` for a pixel UNet, else the teacher's pipeline class with ``parts``'s
-    components. A LoRA model's adapters are merged into its weights (:func:`fdistill.lora.merged_network`)."""
+    components. A LoRA model's adapters are merged into its weights (:func:`fdistill.networks.lora.merged_network`)."""
     import diffusers
 
     model = merged_network(net.network)

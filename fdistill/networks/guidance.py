@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from fdistill.denoisers import Denoiser, per_sample
+from fdistill.networks.denoisers import Denoiser, per_sample
 
 
 class GuidedDenoiser(Denoiser):

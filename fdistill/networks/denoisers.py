@@ -5,7 +5,7 @@ features that discriminator heads read (docs/objectives.md §2.4). Adapters:
 
 * :class:`UNetDenoiser` for diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (epsilon, v_prediction or
   sample), with features taken from chosen blocks (``down.i``, ``mid``, ``up.i``) by forward hooks;
-* the diffusion transformers of :mod:`fdistill.transformer_denoisers` (SD3, Flux, PixArt), built on
+* the diffusion transformers of :mod:`fdistill.pipelines.transformers` (SD3, Flux, PixArt), built on
   :class:`DiffusersDenoiser` as the UNet adapter is;
 * :class:`GaussianMixtureDenoiser`, the exact posterior mean ``E[x0 | x_t]`` of a diagonal Gaussian mixture
   under any schedule: an analytic teacher with exact scores, log-densities and samples;
@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from fdistill.lcm_sampling import LCMSampling
+from fdistill.samplers.lcm import LCMSampling
 from fdistill.schedules import Schedule, broadcast_to, to_x0
 
 DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
@@ -59,8 +59,8 @@ class Denoiser(nn.Module):
         return (torch.log(self.schedule.sigma(t) / self.schedule.alpha(t)) / 4).float()
 
     def stock_sampling(self):
-        """The diffusers scheduler arithmetic a student of this network samples with (:mod:`fdistill.lcm_sampling`),
-        or ``None`` when it samples with fdistill's own (:class:`fdistill.generator.Generator`)."""
+        """The diffusers scheduler arithmetic a student of this network samples with (:mod:`fdistill.samplers.lcm`),
+        or ``None`` when it samples with fdistill's own (:class:`fdistill.networks.generator.Generator`)."""
         return None
 
     def served_as(self, times: list[float]) -> tuple[Denoiser, list[float]]:

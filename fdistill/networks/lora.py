@@ -14,7 +14,8 @@ import copy
 import torch
 from torch import nn
 
-from fdistill.config import ConfigError, LoraConfig
+from fdistill.config import LoraConfig
+from fdistill.errors import ConfigError
 
 ADAPTER_MARK = ".lora_"  # in the names of adapter weights: ``...conv1.lora_A.default.weight``
 

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from fdistill.denoisers import Denoiser, per_sample
+from fdistill.networks.denoisers import Denoiser, per_sample
 from fdistill.schedules import TrigFlowSchedule, from_x0, matched_time
 
 TIME_MARGIN = 1e-4  # keep t away from 0 and pi/2, where sin t or cos t vanish (FastGen's clamp)

@@ -6,8 +6,8 @@ samplers draw their first input). Few steps with ``t_0 > t_1 > ...``: ``x0_hat =
 ``x <- alpha(t_{i+1}) x0_hat + sigma(t_{i+1}) eps'`` where ``eps'`` is fresh noise ("sde", the multistep
 consistency sampler) or the noise implied by ``(x, x0_hat)`` at ``t_i`` ("ode", DDIM-like). The last ``x0_hat``
 is the sample. A student of a diffusers teacher does all this with the arithmetic of a stock diffusers scheduler,
-so that plain diffusers serves it exactly: ``LCMScheduler`` for VP teachers (:mod:`fdistill.lcm_sampling`, "sde"
-only), ``FlowMatchEulerDiscreteScheduler`` for flow-matching ones (:mod:`fdistill.flow_sampling`, "ode" only).
+so that plain diffusers serves it exactly: ``LCMScheduler`` for VP teachers (:mod:`fdistill.samplers.lcm`, "sde"
+only), ``FlowMatchEulerDiscreteScheduler`` for flow-matching ones (:mod:`fdistill.samplers.flow`, "ode" only).
 
 Backward simulation (docs/objectives.md §3.1) trains a few-step student on its own samples: ``k - 1`` steps
 without gradient, re-noising as the student samples, then the ``k``-th step with gradient. Its times are the first
@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from fdistill.denoisers import Denoiser
+from fdistill.networks.denoisers import Denoiser
 from fdistill.schedules import Schedule, from_x0, sigma_to_time
 
 RENOISE_MODES = ("sde", "ode")
