@@ -129,15 +129,26 @@ def digits_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
     return lines, headline
 
 
+def tv_floor(quality: dict) -> tuple[int, float] | None:
+    """``(samples, TV)``: the class-frequency TV that exact samples from the data's frequencies show at the runs'
+    sample count (``class_tv_floor`` in each run's results), or None when the runs do not record it."""
+    floors = [(r["num_samples"], r["class_tv_floor"]) for run in quality["runs"] for r in run.get("results", [])
+              if "class_tv_floor" in r]
+    return (floors[0][0], statistics.fmean(f for _, f in floors)) if floors else None
+
+
 def imbalanced_section(quality: dict, plots: Path) -> tuple[list[str], list[str]]:
     rows = rows_of(quality)
     divergences = list(dict.fromkeys(name for name, _ in rows))
+    floor = tv_floor(quality)
+    floor_text = (f"; sampling {floor[0]} images from the data's own frequencies gives about {floor[1]:.3f}"
+                  if floor else "")
     lines = ["## Class frequencies under imbalance, per divergence", "",
              "`configs/digits_imbalanced.yaml`: an unconditional one-step f-distill student of the imbalanced "
              "digits teacher, data classes at frequencies 0.3 ... 0.02; class frequencies of 1000 samples from the "
              f"digits classifier; seeds {quality['seeds']} ({devices(quality)}). TV is the total variation between "
-             "the samples' class frequencies and the data's; sampling 1000 images from the data's own frequencies "
-             "gives about 0.034. Regenerate with `python bench/quality.py imbalanced`.", "",
+             f"the samples' class frequencies and the data's{floor_text}. Regenerate with "
+             "`python bench/quality.py imbalanced`.", "",
              "| divergence | TV to data | TV to teacher | seeds |", "|---|---|---|---|"]
     teacher_tv = None
     for name in divergences:
@@ -287,8 +298,8 @@ def analytic_section(quality: dict) -> list[str]:
              "Every `configs/ring_<objective>.yaml` on three teachers with exact scores: the equal 8-mode ring, the "
              "unequal ring (mode weights 0.3 ... 0.03) and the 16-mode Gaussian mixture in 8 dimensions of "
              "`configs/mixture_8d.yaml`; 4000 samples per run, mean ± standard deviation over seeds "
-             f"{quality['seeds']}. Regenerate with `python bench/quality.py analytic` (90 runs; two seeds, one job "
-             "at a time, took 89 minutes on 2 CPU cores).", "",
+             f"{quality['seeds']}. Regenerate with `python bench/quality.py analytic` ({len(quality['runs'])} runs).",
+             "",
              "| teacher/objective | sampler | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for row in quality["summary"]:
         lines.append(f"| {row['name']} | {row['sampler']} | " + " | ".join(mean_std(row.get(m), 3) for m in metrics)
