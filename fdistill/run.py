@@ -35,9 +35,10 @@ from fdistill.networks.discriminator import discriminator_for
 from fdistill.networks.generator import student_times
 from fdistill.networks.lora import add_lora, load_student_file, student_file_weights
 from fdistill.objectives import Objective, build_objective
+from fdistill.pipelines.export import portable_path
 from fdistill.recipes import load_config
 from fdistill.tasks import Task, build_task
-from fdistill.teachers import build_teacher, with_guidance
+from fdistill.teachers import build_teacher, teacher_name, with_guidance
 from fdistill.training import checkpoint as checkpoints
 from fdistill.training.trainer import Trainer
 
@@ -274,17 +275,15 @@ def _run_config(run_dir: Path):
 
 
 def export_metadata(cfg: Config, options, steps: int, ema: str | None, source: str) -> dict:
-    """What an exported pipeline records about the run it came from."""
-    teacher_source = {"pretrained": cfg.teacher.pretrained, "embedded": "fdistill digits teacher",
-                      "embedded_imbalanced": "fdistill class-imbalanced digits teacher",
-                      "embedded_t2i": "fdistill captioned-shapes text-to-image teacher"}
+    """What an exported pipeline records about the run it came from (``source``: the run or checkpoint directory,
+    recorded by :func:`portable_path`)."""
     return {
         "objective": options.name,
         "training_steps": steps,
         "ema": ema,
-        "teacher": {"kind": cfg.teacher.kind, "source": teacher_source.get(cfg.teacher.kind),
+        "teacher": {"kind": cfg.teacher.kind, "source": teacher_name(cfg),
                     "guidance_scale": cfg.teacher.guidance_scale, "negative_prompt": cfg.teacher.negative_prompt},
-        "exported_from": source,
+        "exported_from": portable_path(source),
     }
 
 

@@ -1,24 +1,23 @@
 """Build a run's frozen teacher from the configuration (``teacher.kind``), and wrap it in guidance.
 
-Kinds: ``ring`` (an analytic 2-D ring of Gaussians with exact scores), ``mixture`` (an analytic Gaussian mixture
-in any dimension from its means, standard deviations and weights), ``unet`` (a diffusers ``UNet2DModel``
-built from ``teacher.unet``, for tests), ``pretrained`` (a diffusers model or pipeline from a local directory or
-a hub id, text-to-image pipelines included), ``embedded`` (the shipped digits teacher), ``embedded_imbalanced``
-(the shipped digits teacher fine-tuned so that its null class draws digits 0 to 9 with frequencies 0.3 down to
-0.02), ``embedded_t2i`` (the shipped text-to-image pipeline on the captioned shapes) and ``embedded_t2i_flow``
-(the shipped flow-matching ``StableDiffusion3Pipeline`` on the captioned shapes). A new kind is one builder
-in :data:`TEACHER_BUILDERS` and the keys it reads in :data:`TEACHER_KEYS`.
+:data:`TEACHER_KINDS` is the one table of teacher kinds: each kind's builder, the ``teacher.*`` keys it reads (any
+other key set away from its default is an error), and, for the shipped pipelines, their directory, the name exports
+record and their text length. Kinds: ``ring`` (an analytic 2-D ring of Gaussians with exact scores), ``mixture`` (an
+analytic Gaussian mixture in any dimension from its means, standard deviations and weights), ``unet`` (a diffusers
+``UNet2DModel`` built from ``teacher.unet``, for tests), ``pretrained`` (a diffusers pipeline of any class with a
+spec in :mod:`fdistill.pipelines.specs`, from a local directory or a hub id), ``embedded`` (the shipped digits
+teacher), ``embedded_imbalanced`` (the shipped digits teacher fine-tuned so that its null class draws digits 0 to 9
+with frequencies 0.3 down to 0.02), ``embedded_t2i`` (the shipped text-to-image pipeline on the captioned shapes)
+and ``embedded_t2i_flow`` (the shipped flow-matching ``StableDiffusion3Pipeline`` on the captioned shapes). A new
+kind is one row of :data:`TEACHER_KINDS`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 from fdistill.config import Config, TeacherConfig
 from fdistill.errors import ConfigError
@@ -31,17 +30,15 @@ from fdistill.networks.denoisers import (
     ring_mixture,
 )
 from fdistill.networks.guidance import GuidedDenoiser
-from fdistill.pipelines.parts import vae_scale_factor
-from fdistill.pipelines.transformers import TRANSFORMER_DENOISERS, transformer_schedule
+from fdistill.pipelines.export import portable_path
+from fdistill.pipelines.loading import load_diffusers_teacher, resolve_model_dir
 from fdistill.schedules import SCHEDULES, DiscreteVPSchedule
 
-EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
-EMBEDDED_IMBALANCED_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_imbalanced_teacher"
-EMBEDDED_T2I_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_t2i_teacher"
-EMBEDDED_FLOW_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "shapes_flow_teacher"
-EMBEDDED_FLOW_MAX_SEQUENCE_LENGTH = 8  # the T5 length the embedded flow teacher was trained with
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-PIPELINE_DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: latents of 1024-pixel images
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_TEACHER_DIR = ASSETS / "digits_teacher"
+EMBEDDED_IMBALANCED_TEACHER_DIR = ASSETS / "digits_imbalanced_teacher"
+EMBEDDED_T2I_TEACHER_DIR = ASSETS / "shapes_t2i_teacher"
+EMBEDDED_FLOW_TEACHER_DIR = ASSETS / "shapes_flow_teacher"
 
 
 def analytic_schedule(tc: TeacherConfig):
@@ -148,38 +145,43 @@ def pretrained_teacher(cfg: Config) -> Denoiser:
     return load_diffusers_teacher(tc.pretrained, tc.prediction_type, tc.resolution, tc.embedded_guidance)
 
 
-def embedded_teacher(cfg: Config) -> Denoiser:
-    return load_diffusers_teacher(EMBEDDED_TEACHER_DIR, cfg.teacher.prediction_type)
+def shipped_teacher(cfg: Config) -> Denoiser:
+    """A shipped pipeline (``fdistill/assets/``), read as its kind says."""
+    return load_diffusers_teacher(TEACHER_KINDS[cfg.teacher.kind].directory, cfg.teacher.prediction_type)
 
 
-def embedded_imbalanced_teacher(cfg: Config) -> Denoiser:
-    return load_diffusers_teacher(EMBEDDED_IMBALANCED_TEACHER_DIR, cfg.teacher.prediction_type)
+@dataclass(frozen=True)
+class TeacherKind:
+    """A ``teacher.kind``: its builder and the ``teacher.*`` keys it reads beyond ``kind`` and guidance; a shipped
+    pipeline also has its ``directory``, the ``name`` exports record for it (no path of the machine that ran it)
+    and the text length it was trained with (``max_sequence_length``, when its pipeline takes one)."""
+
+    build: Callable[[Config], Denoiser]
+    keys: frozenset[str]
+    directory: Path | None = None
+    name: str | None = None
+    max_sequence_length: int | None = None
 
 
-def embedded_t2i_teacher(cfg: Config) -> Denoiser:
-    return load_diffusers_teacher(EMBEDDED_T2I_TEACHER_DIR, cfg.teacher.prediction_type)
+def _kind(build, *keys: str, **shipped) -> TeacherKind:
+    return TeacherKind(build, frozenset(keys), **shipped)
 
 
-def embedded_t2i_flow_teacher(cfg: Config) -> Denoiser:
-    return load_diffusers_teacher(EMBEDDED_FLOW_TEACHER_DIR)
-
-
-TEACHER_BUILDERS: dict[str, Callable[[Config], Denoiser]] = {
-    "ring": ring_teacher, "mixture": mixture_teacher, "unet": unet_teacher, "pretrained": pretrained_teacher,
-    "embedded": embedded_teacher, "embedded_imbalanced": embedded_imbalanced_teacher,
-    "embedded_t2i": embedded_t2i_teacher, "embedded_t2i_flow": embedded_t2i_flow_teacher,
-}
-# the teacher.* keys each kind reads, beyond kind and guidance (which every kind reads)
-TEACHER_KEYS = {
-    "ring": {"schedule", "num_modes", "radius", "std", "weights"},
-    "mixture": {"schedule", "means", "stds", "weights"},
-    "unet": {"unet", "prediction_type"},
-    "pretrained": {"pretrained", "prediction_type", "negative_prompt", "max_sequence_length", "resolution",
-                   "embedded_guidance"},
-    "embedded": {"prediction_type"},
-    "embedded_imbalanced": {"prediction_type"},
-    "embedded_t2i": {"prediction_type", "negative_prompt"},
-    "embedded_t2i_flow": {"negative_prompt", "max_sequence_length"},
+TEACHER_KINDS: dict[str, TeacherKind] = {
+    "ring": _kind(ring_teacher, "schedule", "num_modes", "radius", "std", "weights"),
+    "mixture": _kind(mixture_teacher, "schedule", "means", "stds", "weights"),
+    "unet": _kind(unet_teacher, "unet", "prediction_type"),
+    "pretrained": _kind(pretrained_teacher, "pretrained", "prediction_type", "negative_prompt", "max_sequence_length",
+                        "resolution", "embedded_guidance"),
+    "embedded": _kind(shipped_teacher, "prediction_type", directory=EMBEDDED_TEACHER_DIR,
+                      name="fdistill digits teacher"),
+    "embedded_imbalanced": _kind(shipped_teacher, "prediction_type", directory=EMBEDDED_IMBALANCED_TEACHER_DIR,
+                                 name="fdistill class-imbalanced digits teacher"),
+    "embedded_t2i": _kind(shipped_teacher, "prediction_type", "negative_prompt", directory=EMBEDDED_T2I_TEACHER_DIR,
+                          name="fdistill captioned-shapes text-to-image teacher"),
+    "embedded_t2i_flow": _kind(shipped_teacher, "negative_prompt", "max_sequence_length",
+                               directory=EMBEDDED_FLOW_TEACHER_DIR,
+                               name="fdistill captioned-shapes flow-matching teacher", max_sequence_length=8),
 }
 ALL_KINDS_READ = {"kind", "guidance_scale", "guidance_interval"}
 
@@ -188,41 +190,46 @@ def check_teacher_keys(tc: TeacherConfig) -> None:
     """A ``teacher.*`` key that ``teacher.kind`` does not read, set away from its default, is an error."""
     defaults = TeacherConfig()
     for f in fields(TeacherConfig):
-        if f.name in ALL_KINDS_READ | TEACHER_KEYS[tc.kind] or getattr(tc, f.name) == getattr(defaults, f.name):
+        if f.name in ALL_KINDS_READ | TEACHER_KINDS[tc.kind].keys or getattr(tc, f.name) == getattr(defaults, f.name):
             continue
-        readers = ", ".join(kind for kind, keys in TEACHER_KEYS.items() if f.name in keys)
+        readers = ", ".join(name for name, kind in TEACHER_KINDS.items() if f.name in kind.keys)
         raise ConfigError(f"teacher.{f.name} is not read by teacher.kind={tc.kind} (teacher.kind={readers} reads "
                           "it); remove it or change teacher.kind")
 
 
 def build_teacher(cfg: Config) -> Denoiser:
     """The frozen teacher of ``teacher.kind``, unguided (students and fake scores are copied from it)."""
-    builder = TEACHER_BUILDERS.get(cfg.teacher.kind)
-    if builder is None:
-        raise ConfigError(f"unknown teacher.kind {cfg.teacher.kind!r}; choose one of {', '.join(TEACHER_BUILDERS)}")
+    kind = TEACHER_KINDS.get(cfg.teacher.kind)
+    if kind is None:
+        raise ConfigError(f"unknown teacher.kind {cfg.teacher.kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
     check_teacher_keys(cfg.teacher)
-    return freeze(builder(cfg))
+    return freeze(kind.build(cfg))
 
 
 def teacher_directory(cfg: Config) -> tuple[Path, str] | None:
-    """The local directory a diffusers teacher was loaded from and how the user named it, or ``None`` for
-    teachers built in memory (the pipeline's other parts, text encoders and a VAE, live beside its denoiser)."""
+    """The local directory a diffusers teacher was loaded from and how exports name it (the user's own name for a
+    pretrained teacher, the shipped name for an embedded one), or ``None`` for teachers built in memory (a
+    pipeline's other parts, text encoders and a VAE, live beside its denoiser)."""
     if cfg.teacher.kind == "pretrained":
-        return resolve_model_dir(cfg.teacher.pretrained), cfg.teacher.pretrained
-    if cfg.teacher.kind == "embedded_t2i":
-        return EMBEDDED_T2I_TEACHER_DIR, "fdistill/assets/shapes_t2i_teacher"
-    if cfg.teacher.kind == "embedded_t2i_flow":
-        return EMBEDDED_FLOW_TEACHER_DIR, "fdistill/assets/shapes_flow_teacher"
-    return None
+        return resolve_model_dir(cfg.teacher.pretrained), portable_path(cfg.teacher.pretrained)
+    kind = TEACHER_KINDS[cfg.teacher.kind]
+    return None if kind.directory is None else (kind.directory, f"fdistill/assets/{kind.directory.name}")
+
+
+def teacher_name(cfg: Config) -> str | None:
+    """How an export names its teacher: the user's hub id or directory, or the shipped teacher's name."""
+    if cfg.teacher.kind == "pretrained":
+        return portable_path(cfg.teacher.pretrained)
+    return TEACHER_KINDS[cfg.teacher.kind].name
 
 
 def prompt_length(root: Path, configured: int | None = None) -> int | None:
-    """The T5 prompt length of the pipeline in ``root``: ``configured`` (``teacher.max_sequence_length``) when
-    set, else the one the shipped flow teacher was trained with when ``root`` is it, else ``None`` (the
-    pipeline's default)."""
-    if configured is None and Path(root).resolve() == EMBEDDED_FLOW_TEACHER_DIR:
-        return EMBEDDED_FLOW_MAX_SEQUENCE_LENGTH
-    return configured
+    """The text length of the pipeline in ``root``: ``configured`` (``teacher.max_sequence_length``) when set,
+    else the one a shipped teacher was trained with when ``root`` is it, else ``None`` (the pipeline's default)."""
+    if configured is not None:
+        return configured
+    shipped = [kind for kind in TEACHER_KINDS.values() if kind.directory == Path(root).resolve()]
+    return shipped[0].max_sequence_length if shipped else None
 
 
 def with_guidance(teacher: Denoiser, cfg: Config, unconditional: Callable | None = None) -> Denoiser:
@@ -240,103 +247,3 @@ def with_guidance(teacher: Denoiser, cfg: Config, unconditional: Callable | None
         return GuidedDenoiser(teacher, tc.guidance_scale, interval, unconditional)
     except ValueError as e:
         raise ConfigError(f"teacher.guidance_scale={tc.guidance_scale}: {e}") from None
-
-
-def resolve_model_dir(source: str | Path) -> Path:
-    """A local directory for ``source``: the directory itself, or the Hugging Face cache's snapshot of a hub id
-    (downloaded when online). Offline and not cached, it fails at once with one line naming the fix."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
-        return Path(snapshot_download(str(source), allow_patterns=patterns))
-    except HFValidationError:
-        raise ConfigError(f"teacher model {str(source)!r} is neither a local directory nor a hub id; "
-                          "give an existing directory written by save_pretrained") from None
-    except Exception as e:  # offline, not cached, unknown repo, no network: all mean the same to the user
-        raise ConfigError(f"teacher model {str(source)!r} is not a local directory and could not be fetched "
-                          f"from the Hugging Face Hub ({type(e).__name__}); download it where there is network "
-                          f"(huggingface-cli download {source} --local-dir DIR) and set teacher.pretrained=DIR"
-                          ) from None
-
-
-def load_diffusers_teacher(source: str | Path, prediction_type: str | None = None, resolution: int | None = None,
-                           embedded_guidance: float | None = None) -> Denoiser:
-    """A diffusers teacher with its noise schedule, from a pipeline directory (``model_index.json`` with
-    ``unet/`` or ``transformer/``, and ``scheduler/``), a UNet directory holding ``scheduler_config.json`` too, or
-    a hub id of either.
-
-    * A UNet's scheduler gives its ``alphas_cumprod`` as a :class:`DiscreteVPSchedule`, and its
-      ``prediction_type`` (unless overridden) says how to read the UNet's output.
-    * A transformer gets its class's adapter (:data:`~fdistill.pipelines.transformers.TRANSFORMER_DENOISERS`) on
-      latents of ``resolution`` pixels (default: the pipeline's), with ``embedded_guidance`` for a Flux
-      transformer that embeds a guidance scale.
-    """
-    import diffusers
-
-    root = resolve_model_dir(source)
-    net_dir = next((root / name for name in ("unet", "transformer") if (root / name / "config.json").is_file()), root)
-    scheduler_dir = root / "scheduler" if (root / "scheduler").is_dir() else root
-    config_file = net_dir / "config.json"
-    scheduler_file = scheduler_dir / "scheduler_config.json"
-    for needed, what in ((config_file, "a UNet or transformer config"), (scheduler_file, "a scheduler config")):
-        if not needed.is_file():
-            raise ConfigError(f"{root} has no {what} ({needed.relative_to(root)}); give a diffusers pipeline "
-                              "directory (model_index.json, unet/ or transformer/, scheduler/) or a UNet directory "
-                              "with scheduler_config.json")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
-    if class_name not in (*UNET_CLASSES, *TRANSFORMER_DENOISERS):
-        raise ConfigError(f"{config_file} describes a {class_name}; fdistill teachers are "
-                          f"{', '.join((*UNET_CLASSES, *TRANSFORMER_DENOISERS))}")
-    network = getattr(diffusers, class_name).from_pretrained(net_dir, torch_dtype=torch.float32)
-    scheduler_config = dict(diffusers.DDPMScheduler.load_config(scheduler_dir))
-    if class_name in TRANSFORMER_DENOISERS:
-        return transformer_teacher(root, source, network, scheduler_config, prediction_type, resolution,
-                                   embedded_guidance)
-    for key, value in (("resolution", resolution), ("embedded_guidance", embedded_guidance)):
-        if value is not None:
-            raise ConfigError(f"teacher.{key} is read by diffusion-transformer teachers, and {source} is a "
-                              f"{class_name}; remove it")
-    scheduler = diffusers.DDPMScheduler.from_config(scheduler_config)
-    prediction = prediction_type or scheduler.config.prediction_type
-    try:
-        return UNetDenoiser(network, DiscreteVPSchedule.from_diffusers(scheduler), prediction)
-    except ValueError as e:
-        raise ConfigError(f"teacher {source}: {e}") from None
-
-
-def transformer_teacher(root: Path, source, network, scheduler_config: dict, prediction_type: str | None,
-                        resolution: int | None, embedded_guidance: float | None) -> Denoiser:
-    """The adapter of a diffusion transformer loaded from the pipeline in ``root``, on square latents of
-    ``resolution`` pixels (default: the pipeline's)."""
-    adapter = TRANSFORMER_DENOISERS[type(network).__name__]
-    pipeline_class = _read_json(root / "model_index.json").get("_class_name")
-    if pipeline_class is not None and pipeline_class not in adapter.pipeline_classes:
-        raise ConfigError(f"{source} is a {pipeline_class} around a {type(network).__name__}, which fdistill "
-                          f"serves in {', '.join(adapter.pipeline_classes)}")
-    vae_config = _read_json(root / "vae" / "config.json")
-    vae_scale = vae_scale_factor(vae_config) if vae_config else 8
-    patch = adapter.token_patch(network)
-    if resolution is None:
-        latent_size = adapter.default_latent_size(network, PIPELINE_DEFAULT_LATENT_SIZE)
-    elif resolution <= 0 or resolution % (vae_scale * patch):
-        raise ConfigError(f"teacher.resolution={resolution} must be a positive multiple of {vae_scale * patch} "
-                          f"(the VAE's downsampling {vae_scale} times the transformer's patch {patch})")
-    else:
-        latent_size = resolution // vae_scale
-    try:
-        schedule = transformer_schedule(adapter, scheduler_config, (latent_size // patch) ** 2)
-        options = adapter.settings(network, scheduler_config, prediction_type, embedded_guidance,
-                                   latent_size * vae_scale)
-        shape = (adapter.latent_channels(network), latent_size, latent_size)
-        return adapter(network, schedule, shape, **options)
-    except ValueError as e:
-        raise ConfigError(f"teacher {source}: {e}") from None
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}

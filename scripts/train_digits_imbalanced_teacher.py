@@ -37,8 +37,8 @@ from fdistill.metrics.class_frequencies import sampling_floor, total_variation
 from fdistill.metrics.features import load_digits_classifier, weights_hash
 from fdistill.metrics.image_sources import to_uint8_nchw
 from fdistill.networks.denoisers import UNetDenoiser, freeze
+from fdistill.pipelines.loading import load_diffusers_teacher
 from fdistill.samplers.ode import sample_ode
-from fdistill.teachers import load_diffusers_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 NULL_CLASS = 10

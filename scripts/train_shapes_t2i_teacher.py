@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
+from word_tokenizers import word_tokenizer  # the module beside this script
 
 from fdistill.data.captions import CAPTION_WORDS, CaptionedShapes
-from fdistill.pipelines.parts import word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

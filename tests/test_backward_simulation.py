@@ -14,18 +14,12 @@ from fdistill.objectives import OBJECTIVES, common
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.schedules import DiscreteVPSchedule
-from tests.test_objective_steps import TINY_UNET
+from tests.helpers import TINY_UNET, ring_experiment
 
 SCORE_OBJECTIVES = ["dmd", "f_distill", "diff_instruct", "sid", "sim", "uni_instruct"]
 RING_TIMES = "generator.times=[80.0,5.0,1.0,0.2]"  # EDM sigmas of the analytic ring teacher
 TRIGFLOW_TIMES = "generator.times=[1.5,1.2,0.8,0.4]"
 CHI2_3DOF_999 = 16.27  # 99.9% quantile of chi-square with 3 degrees of freedom
-
-
-def ring_experiment(name, *overrides):
-    cfg, options = load_config(None, [f"objective.name={name}", *overrides])
-    torch.manual_seed(0)
-    return build_experiment(cfg, options)[:2]
 
 
 def ring_batch(size=16):

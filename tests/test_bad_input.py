@@ -46,6 +46,7 @@ def finished_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_list_element_override_sets_one_field_or_names_the_fix():
     proc = run("train.py", *TINY, "ema.averages.0.decay=0.5", "--dry-run")
     assert proc.returncode == 0 and "decay: 0.5" in proc.stdout, proc.stderr
@@ -53,6 +54,7 @@ def test_list_element_override_sets_one_field_or_names_the_fix():
                       "ema.averages has no element 5 (2 elements here)", "set the whole list")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragments", [
     (["--config", "configs/quickstart.yaml", "--no-progress", "generator.times=[2000]"],
      ["generator.times=[2000.0]", "range [0, 999]"]),
@@ -69,6 +71,7 @@ def test_keys_and_times_the_run_cannot_use_are_errors(tmp_path, args, fragments)
     assert existing.read_text() == "mine" and not (tmp_path / "run" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_says_it_starts_from_step_0(tmp_path):
     proc = run("train.py", *TINY, "checkpoint.every=0", "train.steps=4", f"run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -77,6 +80,7 @@ def test_resume_without_a_checkpoint_says_it_starts_from_step_0(tmp_path):
     assert proc.returncode == 0 and "no checkpoint in" in proc.stdout and "starting from step 0" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_is_skipped_with_a_note(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -88,6 +92,7 @@ def test_a_corrupt_latest_checkpoint_is_skipped_with_a_note(finished_run, tmp_pa
     assert "resumed from" in proc.stderr + proc.stdout and "step-00000010" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_one_line_naming_resume_from(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -98,6 +103,7 @@ def test_no_readable_checkpoint_is_one_line_naming_resume_from(finished_run, tmp
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_resuming_with_another_micro_batch_layout_is_refused_before_anything_is_written(finished_run, tmp_path):
     """A layout that cannot continue the run (here 1 process and 2 accumulation micro-batches resuming a run of
     1 micro-batch per step; tests/test_distributed.py resumes 2 processes with 1) stops at once with the fix."""
@@ -139,6 +145,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_and_ends_in
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_fid_refuses_fewer_images_than_the_features_need(tmp_path):
     folder = tmp_path / "two"
     folder.mkdir()
@@ -148,6 +155,7 @@ def test_fid_refuses_fewer_images_than_the_features_need(tmp_path):
                       "2 images", "at least 65", "64-d")
 
 
+@pytest.mark.slow
 def test_a_run_records_its_environment_and_draws_its_losses(finished_run):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     env = metrics["environment"]
@@ -157,6 +165,7 @@ def test_a_run_records_its_environment_and_draws_its_losses(finished_run):
     assert plot.width > 300 and plot.height > 200
 
 
+@pytest.mark.slow
 def test_push_to_hub_offline_is_one_line_before_anything_is_written(finished_run, tmp_path):
     out = tmp_path / "export"
     assert_user_error(run("export.py", "--run", finished_run, "--out", out, "--push-to-hub", "me/student"),

@@ -24,6 +24,7 @@ def assert_user_error(proc, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, fragments",
     [
@@ -40,10 +41,12 @@ def test_train_bad_input_is_one_line_and_exit_code_2(args, fragments):
     assert_user_error(run("train.py", *args), *fragments)
 
 
+@pytest.mark.slow
 def test_sample_bad_input(tmp_path):
     assert_user_error(run("sample.py", "--run", str(tmp_path), "--out", str(tmp_path / "x.npz")), "not found")
 
 
+@pytest.mark.slow
 def test_ring_run_writes_config_metrics_and_samples(tmp_path):
     run_dir = tmp_path / "ring"
     proc = run("train.py", "--config", "configs/ring_f_distill_js.yaml", "--no-progress", "train.steps=12",

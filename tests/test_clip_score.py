@@ -12,6 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from fdistill.commands.clip_score import image_prompt_pairs
+from fdistill.data.captions import PromptRecord, read_prompts
+from fdistill.errors import ConfigError
 from fdistill.metrics import clip_score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +72,8 @@ def test_local_checkpoint_and_local_dir_give_the_same_scores(tiny_model, samples
     save_file(state, local_dir / "open_clip_model.safetensors")
     expected = _manual_scores(tiny_model.model, sorted(samples.glob("*.png")), PROMPTS)
     for model, pretrained in ((TINY, str(tmp_path / "tiny.pt")), (f"local-dir:{local_dir}", None)):
-        result = clip_score.compute_clip_score(samples, None, model, pretrained, progress=False)
+        result = clip_score.compute_clip_score(image_prompt_pairs(samples), model, pretrained, images_dir=samples,
+                                               progress=False)
         assert result["num_images"] == 4 and result["model"] == model
         assert [r["prompt"] for r in result["per_image"]] == PROMPTS
         per_image = torch.tensor([r["score"] for r in result["per_image"]])
@@ -83,13 +87,33 @@ def test_prompt_file_formats_pair_the_same_way(samples, tmp_path):
     (tmp_path / "p.csv").write_text("file,prompt\n" + "".join(f"{f.name},{p}\n" for f, p in expected[::-1]))
     (samples / "metadata.jsonl").rename(samples / "moved.jsonl")
     (samples / "metadata.json").write_text(json.dumps({f.name: p for f, p in expected}))
-    assert clip_score.read_prompts(samples, tmp_path / "p.txt") == expected
-    assert clip_score.read_prompts(samples, tmp_path / "p.csv") == expected[::-1]
-    assert clip_score.read_prompts(samples) == expected
-    assert clip_score.read_prompts(samples, samples / "moved.jsonl") == expected
+    assert image_prompt_pairs(samples, tmp_path / "p.txt") == expected
+    assert image_prompt_pairs(samples, tmp_path / "p.csv") == expected[::-1]
+    assert image_prompt_pairs(samples) == expected
+    assert image_prompt_pairs(samples, samples / "moved.jsonl") == expected
     (tmp_path / "short.txt").write_text("only one prompt\n")
-    with pytest.raises(ValueError, match="1 prompts for 4 images"):
-        clip_score.read_prompts(samples, tmp_path / "short.txt")
+    with pytest.raises(ConfigError, match="1 prompts for 4 images"):
+        image_prompt_pairs(samples, tmp_path / "short.txt")
+
+
+def test_one_reader_takes_the_image_column_as_image_or_file(samples, tmp_path):
+    """Training prompt files name a prompt's image ``image``, CLIP-score metadata ``file``: the one reader of prompt
+    files takes both, relative to the prompt file or to the folder it is given."""
+    rows = [{"prompt": p, "image": f"samples/{i:03d}.png"} for i, p in enumerate(PROMPTS)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train.csv").write_text("prompt,image\n" + "".join(f"{r['prompt']},{r['image']}\n" for r in rows))
+    expected = [PromptRecord(p, samples / f"{i:03d}.png") for i, p in enumerate(PROMPTS)]
+    assert read_prompts(tmp_path / "train.jsonl") == read_prompts(tmp_path / "train.csv") == expected
+    assert read_prompts(samples / "metadata.jsonl") == expected
+    assert image_prompt_pairs(tmp_path, tmp_path / "train.jsonl") == [(r.image, r.prompt) for r in expected]
+    assert read_prompts(samples / "metadata.jsonl", image_root=tmp_path) == [
+        PromptRecord(p, tmp_path / f"{i:03d}.png") for i, p in enumerate(PROMPTS)]
+    (tmp_path / "half.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="1 of 2 prompts name no image"):
+        image_prompt_pairs(samples, tmp_path / "half.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "a cat"}) + "\n")
+    with pytest.raises(ConfigError, match="record 0 has no 'prompt'"):
+        read_prompts(tmp_path / "bad.jsonl")
 
 
 def test_offline_named_tag_without_cache_fails_at_once(tmp_path, monkeypatch):

@@ -86,6 +86,7 @@ def test_batch_layout_rejects_uneven_splits():
         batch_layout(cfg.train, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--config", TINY, "train.stepz=3"],
      "error: unknown config key 'train.stepz' (did you mean 'train.steps'?)"),

@@ -13,7 +13,7 @@ from fdistill.objectives.scm import normalize_tangent, rcm_tangent, scm_tangent
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.schedules import sample_time
-from tests.test_backward_simulation import ring_experiment
+from tests.helpers import ring_experiment
 
 # ---------------------------------------------------------------------------------------------------
 # 1-D Gaussian data N(0, v): the PF-ODE is linear and the consistency map is known (docs/objectives.md §13.9).

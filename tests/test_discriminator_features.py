@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from test_objective_steps import TINY_UNET, batches, check_one_critic_and_one_generator_step, tiny_unet_experiment
 
 import fdistill.objectives.dmd as dmd
 from fdistill.errors import ConfigError
@@ -13,6 +12,7 @@ from fdistill.networks.denoisers import UNetDenoiser, unet_blocks
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
+from tests.helpers import TINY_UNET, batches, check_one_critic_and_one_generator_step, tiny_unet_experiment
 
 X, T = torch.randn(2, 3, 8, 8), torch.full((2,), 500.0, dtype=torch.float64)
 

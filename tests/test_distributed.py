@@ -22,6 +22,9 @@ from fdistill.run import run_experiment
 from fdistill.training.checkpoint import full_tensor
 from fdistill.training.trainer import Trainer
 
+# Every test trains in two processes launched from a fresh interpreter.
+pytestmark = pytest.mark.slow
+
 TINY = str(Path(__file__).parents[1] / "configs" / "ring_tiny.yaml")
 # DMD with its GAN term: no all-reduce inside the loss, so 2 processes and 2 micro-batches sum the same terms.
 COMMON = ["objective.name=dmd", "train.steps=12", "checkpoint.every=5", "train.device_batch_size=32",

@@ -82,6 +82,7 @@ def _nan_grad(loss):
     return NaNGrad.apply(loss)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_never_checkpointed(tmp_path, monkeypatch):
     original = FDistill.generator_loss
 
@@ -163,6 +164,7 @@ def test_unwritable_run_dir_fails_before_training(tmp_path, capsys):
     assert info.value.code == 2 and err.startswith("error: run directory") and "not writable" in err
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_run_and_files_are_complete(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ToyTask, "preview", lambda self, nets, path: calls.append(path))

@@ -242,6 +242,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
+@pytest.mark.slow
 def test_cli_process_missing_inception_is_one_line(tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "t"), "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "eval" / "fid.py"), "ref", "--data", "digits",

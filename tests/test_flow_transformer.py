@@ -16,16 +16,21 @@ from fdistill.errors import ConfigError
 from fdistill.networks.guidance import GuidedDenoiser
 from fdistill.networks.lora import is_adapter_weight
 from fdistill.objectives import OBJECTIVES
-from fdistill.pipelines.parts import word_tokenizer
 from fdistill.pipelines.transformers import SD3TransformerDenoiser, pack_text_condition, unpack_text_condition
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment
 from fdistill.samplers.flow import FlowMatchSampling
 from fdistill.schedules import FlowMatchSchedule, from_x0, to_x0
 from fdistill.training.trainer import Trainer
-from tests.test_objective_steps import TRIGFLOW_TIMES, check_one_critic_and_one_generator_step
-
-PROMPTS = ["a red circle at the top left", "a green square at the bottom right"]
+from scripts.word_tokenizers import word_tokenizer
+from tests.helpers import (
+    PROMPTS,
+    TRIGFLOW_TIMES,
+    check_one_critic_and_one_generator_step,
+    exported_samples,
+    randomise_adapters,
+    student_images,
+)
 
 
 def tiny_transformer():
@@ -179,40 +184,7 @@ def test_flow_student_samples_with_the_stock_euler_arithmetic(tiny_sd3):
             student.sample(z, cond, steps=2, mode="sde")
 
 
-EXPORT_CHECK = r"""
-import json, sys, torch
-from diffusers import DiffusionPipeline
-info = json.load(open(sys.argv[1] + "/fdistill.json"))
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], **info["load_kwargs"])
-out = {"classes": [type(pipe).__name__, type(pipe.scheduler).__name__]}
-for k in range(1, min(2, len(info["steps"])) + 1):
-    call = {**info["call"], info["step_argument"]: info["steps"][:k]}
-    images = pipe(prompt=json.loads(sys.argv[2]), output_type="pt", generator=torch.Generator().manual_seed(3),
-                  **call).images
-    out[k] = images.tolist()
-assert "fdistill" not in sys.modules
-print(json.dumps(out))
-"""
-
-
-def exported_samples(out, tmp_path) -> dict:
-    """The export's samples for PROMPTS at 1 and 2 steps (seed 3) through its own ``fdistill.json`` call, from a
-    Python that never imports fdistill, and the classes of its pipeline and scheduler (``"classes"``)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(out), json.dumps(PROMPTS)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    served = json.loads(result.stdout.strip().splitlines()[-1])
-    return {"classes": served.pop("classes"), **{int(k): torch.tensor(v) for k, v in served.items()}}
-
-
-def student_images(student, task, k):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        latents = student.sample(student.noise(2, generator=g), task.parts.embed(PROMPTS), k, generator=g)
-        return (task.parts.decode(latents) / 2 + 0.5).clamp(0, 1)
-
-
+@pytest.mark.slow
 def test_export_is_a_stock_sd3_pipeline_that_reproduces_the_student(tiny_sd3, tmp_path):
     _, (nets, _, task) = flow_experiment(tiny_sd3, "dmd", "generator.times=[999,500]")
     with torch.no_grad():  # move the student away from the teacher so that a wrong transformer would show
@@ -235,6 +207,7 @@ def test_export_is_a_stock_sd3_pipeline_that_reproduces_the_student(tiny_sd3, tm
     torch.testing.assert_close(images, served[2], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_lora_on_a_transformer_trains_only_adapters_and_exports_merged(tiny_sd3, tmp_path):
     cfg, (nets, objective, task) = flow_experiment(
         tiny_sd3, "dmd", "student.lora.rank=2", "student.lora.target_modules=[to_q,to_k,to_v,to_out.0]",
@@ -268,13 +241,12 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_teacher_pipeline_loads_the_lora_export_and_honours_its_scale(tiny_sd3, tmp_path):
     """load_lora_weights on the teacher's own pipeline samples like the LoRA student at scale 1, like the teacher's
     network at scale 0; the merged export agrees too."""
     _, (nets, _, task) = flow_experiment(tiny_sd3, "dmd", "student.lora.rank=2", "student.lora.alpha=4",
                                          "student.lora.target_modules=[to_q,to_k,to_v,to_out.0]")
-    from tests.test_lora import randomise_adapters
-
     randomise_adapters(nets.student)
     out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
     assert "load_lora_weights" in (out / "README.md").read_text()

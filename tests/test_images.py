@@ -15,9 +15,10 @@ from fdistill.data.images import DigitsDataset, ImageBatches
 from fdistill.errors import ConfigError
 from fdistill.evaluation import class_statistics
 from fdistill.networks.generator import default_student_times
+from fdistill.pipelines.loading import load_diffusers_teacher
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment
-from fdistill.teachers import EMBEDDED_TEACHER_DIR, load_diffusers_teacher
+from fdistill.teachers import EMBEDDED_TEACHER_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +103,7 @@ def test_shipped_teacher_reproduces_its_recorded_metric():
     assert metric["label_accuracy"] == pytest.approx(recorded["label_accuracy"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_tiny_image_run_reports_protocol_writes_samples_and_pipeline(tmp_path):
     """A few steps of the quickstart: metrics for student and teacher under one protocol, the PNG folders that
     eval/fid.py reproduces the FD from, the comparison grid and the exported pipeline."""

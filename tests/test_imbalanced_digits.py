@@ -13,6 +13,7 @@ import torch
 from fdistill.data.images import DigitsDataset, ImageBatches, ShapesDataset
 from fdistill.errors import ConfigError
 from fdistill.evaluation import class_statistics
+from fdistill.evaluation.images import add_class_distances
 from fdistill.metrics.class_frequencies import class_frequencies, sampling_floor, total_variation
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment
@@ -64,17 +65,17 @@ def test_the_imbalanced_config_draws_its_frequencies_and_conditions_on_the_null_
     # the data's own (near-uniform) proportions fail the same test by far: the frequencies are really used
     assert chi_square(counts, task.dataset.labels.bincount().double() / len(task.dataset)) > 10 * CHI2_9DOF_999
     assert (conditions == 10).all()  # every network sees only the teacher's null class
-    assert (task.conditions(5) == 10).all() and task.protocol(None).describe()["labels"].startswith("the null")
+    assert (task.conditions(5) == 10).all() and task.judge().fields["labels"].startswith("the null")
 
 
 def test_the_protocol_keeps_conditions_apart_from_the_labels_accuracy_is_measured_against():
     _, _, task = build_experiment(*load_config(CONFIG))
-    protocol = task.protocol(None)
-    assert (protocol.conditions == 10).all() and protocol.labels is None
+    judge = task.judge()
+    assert (judge.conditions == 10).all() and judge.labels is None
     _, _, task = build_experiment(*load_config(CONFIG, ["data.unconditional=false"]))
-    protocol = task.protocol(None)
-    assert torch.equal(protocol.labels, torch.arange(protocol.num_samples) % 10)
-    assert torch.equal(protocol.conditions, protocol.labels) and protocol.describe()["labels"] == "i % 10 for sample i"
+    judge = task.judge()
+    assert torch.equal(judge.labels, torch.arange(len(judge.conditions)) % 10)
+    assert torch.equal(judge.conditions, judge.labels) and judge.fields["labels"] == "i % 10 for sample i"
 
 
 def test_class_statistics_give_frequencies_and_accuracy_only_against_labels():
@@ -132,9 +133,9 @@ def test_evaluation_entries_get_frequencies_and_tvs_against_data_and_teacher():
     _, _, task = build_experiment(*load_config(CONFIG))
     student = [0.6, 0.4] + [0.0] * 8  # classes 0 and 1 only
     teacher = [0.1] * 10  # every class equally often
-    results = [{"model": "student", "nfe": 1, "class_frequencies": student},
-               {"model": "teacher", "nfe": 35, "class_frequencies": teacher}]
-    task.add_class_distances(results)
+    results = [{"model": "student", "nfe": 1, "class_frequencies": student, "num_samples": 1000},
+               {"model": "teacher", "nfe": 35, "class_frequencies": teacher, "num_samples": 1000}]
+    add_class_distances(results, task.data_class_frequencies)
     s, t = results
     assert s["class_tv_to_teacher"] == pytest.approx(0.8) and "class_tv_to_teacher" not in t
     assert s["class_tv_to_data"] == pytest.approx(0.5)  # 1/2 (0.3 + 0.2 + the 0.5 of classes 2-9)
@@ -186,9 +187,10 @@ def test_a_folder_without_classes_refuses_class_frequencies(tmp_path):
                                         f"data.path={tmp_path}"])
     _, _, task = build_experiment(cfg, options)
     with pytest.raises(ConfigError, match="one sub-folder per class"):
-        task.protocol(None)
+        task.judge()
 
 
+@pytest.mark.slow
 def test_a_tiny_unconditional_run_reports_class_frequencies(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--no-progress", f"run.dir={run}",

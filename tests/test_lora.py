@@ -17,6 +17,7 @@ from fdistill.pipelines.export import export_pipeline
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment, export_run, load_run, save_student_files, student_file
 from fdistill.training.trainer import Trainer
+from tests.helpers import adapters, randomise_adapters
 
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
                  down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
@@ -39,18 +40,6 @@ def batches():
 
 def count(params) -> int:
     return sum(p.numel() for p in params)
-
-
-def adapters(net) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in net.named_parameters() if is_adapter_weight(name)}
-
-
-@torch.no_grad()
-def randomise_adapters(net, seed=0):
-    """Nonzero adapters (peft starts the B matrices at zero, where the network is the teacher)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in adapters(net).values():
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 @torch.no_grad()

@@ -182,6 +182,7 @@ def test_each_configuration_error_names_its_fix(overrides, message):
     assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+@pytest.mark.slow
 def test_train_stops_with_one_error_line_on_a_bad_mixture(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--config", MIXTURE_8D, "--no-progress",
                            "teacher.stds=[0.1, 0.2]", f"run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,

@@ -24,10 +24,10 @@ from fdistill.errors import ConfigError
 from fdistill.networks.denoisers import MLPDenoiser, UNetDenoiser
 from fdistill.networks.generator import Generator
 from fdistill.pipelines.export import export_pipeline
+from fdistill.pipelines.loading import load_diffusers_teacher
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment, export_run, student_file
 from fdistill.schedules import DiscreteVPSchedule, EDMSchedule
-from fdistill.teachers import load_diffusers_teacher
 from fdistill.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +126,7 @@ def consistency_student(objective: str = "rcm") -> Generator:
     return build_experiment(cfg, options)[0].student.eval()
 
 
+@pytest.mark.slow
 def test_plain_diffusers_loads_the_exports_without_fdistill(tmp_path):
     """A fresh interpreter that never imports fdistill samples v-, epsilon- and rCM students in 1 and 2 steps,
     equal to fdistill's samples."""
@@ -336,3 +337,14 @@ def test_sample_cli_samples_the_embedded_teacher(sample_cli, tmp_path):
     data = np.load(tmp_path / "t.npz")
     assert data["images"].shape == (4, 16, 16, 1) and data["labels"].tolist() == [0, 1, 2, 3]
     assert int(data["nfe"]) == 2 and data["images"].std() > 0
+
+
+def test_exports_record_paths_that_are_portable(tmp_path, monkeypatch):
+    """No absolute path of the machine that made an export: below the working directory a path is relative,
+    elsewhere it keeps its last two parts; a hub id is kept as it is."""
+    from fdistill.pipelines.export import portable_path
+
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(tmp_path / "runs" / "x") == "runs/x"
+    assert portable_path("/elsewhere/runs/x/step-00000010") == "x/step-00000010"
+    assert portable_path("me/hub-id") == "me/hub-id"

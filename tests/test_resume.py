@@ -63,6 +63,7 @@ def straight(tmp_path_factory):
     return run_dir, metrics, _final_state(run_dir)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_exact(straight, tmp_path):
     run_dir, metrics, state = straight
     _run(tmp_path / "run", steps=STEPS // 2)
@@ -78,6 +79,7 @@ def test_stop_and_resume_is_bit_exact(straight, tmp_path):
     assert timeless(resumed["results"]) == timeless(metrics["results"])
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_resume_matches(straight, tmp_path, monkeypatch):
     original = FDistill.generator_loss
 
@@ -98,6 +100,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(straight, tmp_path, monk
     assert len(rows) == len(set(rows)) and ("20", "generator/vsd") in rows  # nothing repeated after resuming
 
 
+@pytest.mark.slow
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(straight, tmp_path, monkeypatch):
     real_fsync = checkpoint._fsync_tree
 
@@ -126,6 +129,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(straight, tmp_p
     assert kept == ["step-00000015", "step-00000020"]
 
 
+@pytest.mark.slow
 def test_resume_from_a_given_checkpoint(straight, tmp_path):
     _run(tmp_path / "run", steps=STEPS // 2)
     first = checkpoint.checkpoint_dirs(tmp_path / "run")[0]

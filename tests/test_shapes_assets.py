@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fdistill.commands.clip_score import image_prompt_pairs
 from fdistill.data.captions import ALL_COMBINATIONS, CaptionedShapes, caption
 from fdistill.metrics import clip_score
 from fdistill.metrics.attributes import (
@@ -109,7 +110,7 @@ def test_in_memory_clip_scores_equal_the_folder_route(tmp_path):
         Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
         lines.append(json.dumps({"file": f"{i}.png", "prompt": prompts[i]}))
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    folder = clip_score.compute_clip_score(tmp_path, None, f"local-dir:{CLIP_DIR}", progress=False)
+    folder = clip_score.compute_clip_score(image_prompt_pairs(tmp_path), f"local-dir:{CLIP_DIR}", progress=False)
     clip = clip_score.load_shapes_clip()
     assert clip_score.clip_score_tensors(clip, images, prompts) == pytest.approx(folder["value"], abs=1e-4)
     with pytest.raises(ValueError, match="not among the candidates"):

@@ -4,6 +4,7 @@ Every ``import`` in ``fdistill/``, at module level or inside a function, counts 
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fdistill"
@@ -36,6 +37,8 @@ FORBIDDEN = [
     ("fdistill.config", "fdistill.pipelines"), ("fdistill.config", "fdistill.tasks"),
     ("fdistill.config", "fdistill.training"), ("fdistill.config", "fdistill.data"),
     ("fdistill.config", "fdistill.recipes"),
+    ("fdistill.evaluation", "fdistill.tasks"), ("fdistill.evaluation", "fdistill.run"),
+    ("fdistill.evaluation", "fdistill.training"), ("fdistill.evaluation", "fdistill.objectives"),
     ("fdistill.containers", "fdistill."), ("fdistill.errors", "fdistill."),
 ]
 
@@ -116,4 +119,18 @@ def test_only_the_task_factory_asks_the_teachers_type():
                 types = ast.unparse(node.args[1])
                 if "Denoiser" in types and module_name(path) not in ("fdistill.tasks", "fdistill.pipelines.export"):
                     offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} isinstance(..., {types})")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_only_the_specs_name_pipeline_classes():
+    """A stock diffusers pipeline class is named in one place, its spec (``fdistill/pipelines/specs.py``); loading,
+    export and ``sample.py`` read the spec instead of comparing class names."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path) == "fdistill.pipelines.specs":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and re.fullmatch(r"[A-Z]\w*Pipeline", node.value):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}")
     assert not offenders, "\n".join(offenders)

@@ -15,7 +15,6 @@ from fdistill.data.captions import CAPTION_WORDS
 from fdistill.errors import ConfigError
 from fdistill.networks.lora import is_adapter_weight
 from fdistill.objectives import OBJECTIVES
-from fdistill.pipelines.parts import gemma_word_tokenizer, t5_word_tokenizer, word_tokenizer
 from fdistill.pipelines.transformers import FluxTransformerDenoiser, PixArtTransformerDenoiser, SanaTransformerDenoiser
 from fdistill.recipes import load_config
 from fdistill.run import build_experiment
@@ -23,8 +22,15 @@ from fdistill.samplers.flow import FlowMatchSampling
 from fdistill.samplers.lcm import LCMSampling
 from fdistill.schedules import FlowMatchSchedule
 from fdistill.training.trainer import Trainer
-from tests.test_flow_transformer import PROMPTS, exported_samples, student_images
-from tests.test_objective_steps import TRIGFLOW_TIMES, check_one_critic_and_one_generator_step
+from scripts.word_tokenizers import gemma_word_tokenizer, t5_word_tokenizer, word_tokenizer
+from tests.helpers import (
+    PROMPTS,
+    TRIGFLOW_TIMES,
+    check_one_critic_and_one_generator_step,
+    exported_samples,
+    randomise_adapters,
+    student_images,
+)
 
 T5_LENGTH = 12  # the tiny pipelines' max_sequence_length: longer than the prompts, so that the mask pads
 
@@ -241,6 +247,7 @@ def perturbed_student(nets):
             p.add_(0.01 * torch.randn_like(p))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["flux", "pixart", "sana"])
 def test_export_is_the_stock_pipeline_and_reproduces_the_student(tiny_flux, tiny_pixart, tiny_sana, shape, tmp_path):
     pipeline, resolution, times = {"flux": (tiny_flux, 16, "[999,500]"),
@@ -260,6 +267,7 @@ def test_export_is_the_stock_pipeline_and_reproduces_the_student(tiny_flux, tiny
         torch.testing.assert_close(served[k], student_images(nets.student, task, k), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["flux", "sana"])
 def test_lora_export_loads_into_the_teacher_pipeline(tiny_flux, tiny_sana, shape, tmp_path):
     """Only adapters train; the teacher pipeline's load_lora_weights samples like the LoRA student, at the LoRA
@@ -273,8 +281,6 @@ def test_lora_export_loads_into_the_teacher_pipeline(tiny_flux, tiny_sana, shape
     assert [trainer.train_step(step)[0] for step in range(2)] == ["critic", "generator"]
     changed = {name for name, p in nets.student.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(is_adapter_weight(name) for name in changed)
-    from tests.test_lora import randomise_adapters
-
     randomise_adapters(nets.student)
     out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
     check = (
@@ -291,7 +297,7 @@ def test_lora_export_loads_into_the_teacher_pipeline(tiny_flux, tiny_sana, shape
         "       for s in (1.0, 0.0)]\n"
         "assert 'fdistill' not in sys.modules\n"
         "print(json.dumps(out))\n")
-    scale_argument = nets.student.net.attention_kwargs_argument
+    scale_argument = task.parts.spec.lora_scale_argument
     assert f"{scale_argument}=" in json.loads((out / "fdistill.json").read_text())["load_lora"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", check, str(pipeline), str(out), json.dumps(PROMPTS),
@@ -310,12 +316,11 @@ def test_lora_export_loads_into_the_teacher_pipeline(tiny_flux, tiny_sana, shape
     assert not torch.allclose(base, student, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_pixart_lora_student_exports_merged(tiny_pixart, tmp_path):
     """PixArt's pipelines load no LoRA weights, so a LoRA student exports merged weights alone."""
     _, (nets, _, task) = experiment(tiny_pixart, "dmd", "student.lora.rank=2",
                                     "student.lora.target_modules=[to_q,to_k,to_v]", resolution=None)
-    from tests.test_lora import randomise_adapters
-
     randomise_adapters(nets.student)
     out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
     assert not (out / "lora").exists() and "load_lora" not in json.loads((out / "fdistill.json").read_text())
@@ -419,6 +424,7 @@ print(json.dumps([type(pipe).__name__, type(pipe.scheduler).__name__, images.tol
 """
 
 
+@pytest.mark.slow
 def test_dit_export_is_a_stock_dit_pipeline_that_reproduces_the_student(tiny_dit, tmp_path):
     _, (nets, _, task) = dit_experiment(tiny_dit, "dmd", "generator.times=[999,499]")
     perturbed_student(nets)

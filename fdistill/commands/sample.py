@@ -24,6 +24,7 @@ images, whether an exported student or the run directory it came from is sampled
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 
 from fdistill.cli import user_errors
 from fdistill.errors import ConfigError
-from fdistill.evaluation import write_png_folder
+from fdistill.evaluation import sampling, write_png_folder
 
 DEFAULT_TEACHER_STEPS = 35
 DEFAULT_IMAGE_BATCH = 250
@@ -96,10 +97,10 @@ def pipeline_sampler(model_dir: Path, steps: int | None, device) -> Sampler:
 
         return Sampler("student", draw_text, True, text=True)
 
-    if type(pipe).__name__ == "DiTPipeline":
+    if "pipeline_steps" in info:  # a pipeline that takes no timesteps samples at the step counts its spacing fits
         if steps not in info["pipeline_steps"]:
-            raise ConfigError(f"--steps {steps}: DiTPipeline samples this student at {info['pipeline_steps']} "
-                              "steps only (it takes no timesteps)")
+            raise ConfigError(f"--steps {steps}: {type(pipe).__name__} samples this student at "
+                              f"{info['pipeline_steps']} steps only (it takes no timesteps)")
 
         def draw_latent(n, labels, generator):
             images = pipe(class_labels=labels, guidance_scale=1.0, num_inference_steps=steps, generator=generator,
@@ -132,38 +133,35 @@ def _conditioning(parts, device):
 
 
 def student_sampler(student, steps: int | None, renoise: str | None, device, text_parts=None) -> Sampler:
-    """A run's student: ``Generator.sample`` with the run's re-noising mode (students of diffusers teachers
-    re-noise as the exported pipeline does); a latent student's samples are decoded by ``text_parts``' VAE."""
+    """A run's student, drawn as the evaluation draws it (:func:`fdistill.evaluation.sampling.student_sampler`,
+    with the run's re-noising mode: students of diffusers teachers re-noise as the exported pipeline does); a
+    latent student's samples are decoded by ``text_parts``' VAE."""
     steps = 1 if steps is None else steps
     _check_steps(steps, student.max_steps)
-    images = len(student.sample_shape) > 1
     student.eval()
-    condition, output = _conditioning(text_parts, device)
-
-    def draw(n, conditions, generator):
-        z = student.noise(n, generator=generator).to(device)
-        x = student.sample(z, condition(conditions), steps, renoise, generator)
-        return (output(x) if images else x), steps
-
-    return Sampler("student", draw, images, *_class_info(student.net), text=text_parts is not None and text_parts.text)
+    return _served(sampling.student_sampler(student, steps, renoise, device), student.net, text_parts, device)
 
 
 def teacher_sampler(teacher, steps: int, method: str, device, text_parts=None) -> Sampler:
-    """A teacher's probability-flow ODE sampler (``fdistill.samplers.ode.sample_ode``)."""
-    from fdistill.samplers.ode import sample_ode
-
+    """A teacher's probability-flow ODE sampler, drawn as the evaluation draws it
+    (:func:`fdistill.evaluation.sampling.teacher_sampler`)."""
     if steps < 1:
         raise ConfigError(f"--steps {steps}: a teacher needs at least 1 ODE step")
-    images = len(teacher.sample_shape) > 1
     teacher.eval()
+    return _served(sampling.teacher_sampler(teacher, steps, method, device), teacher, text_parts, device)
+
+
+def _served(sampler: sampling.Sampler, net, text_parts, device) -> Sampler:
+    """``sampler`` of the network ``net`` taking this command's conditions (labels or prompts) and giving
+    [0, 1] images (decoded by ``text_parts``' VAE for a latent model), or 2-D samples as they are."""
+    images = len(net.sample_shape) > 1
     condition, output = _conditioning(text_parts, device)
 
     def draw(n, conditions, generator):
-        z = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
-        x, nfe = sample_ode(teacher, z, steps, method, condition(conditions))
+        x, nfe = sampler.draw(n, condition(conditions), generator)
         return (output(x) if images else x), nfe
 
-    return Sampler("teacher", draw, images, *_class_info(teacher), text=text_parts is not None and text_parts.text)
+    return Sampler(sampler.model, draw, images, *_class_info(net), text=text_parts is not None and text_parts.text)
 
 
 def guided_text_teacher(teacher, text_parts, scale: float, negative_prompt: str, interval=None):
@@ -172,7 +170,7 @@ def guided_text_teacher(teacher, text_parts, scale: float, negative_prompt: str,
 
     if scale == 1.0 and interval is None:
         return teacher
-    negative = text_parts.embed([negative_prompt])
+    negative = text_parts.embed_negative(negative_prompt)
     return GuidedDenoiser(teacher, scale, None if interval is None else tuple(interval),
                           lambda cond: negative.to(cond.device).expand(len(cond), -1, -1))
 
@@ -180,7 +178,8 @@ def guided_text_teacher(teacher, text_parts, scale: float, negative_prompt: str,
 def open_model(model: str, teacher: bool, steps: int | None, device, guidance_scale: float | None = None,
                negative_prompt: str | None = None) -> Sampler:
     """The sampler for ``--model``: an exported student, a run, a diffusers teacher or the embedded teacher."""
-    from fdistill.teachers import EMBEDDED_TEACHER_DIR, load_diffusers_teacher, prompt_length
+    from fdistill.pipelines.loading import load_diffusers_teacher
+    from fdistill.teachers import EMBEDDED_TEACHER_DIR, prompt_length
 
     path = EMBEDDED_TEACHER_DIR if model == "embedded" else Path(model)
     if not path.is_dir():
@@ -220,7 +219,7 @@ def open_model(model: str, teacher: bool, steps: int | None, device, guidance_sc
         teacher_steps = DEFAULT_TEACHER_STEPS if steps is None else steps
         if not teacher_net.text_conditioned:
             refuse_text_guidance()
-            latent = (path / "vae").is_dir()  # a class-conditional latent pipeline (DiTPipeline)
+            latent = (path / "vae").is_dir()  # a class-conditional latent pipeline
             vae = LatentPipelineParts.load(path, str(path), teacher_net.network) if latent else None
             return teacher_sampler(teacher_net, teacher_steps, "euler", device, vae)
 
@@ -346,8 +345,6 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     with user_errors():
-        from tqdm import tqdm
-
         out = Path(args.out)
         if args.num < 1 or (args.batch_size is not None and args.batch_size < 1):
             raise ConfigError("--num and --batch-size must be at least 1")
@@ -365,16 +362,10 @@ def main(argv=None):
         prompts = parse_prompts(args.prompt, args.prompts, args.num, sampler)
         labels = prompts if sampler.text else parse_labels(args.class_labels, args.num, sampler)
         batch = args.batch_size or (DEFAULT_IMAGE_BATCH if sampler.images else args.num)
-        generator = torch.Generator().manual_seed(args.seed)
-        start, parts = time.time(), []
-        with torch.no_grad():
-            for first in tqdm(range(0, args.num, batch), desc=f"sampling ({sampler.name})", unit="batch",
-                              disable=None):
-                n = min(batch, args.num - first)
-                x, nfe = sampler.draw(n, None if labels is None else labels[first:first + n], generator)
-                parts.append(x.cpu())
+        start = time.time()
+        x, nfe = sampling.draw_samples(sampler.draw, args.num, torch.Generator().manual_seed(args.seed), labels, batch,
+                                       sys.stderr.isatty(), f"sampling ({sampler.name})")
         rate = args.num / (time.time() - start)
-        x = torch.cat(parts)
         out.parent.mkdir(parents=True, exist_ok=True)
         if sampler.images:
             images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -9,8 +9,9 @@ has to compose attributes it never saw together. Image ``i`` is drawn from its o
 ``(seed, i)``, so any length costs no memory and every image is reproducible alone. Every image's attributes are
 known, so generated images can be checked attribute by attribute (compositional accuracy).
 
-**Prompt files.** ``.txt`` (one prompt per line), ``.csv`` with a ``prompt`` column and an optional ``image``
-column, or ``.jsonl`` records with ``prompt`` and an optional ``image`` (paths relative to the file).
+**Prompt files** (:func:`read_prompts`, the one reader of them: training data, ``sample.py --prompts`` and the
+CLIP score): one prompt per line, or ``.csv``/``.jsonl``/``.json`` records with a ``prompt`` and optionally the
+image it belongs to.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fdistill.data.images import COLOURS, render_mask
+from fdistill.errors import ConfigError
 
 CAPTION_COLOURS = ("red", "green", "blue", "yellow")
 CAPTION_SHAPES = ("circle", "square", "triangle")
@@ -44,14 +46,6 @@ CAPTION_WORDS = sorted({w for values in ATTRIBUTES.values() for v in values for 
 def caption(colour: int, shape: int, position: int) -> str:
     """The caption of one combination of attribute indices."""
     return f"a {CAPTION_COLOURS[colour]} {CAPTION_SHAPES[shape]} at the {tuple(POSITIONS)[position]}"
-
-
-def parse_caption(text: str) -> tuple[int, int, int] | None:
-    """The attribute indices a caption names, or ``None`` when it is not a captioned-shapes caption."""
-    return CAPTION_INDEX.get(" ".join(text.lower().split()))
-
-
-CAPTION_INDEX = {caption(*combo): combo for combo in ALL_COMBINATIONS}
 
 
 def combinations(split: str) -> list[tuple[int, int, int]]:
@@ -119,34 +113,72 @@ class CaptionedShapes(Dataset):
         return [caption(*self.attributes(i)) for i in range(self.num_images)]
 
 
+IMAGE_COLUMNS = ("image", "file")  # the image of a prompt record; both names are read (see read_prompts)
+STRUCTURED_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
 @dataclass
 class PromptRecord:
+    """One prompt of a prompt file and, when the file names one, the image that goes with it."""
+
     prompt: str
     image: Path | None = None
 
 
-def read_prompts(path: str | Path) -> list[PromptRecord]:
-    """The prompts (and optional image paths) of a ``.txt``, ``.csv`` or ``.jsonl`` file."""
+def read_prompts(path: str | Path, image_root: str | Path | None = None) -> list[PromptRecord]:
+    """The prompts of a prompt file, in file order, each with the image it names (``None`` when it names none).
+
+    Formats, by suffix:
+
+    * ``.csv``: a header row with a ``prompt`` column and optionally an image column;
+    * ``.jsonl``: one JSON object per line with ``prompt`` and optionally an image;
+    * ``.json``: a list of such objects, or one object mapping image paths to prompts (``{"0.png": "a cat"}``);
+    * any other suffix (``.txt``): one prompt per line; blank lines are skipped.
+
+    The image column is ``image`` or ``file``: training prompt files have used ``image``, and the CLIP score's
+    ``metadata.jsonl`` (Hugging Face's imagefolder layout) ``file``; both are read, ``image`` first. Image paths
+    are relative to ``image_root``, by default the prompt file's folder. A missing file, a record without a
+    prompt or a file with no prompts raises :class:`ConfigError` naming the fix.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist; give a .txt (one prompt per line), .csv or "
-                                ".jsonl file with a 'prompt' column")
+        raise ConfigError(f"prompts file not found: {path}; give a prompt file: .txt (one prompt per line), or "
+                          ".csv, .jsonl or .json with a 'prompt' column")
+    root = path.parent if image_root is None else Path(image_root)
     suffix = path.suffix.lower()
-    if suffix == ".txt":
+    if suffix not in STRUCTURED_SUFFIXES:
         records = [PromptRecord(line.strip()) for line in path.read_text().splitlines() if line.strip()]
-    elif suffix in (".csv", ".jsonl"):
+    else:
+        records = [_record(row, i, path, root) for i, row in enumerate(_rows(path, suffix))]
+    if not records:
+        raise ConfigError(f"prompt file {path} holds no prompts; write one prompt per line or row")
+    return records
+
+
+def _rows(path: Path, suffix: str) -> list:
+    """The records of a structured prompt file as read, before any check."""
+    try:
         if suffix == ".csv":
             with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows and "prompt" not in rows[0]:
-            raise ValueError(f"{path} has no 'prompt' column (columns: {', '.join(rows[0])}); name the prompt "
-                             "column 'prompt'")
-        records = [PromptRecord(str(r["prompt"]), path.parent / r["image"] if r.get("image") else None)
-                   for r in rows]
-    else:
-        raise ValueError(f"prompt file {path} is neither .txt, .csv nor .jsonl; use one of those")
-    if not records:
-        raise ValueError(f"prompt file {path} holds no prompts; write one prompt per line or row")
-    return records
+                return list(csv.DictReader(f))
+        text = path.read_text()
+        if suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise ConfigError(f"prompt file {path} is not valid {suffix[1:]} ({e}); fix the file") from None
+    if isinstance(data, dict):
+        return [{"image": image, "prompt": prompt} for image, prompt in data.items()]
+    if not isinstance(data, list):
+        raise ConfigError(f"prompt file {path} holds neither a list of records nor an object of image: prompt "
+                          "pairs; write one of those")
+    return data
+
+
+def _record(row, i: int, path: Path, root: Path) -> PromptRecord:
+    if not isinstance(row, dict) or row.get("prompt") is None:
+        columns = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+        raise ConfigError(f"{path}: record {i} has no 'prompt' (it has: {columns}); name the prompt column "
+                          "'prompt'")
+    image = next((row[key] for key in IMAGE_COLUMNS if row.get(key)), None)
+    return PromptRecord(str(row["prompt"]), root / str(image) if image else None)

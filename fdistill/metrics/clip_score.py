@@ -9,15 +9,12 @@ immediate error), a local checkpoint file as ``pretrained``, a ``local-dir:DIR``
 (``scripts/train_shapes_clip.py``), the CLIP of the text-to-image default: no pretrained CLIP knows 32 px
 shapes. Images are PIL images, files, or in-memory batches (float NCHW in [-1, 1] or uint8 NHWC, quantised
 as saving them to PNG would, so in-memory and folder scores agree).
-Prompts come from a text file (one per image, in sorted file order), a CSV with ``file,prompt`` columns, or
-``metadata.jsonl`` / ``metadata.json`` records with ``file`` and ``prompt`` (read from the image folder when
-no file is given).
+:func:`compute_clip_score` scores (image file, prompt) pairs; the ``clip-score`` command
+(``fdistill/commands/clip_score.py``) makes them from a folder of samples and a prompt file.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from fdistill.metrics.fid import module_hash
-from fdistill.metrics.image_sources import list_images, to_uint8_nchw
+from fdistill.metrics.image_sources import to_uint8_nchw
 
-METADATA_FILES = ("metadata.jsonl", "metadata.json")
 LOCAL_DIR = "local-dir:"
 SHAPES_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_clip"
 CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
@@ -111,52 +107,6 @@ def load_shapes_clip(device="cpu", path: str | Path | None = None) -> ClipModel:
     return load_clip(f"{LOCAL_DIR}{folder}", None, device)
 
 
-def _records(path: Path) -> list[dict]:
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    return [{"file": k, "prompt": v} for k, v in data.items()] if isinstance(data, dict) else data
-
-
-def read_prompts(images_dir: str | Path, prompts: str | Path | None = None) -> list[tuple[Path, str]]:
-    """(image file, prompt) pairs for a folder of samples (see the module docstring for the formats)."""
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {images_dir}")
-    if prompts is None:
-        found = [images_dir / name for name in METADATA_FILES if (images_dir / name).is_file()]
-        if not found:
-            metadata = images_dir / METADATA_FILES[0]
-            raise FileNotFoundError(f"no prompts: pass --prompts FILE or write {metadata}")
-        prompts = found[0]
-    prompts = Path(prompts)
-    if not prompts.is_file():
-        raise FileNotFoundError(f"prompts file not found: {prompts}")
-    if prompts.suffix not in {".csv", ".json", ".jsonl"}:  # plain text, one prompt per line
-        files = list_images(images_dir)
-        lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-        if len(files) != len(lines):
-            raise ValueError(f"{prompts} has {len(lines)} prompts for {len(files)} images in {images_dir}")
-        return list(zip(files, lines, strict=True))
-    if prompts.suffix == ".csv":
-        with open(prompts, newline="") as f:
-            records = list(csv.DictReader(f))
-    else:
-        records = _records(prompts)
-    pairs = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict) or "file" not in rec or "prompt" not in rec:
-            raise ValueError(f"{prompts}: record {i} lacks 'file' and 'prompt' fields")
-        file = images_dir / rec["file"]
-        if not file.is_file():
-            raise FileNotFoundError(f"{prompts}: image {file} not found")
-        pairs.append((file, str(rec["prompt"])))
-    if not pairs:
-        raise ValueError(f"{prompts} holds no prompts")
-    return pairs
-
-
 def _rgb(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -219,15 +169,19 @@ def clip_retrieval_accuracy(clip: ClipModel, images, prompts: list[str], candida
     return (torch.cat(predicted) == target).float().mean().item()
 
 
-def compute_clip_score(images_dir: str | Path, prompts: str | Path | None = None, model: str = "ViT-B-32",
-                       pretrained: str | None = "openai", *, batch_size: int = 64, progress: bool = True,
+def compute_clip_score(pairs: list[tuple[Path, str]], model: str = "ViT-B-32", pretrained: str | None = "openai",
+                       *, images_dir: str | Path | None = None, batch_size: int = 64, progress: bool = True,
                        device="cpu", cache_dir: str | None = None) -> dict:
-    """Mean CLIP score of a folder of samples and their prompts, per-image scores, and the protocol."""
-    images_dir = Path(images_dir)
-    pairs = read_prompts(images_dir, prompts)
+    """Mean CLIP score of (image file, prompt) pairs, the per-image scores and the protocol. Files are named
+    relative to ``images_dir`` in ``per_image`` when they lie inside it."""
+    if not pairs:
+        raise ValueError("no (image, prompt) pairs to score")
+    files, prompts = [Path(f) for f, _ in pairs], [p for _, p in pairs]
     clip = load_clip(model, pretrained, device, cache_dir)
-    scores = clip_scores([f for f, _ in pairs], [p for _, p in pairs], clip, batch_size, progress, device)
+    scores = clip_scores(files, prompts, clip, batch_size, progress, device)
+    root = Path(images_dir) if images_dir is not None else None
+    names = [str(f.relative_to(root)) if root is not None and f.is_relative_to(root) else str(f) for f in files]
     return {"metric": "CLIP score", "value": float(scores.mean()), "num_images": len(pairs), "model": model,
             "pretrained": clip.pretrained, "weights_hash": module_hash(clip.model),
-            "per_image": [{"file": str(f.relative_to(images_dir)), "prompt": p, "score": float(s)}
-                          for (f, p), s in zip(pairs, scores, strict=True)]}
+            "per_image": [{"file": name, "prompt": p, "score": float(s)}
+                          for name, p, s in zip(names, prompts, scores, strict=True)]}

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fdistill.samplers.lcm import LCMSampling
-from fdistill.schedules import Schedule, broadcast_to, to_x0
+from fdistill.schedules import DiscreteVPSchedule, Schedule, broadcast_to, to_x0
 
 DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
 # The UNet blocks whose outputs a teacher-feature discriminator reads unless told otherwise (docs/objectives.md §2.4)
@@ -92,8 +92,6 @@ class DiffusersDenoiser(Denoiser):
     the features of :meth:`forward_with_features`."""
 
     block_kind = "model"  # how errors name the blocks
-    pipeline_role = "unet"  # the network's component name in a diffusers pipeline
-    attention_kwargs_argument = "cross_attention_kwargs"  # the pipeline argument that carries a LoRA scale
     _features: dict[str, torch.Tensor] | None = None  # a dict only while forward_with_features runs
 
     @property
@@ -109,8 +107,8 @@ class DiffusersDenoiser(Denoiser):
         raise NotImplementedError
 
     def pipeline_call_arguments(self) -> dict:
-        """Keyword arguments of the stock pipeline's call that make it feed the network what this denoiser does
-        (beyond prompt, size and steps)."""
+        """Keyword arguments of the stock pipeline's call that make it feed this network what this denoiser does,
+        beyond prompt, size, steps and the pipeline class's own fixed arguments (Flux's embedded guidance)."""
         return {}
 
     def feature_of(self, output) -> torch.Tensor:
@@ -175,6 +173,21 @@ class UNetDenoiser(DiffusersDenoiser):
         self.num_class_embeds = getattr(cfg, "num_class_embeds", None)
         self.conditional = self.text_conditioned or self.num_class_embeds is not None
         self.read_features(DEFAULT_FEATURE_BLOCKS)
+
+    @classmethod
+    def from_pipeline(cls, unet: nn.Module, scheduler_config: dict, vae_scale: int, prediction_type: str | None = None,
+                      resolution: int | None = None, embedded_guidance: float | None = None) -> UNetDenoiser:
+        """The adapter of a UNet loaded with its pipeline's scheduler config: the scheduler's noise table as a
+        :class:`DiscreteVPSchedule` and its ``prediction_type`` unless ``prediction_type`` overrides it. A UNet
+        samples at its configured size, and has no embedded guidance."""
+        from diffusers import DDPMScheduler
+
+        for key, value in (("resolution", resolution), ("embedded_guidance", embedded_guidance)):
+            if value is not None:
+                raise ValueError(f"teacher.{key} is not read by a {type(unet).__name__} teacher; remove it")
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+        return cls(unet, DiscreteVPSchedule.from_diffusers(scheduler),
+                   prediction_type or scheduler.config.prediction_type)
 
     def blocks(self) -> dict[str, nn.Module]:
         """``down.i``, ``mid``, ``up.i`` (a down block's output is taken after downsampling)."""

@@ -51,16 +51,29 @@ from pathlib import Path
 from fdistill.errors import ConfigError
 from fdistill.networks.generator import Generator
 from fdistill.networks.lora import has_adapters, merged_network
-from fdistill.pipelines.transformers import TRANSFORMER_DENOISERS
+from fdistill.pipelines.specs import PIXEL_SPEC, SPECS, PipelineSpec
 from fdistill.samplers.flow import FlowMatchSampling
 
 METADATA_FILE = "fdistill.json"
 MODEL_CARD = "README.md"
 LORA_DIR = "lora"  # a LoRA student's adapters, for the teacher's pipeline
+KOHYA_LORA_FILE = "student_lora_kohya.safetensors"  # the same adapters in the kohya format (A1111, ComfyUI)
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` as an export records it: relative to the working directory when it lies below it, else its last
+    two parts (a run directory and its checkpoint), never an absolute path of the machine that made it."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path(*path.parts[-2:]))
 
 
 def load_snippet(times: list[int], class_embeds: int | None, serving: dict | None = None,
-                 pipeline_class: str = "ConsistencyModelPipeline") -> str:
+                 spec: PipelineSpec = PIXEL_SPEC) -> str:
     """How to sample the export with plain diffusers (``DIR`` stands for its path or hub id). ``serving`` is a text
     student's pipeline call (:func:`text_serving`)."""
     if serving is not None:
@@ -71,7 +84,7 @@ def load_snippet(times: list[int], class_embeds: int | None, serving: dict | Non
                 f"              generator=torch.Generator().manual_seed(0)).images"
                 f"  # K steps: {serving['step_argument']}={serving['steps']}[:K]")
     labels = list(range(min(4, class_embeds - 1))) if class_embeds else []
-    if pipeline_class == "DiTPipeline":
+    if not spec.takes_timesteps:
         return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f"pipe = DiffusionPipeline.from_pretrained(DIR)\n"
                 f"images = pipe(class_labels={labels}, guidance_scale=1.0, num_inference_steps=1,\n"
@@ -107,9 +120,12 @@ def text_serving(net, parts, times: list, flow: bool) -> dict:
     saved without its T5 loads only when told so), and ``step_argument`` with its ``steps``: the student's sigmas
     for a flow student, else its timesteps."""
     call = {"guidance_scale": 1.0}
-    if net.pipeline_role == "transformer":
+    if parts.spec.sized_call:
         pixels = net.sample_shape[-1] * parts.vae_scale_factor
-        call.update(height=pixels, width=pixels, max_sequence_length=parts.max_sequence_length)
+        call.update(height=pixels, width=pixels)
+    if parts.spec.max_sequence_length is not None:
+        call.update(max_sequence_length=parts.max_sequence_length)
+    call.update(parts.spec.call_arguments)
     call.update(net.pipeline_call_arguments())
     no_t5 = "text_encoder_3" in parts.parts and parts.parts["text_encoder_3"] is None
     load_kwargs = {"text_encoder_3": None, "tokenizer_3": None} if no_t5 else {}
@@ -136,7 +152,7 @@ def exportable_network(student: Generator):
     model = getattr(net, "network", None)
     if model is None:
         raise ValueError(f"export needs a diffusers UNet or transformer student; this student is a {kind}")
-    exportable = ("UNet2DModel", "UNet2DConditionModel", *TRANSFORMER_DENOISERS)
+    exportable = sorted({name for spec in SPECS.values() for name in spec.denoiser_classes})
     if type(model).__name__ not in exportable:
         raise ValueError(f"export needs a diffusers {', '.join(exportable)} student, not a {type(model).__name__}")
     if student.stock is None:
@@ -198,8 +214,11 @@ def model_card(info: dict) -> str:
     if info.get("load_lora"):
         lines += ["The student's LoRA adapters are also in `lora/`. The teacher's own pipeline samples like the "
                   "student with them:", "", "```python", info["load_lora"].replace("DIR", '"PATH"'), "```", ""]
+    if info.get("kohya_lora"):
+        lines += [f"The same adapters in the kohya format, for A1111, ComfyUI and other tools that read it: "
+                  f"`{info['kohya_lora']}` (sample with the student's scheduler and steps above).", ""]
     if info.get("num_class_embeds"):
-        drawn = ("" if info["format"].startswith("diffusers DiTPipeline")
+        drawn = ("" if "pipeline_steps" in info
                  else ", which the pipeline would otherwise draw among random labels")
         lines += [f"Pass `class_labels`: class {info['null_class']} is the null (unconditional) class{drawn}.", ""]
     return "\n".join(header + lines)
@@ -234,18 +253,18 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     flow = isinstance(student.stock, FlowMatchSampling)
     times = [float(t) for t in student.times] if flow else [int(t) for t in student.times]
     serving = text_serving(net, parts, times, flow) if net.text_conditioned else None
-    pipeline_class = parts.pipeline_class if parts is not None else "ConsistencyModelPipeline"
-    if pipeline_class == "DiTPipeline":
+    spec = parts.spec if parts is not None else PIXEL_SPEC
+    if not spec.takes_timesteps:
         scheduler = student.stock.scheduler(first_timestep=times[0])
         pipeline_steps = pipeline_step_counts(scheduler, times)
         if 1 not in pipeline_steps:
-            raise ValueError(f"DiTPipeline passes no timesteps, and its LCMScheduler cannot start a one-step sample "
+            raise ValueError(f"{spec.name} passes no timesteps, and its LCMScheduler cannot start a one-step sample "
                              f"at the student's time {times[0]}; train with generator.times=[t] for t >= "
                              f"{len(student.net.schedule.alphas_cumprod) // 2} (e.g. [999])")
     else:
         scheduler = student.stock.scheduler()
     info = {
-        "format": f"diffusers {pipeline_class} + {type(scheduler).__name__} (stock classes), exported by fdistill",
+        "format": f"diffusers {spec.name} + {type(scheduler).__name__} (stock classes), exported by fdistill",
         "fdistill_version": _fdistill_version(),
         "student_times": times,
         "max_steps": student.max_steps,
@@ -257,21 +276,22 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
         "null_class": class_embeds - 1 if class_embeds else None,
         "text_to_image": net.text_conditioned,
         **(serving or {}),
-        **({"pipeline_steps": pipeline_steps} if pipeline_class == "DiTPipeline" else {}),
-        "load": load_snippet(times, class_embeds, serving, pipeline_class),
+        **({} if spec.takes_timesteps else {"pipeline_steps": pipeline_steps}),
+        "load": load_snippet(times, class_embeds, serving, spec),
         **(metadata or {}),
     }
-    lora = net.text_conditioned and has_adapters(net.network) and loads_lora(pipeline_class)
+    lora = net.text_conditioned and has_adapters(net.network) and spec.lora
     if lora:
-        info["load_lora"] = lora_snippet(parts.source, type(scheduler).__name__, serving,
-                                         net.attention_kwargs_argument)
+        info["load_lora"] = lora_snippet(parts.source, type(scheduler).__name__, serving, spec.lora_scale_argument)
+        if spec.kohya_lora:
+            info["kohya_lora"] = f"{LORA_DIR}/{KOHYA_LORA_FILE}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         stock_pipeline(net, scheduler, parts).save_pretrained(tmp)
         if lora:
-            save_lora(net, parts.pipeline_class, scheduler, tmp / LORA_DIR)
+            save_lora(net, spec, scheduler, tmp / LORA_DIR)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MODEL_CARD).write_text(model_card(info))
         _move_into_place(tmp, out)
@@ -280,26 +300,37 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     return out
 
 
-def loads_lora(pipeline_class: str) -> bool:
-    """Whether the stock ``pipeline_class`` loads LoRA weights (``load_lora_weights``; PixArt's pipelines do
-    not, so a LoRA student of one exports merged only)."""
-    import diffusers
-
-    return hasattr(getattr(diffusers, pipeline_class), "load_lora_weights")
-
-
-def save_lora(net, pipeline_class: str, scheduler, out: Path) -> None:
+def save_lora(net, spec: PipelineSpec, scheduler, out: Path) -> None:
     """Write ``net``'s LoRA adapters as diffusers LoRA weights (``pytorch_lora_weights.safetensors``, with their
-    rank, alpha and target modules as adapter metadata) that ``pipeline_class.load_lora_weights`` loads into the
-    teacher's pipeline, and ``scheduler`` (the stock scheduler that samples the student) in ``out/scheduler``."""
-    import diffusers
+    rank, alpha and target modules as adapter metadata) that the spec's pipeline class loads into the teacher's
+    pipeline with ``load_lora_weights``, and ``scheduler`` (the stock scheduler that samples the student) in
+    ``out/scheduler``. Where the spec says the kohya format applies (Stable Diffusion 1.x/2.x and SDXL UNets), the
+    same adapters are also written in it (:func:`save_kohya_lora`)."""
     from peft.utils import get_peft_model_state_dict
 
-    model, role = net.network, net.pipeline_role
-    getattr(diffusers, pipeline_class).save_lora_weights(
-        out, **{f"{role}_lora_layers": get_peft_model_state_dict(model),
-                f"{role}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+    model, role = net.network, spec.denoiser_role
+    layers = get_peft_model_state_dict(model)
+    spec.pipeline_class().save_lora_weights(
+        out, **{f"{role}_lora_layers": layers, f"{role}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+    if spec.kohya_lora:
+        save_kohya_lora(layers, model.peft_config["default"], role, out / KOHYA_LORA_FILE)
     scheduler.save_pretrained(out / "scheduler")
+
+
+def save_kohya_lora(layers: dict, peft_config, role: str, path: Path) -> None:
+    """Write peft LoRA ``layers`` of the pipeline component ``role`` in the kohya format that A1111, ComfyUI and
+    diffusers' ``load_lora_weights`` read (``lora_unet_<module>.lora_down/lora_up.weight`` and ``.alpha``), converted
+    by diffusers' ``convert_state_dict_to_kohya``. That converter writes every alpha as the rank (a scale of 1); the
+    adapters' own ``lora_alpha`` (one for all modules, as fdistill's LoRA has) is written instead, so the kohya file
+    scales the update by ``alpha / rank`` as the student does."""
+    import torch
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    kohya = convert_state_dict_to_kohya({f"{role}.{key}": value for key, value in layers.items()})
+    alpha = torch.tensor(float(peft_config.lora_alpha))
+    kohya = {key: alpha.clone() if key.endswith(".alpha") else value.contiguous() for key, value in kohya.items()}
+    save_file(kohya, str(path))
 
 
 def lora_snippet(teacher: str, scheduler_class: str, serving: dict, scale_argument: str) -> str:
@@ -319,16 +350,10 @@ def stock_pipeline(net, scheduler, parts=None):
     """The stock diffusers pipeline that samples ``net``'s diffusers model with ``scheduler``: a
     ``ConsistencyModelPipeline`` for a pixel UNet, else the teacher's pipeline class with ``parts``'s
     components. A LoRA model's adapters are merged into its weights (:func:`fdistill.networks.lora.merged_network`)."""
-    import diffusers
-
     model = merged_network(net.network)
     if parts is None:
-        return diffusers.ConsistencyModelPipeline(unet=model, scheduler=scheduler)
-    extra = {}
-    if parts.pipeline_class == "StableDiffusionPipeline":
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipeline = getattr(diffusers, parts.pipeline_class)
-    return pipeline(**{net.pipeline_role: model}, scheduler=scheduler, **parts.parts, **extra)
+        return PIXEL_SPEC.pipeline_class()(**{PIXEL_SPEC.denoiser_role: model}, scheduler=scheduler)
+    return parts.pipeline(model, scheduler)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

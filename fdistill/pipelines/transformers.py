@@ -19,8 +19,8 @@ Features for discriminator heads are the image tokens after chosen transformer b
 grid (``[B, C, H / p, W / p]``) so that the convolutional heads read them. Latents are always ``[B, C, H, W]``;
 Flux packs them into 2 x 2 patches inside :meth:`FluxTransformerDenoiser.network_output`, as its pipeline does.
 
-:data:`TRANSFORMER_DENOISERS` maps a diffusers class name to its adapter: a new transformer class is one adapter
-here and its pipeline's prompt encoding in :mod:`fdistill.pipelines.parts`.
+Which adapter serves which pipeline class, how that pipeline encodes prompts and how it is called is the
+pipeline's spec (:mod:`fdistill.pipelines.specs`): a new transformer class is one adapter here and one spec there.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from fdistill.samplers.lcm import LCMSampling
 from fdistill.schedules import DiscreteVPSchedule, FlowMatchSchedule, Schedule
 
 FLUX_DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the embedded guidance of guidance-distilled Flux
+PIPELINE_DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: latents of 1024-pixel images
 
 
 def pack_text_condition(hidden: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -67,9 +68,6 @@ class TransformerDenoiser(DiffusersDenoiser):
     text_conditioned = True
     conditional = True
     block_kind = "transformer"
-    pipeline_role = "transformer"
-    attention_kwargs_argument = "joint_attention_kwargs"
-    pipeline_classes: tuple[str, ...] = ()  # the stock pipelines this transformer class serves in
 
     def __init__(self, transformer: nn.Module, schedule: Schedule, sample_shape: tuple[int, ...], **options):
         super().__init__()
@@ -99,6 +97,25 @@ class TransformerDenoiser(DiffusersDenoiser):
             raise ValueError(f"a {type(transformer).__name__} has no guidance embedding; remove "
                              "teacher.embedded_guidance (teacher.guidance_scale is classifier-free guidance)")
         return {}
+
+    @classmethod
+    def from_pipeline(cls, transformer: nn.Module, scheduler_config: dict, vae_scale: int,
+                      prediction_type: str | None = None, resolution: int | None = None,
+                      embedded_guidance: float | None = None) -> TransformerDenoiser:
+        """The adapter of a transformer loaded from its pipeline, on square latents of ``resolution`` pixels
+        (default: the pipeline's), with the teacher's settings; a setting that does not fit is a ``ValueError``."""
+        patch = cls.token_patch(transformer)
+        if resolution is None:
+            latent_size = cls.default_latent_size(transformer, PIPELINE_DEFAULT_LATENT_SIZE)
+        elif resolution <= 0 or resolution % (vae_scale * patch):
+            raise ValueError(f"teacher.resolution={resolution} must be a positive multiple of {vae_scale * patch} "
+                             f"(the VAE's downsampling {vae_scale} times the transformer's patch {patch})")
+        else:
+            latent_size = resolution // vae_scale
+        schedule = transformer_schedule(cls, scheduler_config, (latent_size // patch) ** 2)
+        options = cls.settings(transformer, scheduler_config, prediction_type, embedded_guidance,
+                               latent_size * vae_scale)
+        return cls(transformer, schedule, (cls.latent_channels(transformer), latent_size, latent_size), **options)
 
     @property
     def network(self) -> nn.Module:
@@ -152,7 +169,6 @@ class SD3TransformerDenoiser(FlowTransformerDenoiser):
     """``SD3Transformer2DModel``: ``cond`` packs the prompt's hidden states and pooled embedding; the transformer
     gets ``timestep = float32(sigma) * 1000``. Features: ``block.i``."""
 
-    pipeline_classes = ("StableDiffusion3Pipeline",)
 
     def network_output(self, x_t, t, cond=None) -> torch.Tensor:
         """The transformer's velocity at times ``t``."""
@@ -171,7 +187,6 @@ class FluxTransformerDenoiser(FlowTransformerDenoiser):
     hidden states and the CLIP pooled embedding. Features: ``block.i`` (joint blocks) and ``single.i`` (single
     blocks)."""
 
-    pipeline_classes = ("FluxPipeline",)
 
     def __init__(self, transformer, schedule, sample_shape, embedded_guidance: float | None = None):
         if bool(transformer.config.guidance_embeds) != (embedded_guidance is not None):
@@ -258,8 +273,6 @@ class SanaTransformerDenoiser(FlowTransformerDenoiser):
     gets ``timestep = float32(sigma) * 1000 * timestep_scale``; a learned-variance output keeps its first half of
     channels. Features: ``block.i``."""
 
-    pipeline_classes = ("SanaPipeline",)
-    attention_kwargs_argument = "attention_kwargs"
 
     def network_output(self, x_t, t, cond=None) -> torch.Tensor:
         """The transformer's velocity at times ``t``."""
@@ -270,10 +283,6 @@ class SanaTransformerDenoiser(FlowTransformerDenoiser):
         out = self.transformer(x_t, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=timestep
                                ).sample
         return without_learned_variance(out.float(), self.sample_shape[0])
-
-    def pipeline_call_arguments(self) -> dict:
-        """No resolution binning (the pipeline would move a size it has no bin for)."""
-        return {"use_resolution_binning": False}
 
 
 class VPTransformerDenoiser(TransformerDenoiser):
@@ -301,7 +310,6 @@ class PixArtTransformerDenoiser(VPTransformerDenoiser):
     channels. Sampled by the stock ``LCMScheduler`` (:class:`~fdistill.samplers.lcm.LCMSampling`). Features:
     ``block.i``."""
 
-    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 
     @classmethod
     def settings(cls, transformer, scheduler_config, prediction_type=None, embedded_guidance=None, pixel_size=None):
@@ -313,11 +321,6 @@ class PixArtTransformerDenoiser(VPTransformerDenoiser):
                  pixel_size: int | None = None):
         super().__init__(transformer, schedule, sample_shape, prediction_type, pixel_size=pixel_size)
         self.pixel_size = pixel_size
-
-    def pipeline_call_arguments(self) -> dict:
-        """No resolution binning (the pipeline would move a size it has no bin for) and no caption cleaning
-        (prompts are encoded as given)."""
-        return {"use_resolution_binning": False, "clean_caption": False}
 
     def added_conditions(self, n: int, like: torch.Tensor) -> dict:
         """The pipeline's micro-conditions: the pixel resolution and aspect ratio when the transformer reads them."""
@@ -345,7 +348,6 @@ class DiTTransformerDenoiser(VPTransformerDenoiser):
     ImageNet classes), so ``num_class_embeds`` counts it as fdistill's UNets do. Features: ``block.i``."""
 
     text_conditioned = False
-    pipeline_classes = ("DiTPipeline",)
 
     def __init__(self, transformer, schedule, sample_shape, prediction_type: str = "epsilon"):
         super().__init__(transformer, schedule, sample_shape, prediction_type)
@@ -364,15 +366,6 @@ class DiTTransformerDenoiser(VPTransformerDenoiser):
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         """The last label, which the transformer's training dropped classes to."""
         return torch.full_like(cond, self.num_class_embeds - 1)
-
-
-TRANSFORMER_DENOISERS: dict[str, type[TransformerDenoiser]] = {
-    "SD3Transformer2DModel": SD3TransformerDenoiser,
-    "FluxTransformer2DModel": FluxTransformerDenoiser,
-    "PixArtTransformer2DModel": PixArtTransformerDenoiser,
-    "SanaTransformer2DModel": SanaTransformerDenoiser,
-    "DiTTransformer2DModel": DiTTransformerDenoiser,
-}
 
 
 def transformer_schedule(adapter: type[TransformerDenoiser], scheduler_config: dict, image_tokens: int) -> Schedule:

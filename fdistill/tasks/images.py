@@ -7,8 +7,10 @@ class-conditional teacher, drawn in the data's own class proportions or in ``dat
 frequencies. The run is judged by FD against the data (``eval.reference``) in a feature network's space
 (``eval.features``), plus class frequencies, label accuracy and class coverage from the shipped digits classifier
 when the data are the digits, and for unconditional samplers the total-variation distances of their class
-frequencies to the data's and the teacher's; the student exports as a diffusers pipeline. A latent teacher's real
-images are VAE-encoded once per run, and every sample is decoded before it is judged or shown.
+frequencies to the data's and the teacher's, and per-class diversity for class-conditional runs
+(:class:`~fdistill.evaluation.images.ImageJudge` in the one sampler loop); the student exports as a diffusers
+pipeline. A latent teacher's real images are VAE-encoded once per run, and every sample is decoded before it is
+judged or shown.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from fdistill.data.images import (
     reference_images,
 )
 from fdistill.errors import ConfigError
-from fdistill.evaluation import ImageProtocol, evaluate_images, student_samples, upscaled_grid
-from fdistill.metrics.class_frequencies import sampling_floor, total_variation
+from fdistill.evaluation.images import ImageJudge, upscaled_grid
+from fdistill.evaluation.loop import evaluate_samplers
+from fdistill.evaluation.sampling import student_samples
 from fdistill.networks.denoisers import Denoiser, UNetDenoiser
 from fdistill.pipelines.parts import LatentPipelineParts
 from fdistill.tasks.base import Task
@@ -183,8 +186,10 @@ class ImageTask(Task):
         latents = self.parts.encode_all(images, g)
         return LatentImages(latents, self.dataset.labels, getattr(self.dataset, "num_classes", 0))
 
-    def protocol(self, samples_dir: Path | None, progress: bool = False) -> ImageProtocol:
-        """What every sampler of this run is judged under (see :class:`~fdistill.evaluation.ImageProtocol`)."""
+    def judge(self) -> ImageJudge:
+        """What every sampler of this run is judged under (see :class:`~fdistill.evaluation.images.ImageJudge`):
+        unconditional samplers judged by the digits classifier also get the TVs of their class frequencies to the
+        data's and the teacher's."""
         cfg, dataset, ec = self.cfg, self.dataset, self.cfg.eval
         digits = cfg.data.kind == "digits"
         default_reference = ("digits" if digits else cfg.data.path if cfg.data.kind == "folder" else
@@ -197,35 +202,15 @@ class ImageTask(Task):
             classifier = load_digits_classifier()
         conditions = self.conditions(ec.num_samples)
         labels = conditions if self.null_label is None else None  # the null class asks for no class
-        return ImageProtocol(ec.num_samples, ec.seed, ec.batch_size, conditions, labels,
-                             reference_images(ec.reference or default_reference), features, classifier,
-                             getattr(dataset, "num_classes", None), samples_dir, progress,
-                             None if self.parts is None else self.to_images)
+        unconditional_classes = labels is None and classifier is not None
+        return ImageJudge(conditions, labels, reference_images(ec.reference or default_reference), features,
+                          classifier, getattr(dataset, "num_classes", None),
+                          None if self.parts is None else self.to_images,
+                          self.data_class_frequencies if unconditional_classes else None, ec.batch_size)
 
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
-        """The image protocol's entries; unconditional samplers judged by the digits classifier also get the TVs
-        of their class frequencies (:meth:`add_class_distances`)."""
-        samples_dir = run_dir / "samples" if self.cfg.eval.save_samples else None
-        protocol = self.protocol(samples_dir, progress)
-        results = evaluate_images(nets, self.cfg.eval, protocol)
-        if protocol.labels is None and protocol.classifier is not None:
-            self.add_class_distances(results)
-        return results
-
-    def add_class_distances(self, results: list[dict]) -> None:
-        """Add to each entry ``class_tv_to_data``, the TV of its ``class_frequencies`` to the data's class
-        frequencies; students also get ``class_tv_to_teacher``, the TV to the teacher entry's frequencies under the
-        same protocol. ``class_tv_floor`` is the TV that exact samples from the data's frequencies would show at
-        this sample count."""
-        data = self.data_class_frequencies
-        teacher = next(entry["class_frequencies"] for entry in results if entry["model"] == "teacher")
-        floor = sampling_floor(data, self.cfg.eval.num_samples)
-        for entry in results:
-            entry["class_tv_to_data"] = total_variation(entry["class_frequencies"], data)
-            if entry["model"] != "teacher":
-                entry["class_tv_to_teacher"] = total_variation(entry["class_frequencies"], teacher)
-            entry["data_class_frequencies"] = [round(v, 4) for v in data.tolist()]
-            entry["class_tv_floor"] = floor
+        """The sampler loop with the image judge (:meth:`judge`)."""
+        return evaluate_samplers(nets, self.cfg.eval, self.judge(), run_dir, progress)
 
     @torch.no_grad()
     def preview(self, nets: Networks, path: Path) -> None:
@@ -249,7 +234,7 @@ class ImageTask(Task):
         final evaluation, so only its trend is meaningful."""
         from fdistill.metrics.fid import frechet_distance_to_reference
 
-        _, feature_net, reference = self._training_reference
+        feature_net, reference = self._training_reference
         n = self.cfg.log.fd_samples
         x = self.to_images(student_samples(nets, n, 1, self.cfg.eval.seed, cond=self.conditions(n),
                                            batch_size=self.cfg.eval.batch_size))
@@ -258,12 +243,10 @@ class ImageTask(Task):
 
     @cached_property
     def _training_reference(self):
-        """Computed once per run rather than at every ``log.fd_every`` step (a folder reference may be large)."""
-        from fdistill.metrics.fid import load_feature_net, reference_statistics
-
-        protocol = self.protocol(None)
-        feature_net = load_feature_net(protocol.features)
-        return protocol, feature_net, reference_statistics(protocol.reference, feature_net, "clean", progress=False)
+        """The evaluation's feature network and reference statistics, computed once per run rather than at every
+        ``log.fd_every`` step (a folder reference may be large)."""
+        judge = self.judge()
+        return judge.feature_net, judge.reference_statistics
 
     def export(self, student, out_dir: Path, metadata: dict) -> Path:
         from fdistill.pipelines.export import export_pipeline

@@ -15,15 +15,14 @@ from ``data.kind``:
 The evaluation decodes every sampler's latents with the VAE and reports, on the same prompts and seeds: CLIP score
 (open_clip, ``eval.clip_model``), FD against reference images (``eval.features``), compositional accuracy (on the
 captioned shapes: the fraction of images whose colour, shape and position all match the prompt, read by the
-shipped attribute classifier) and samples/s including the decode. The student exports as the teacher's stock
-pipeline class (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtAlphaPipeline``,
-``PixArtSigmaPipeline`` or ``SanaPipeline``).
+shipped attribute classifier), per-prompt diversity (:mod:`fdistill.metrics.diversity`) and samples/s including
+the decode (:class:`~fdistill.evaluation.text.TextJudge` in the one sampler loop). The student exports as the
+teacher's stock pipeline class (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``,
+``PixArtAlphaPipeline``, ``PixArtSigmaPipeline`` or ``SanaPipeline``).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import torch
 from fdistill.containers import Batch, Networks
 from fdistill.data.captions import CaptionedShapes, caption, combinations, read_prompts
 from fdistill.errors import ConfigError
-from fdistill.evaluation import student_samples, teacher_samples, write_png_folder
+from fdistill.evaluation.loop import evaluate_samplers
+from fdistill.evaluation.text import GRID_PROMPTS, GRID_SEEDS, PromptSet, TextJudge
 from fdistill.networks.denoisers import Denoiser, UNetDenoiser
 from fdistill.pipelines.parts import LatentPipelineParts
 from fdistill.pipelines.transformers import TransformerDenoiser
@@ -44,18 +44,6 @@ REAL_IMAGES = 4000  # captioned-shapes images encoded for the objectives that re
 REFERENCE_IMAGES = 2000  # captioned-shapes reference images of the FD, per prompt set
 REFERENCE_SEED = 1  # the reference images are not the training images
 DEFAULT_CLIP = ("ViT-g-14", "laion2b_s34b_b88k")  # the zero-shot protocol's CLIP
-GRID_PROMPTS, GRID_SEEDS = 8, 4
-
-
-@dataclass
-class PromptSet:
-    """Prompts a run is evaluated on, the attribute combinations they name (captioned shapes only) and the
-    reference images of their FD."""
-
-    name: str
-    prompts: list[str]
-    reference: object
-    combinations: list[tuple[int, int, int]] | None = None
 
 
 class TextToImageTask(Task):
@@ -79,7 +67,7 @@ class TextToImageTask(Task):
         root, source = located
         self.parts = LatentPipelineParts.load(root, source, teacher.network,
                                               prompt_length(root, cfg.teacher.max_sequence_length))
-        self.negative = self.parts.embed([cfg.teacher.negative_prompt])
+        self.negative = self.parts.embed_negative(cfg.teacher.negative_prompt)
         self._clip = None  # the CLIP score's model, loaded at the first evaluation
 
     def unconditional(self, cond: torch.Tensor) -> torch.Tensor:
@@ -178,80 +166,15 @@ class TextToImageTask(Task):
             raise ConfigError(f"eval.clip_model: {str(e).splitlines()[0]}") from None
 
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
-        """Every sampler (the student at each step count, the teacher's multi-step sampler with the same
-        guidance) on every prompt set, under one protocol: prompt ``i % P`` and seed ``eval.seed`` for sample
-        ``i``."""
-        from fdistill.metrics.fid import compute_fid, load_feature_net, reference_statistics
-        from fdistill.metrics.image_sources import to_uint8_nchw
-
-        ec, cfg = self.cfg.eval, self.cfg
+        """The sampler loop with the text judge: every sampler (the student at each step count, the teacher's
+        multi-step sampler with the same guidance) on every prompt set, prompt ``i % P`` and seed ``eval.seed``
+        for sample ``i``."""
+        ec, tc = self.cfg.eval, self.cfg.teacher
         self.parts.to(nets.device)
-        feature_net = load_feature_net(self.features)
-        samples_dir = run_dir / "samples" if ec.save_samples else None
-        was_training = nets.student.training
-        nets.student.eval()
-        steps = [k for k in ec.student_steps if k <= nets.student.max_steps]
-        results, grids, prompt_sets = [], {}, self.prompt_sets()
-        for prompt_set in prompt_sets:
-            reference = reference_statistics(prompt_set.reference, feature_net, "clean", progress=False)
-            index = torch.arange(ec.num_samples) % len(prompt_set.prompts)
-            prompts = [prompt_set.prompts[i] for i in index]
-            cond = RowsOf(self.parts.embed(prompt_set.prompts).cpu(), index)
-            for model, k in [("student", k) for k in steps] + [("teacher", None)]:
-                start = time.time()
-                if model == "student":
-                    latents = student_samples(nets, ec.num_samples, k, ec.seed, ec.renoise, cond, ec.batch_size,
-                                              progress)
-                    nfe, extra = k, {}
-                else:
-                    latents, nfe = teacher_samples(nets, ec.num_samples, ec.teacher_steps, ec.teacher_sampler,
-                                                   ec.seed, cond, ec.batch_size, progress)
-                    extra = {"sampler": ec.teacher_sampler}
-                images = torch.cat([self.parts.decode(x).float().cpu() for x in latents.split(ec.batch_size)])
-                rate = ec.num_samples / (time.time() - start)
-                pixels = to_uint8_nchw(images.clamp(-1, 1))
-                name = f"{model}_nfe{nfe}_{prompt_set.name.split()[0]}"
-                if samples_dir is not None:
-                    write_png_folder(pixels, samples_dir / name)
-                fd = compute_fid(pixels.permute(0, 2, 3, 1), reference, feature_net, backend="clean", progress=False)
-                entry = {"model": model, "nfe": nfe, **extra, "prompts": prompt_set.name,
-                         "clip_score": self._clip_score(pixels, prompts, nets.device), "fd": fd["value"]}
-                if prompt_set.combinations is not None:
-                    entry.update(self._compositional(pixels, [prompt_set.combinations[i] for i in index]))
-                entry.update({"samples_per_second": rate, "guidance_scale": cfg.teacher.guidance_scale,
-                              "negative_prompt": cfg.teacher.negative_prompt, "num_samples": ec.num_samples,
-                              "seed": ec.seed, "clip_model": self.clip(nets.device).name,
-                              "feature_net": fd["feature_net"],
-                              "weights_hash": fd["weights_hash"], "reference": fd["reference"],
-                              "num_reference": fd["num_reference"], "teacher": self.parts.source})
-                results.append(entry)
-                grids.setdefault((prompt_set.name, model), (pixels, prompts, f"{model}, {nfe} step"
-                                                            f"{'s' if nfe > 1 else ''}"))
-        nets.student.train(was_training)
-        if samples_dir is not None:
-            for prompt_set in prompt_sets:
-                student, teacher = grids[(prompt_set.name, "student")], grids[(prompt_set.name, "teacher")]
-                write_prompt_grid(student, teacher, len(prompt_set.prompts),
-                                  samples_dir / f"grid_{prompt_set.name.split()[0]}.png")
-        return results
-
-    def _clip_score(self, pixels: torch.Tensor, prompts: list[str], device) -> float:
-        from fdistill.metrics.clip_score import clip_score_tensors
-
-        return clip_score_tensors(self.clip(device), pixels.float() / 127.5 - 1, prompts, device=device)
-
-    @cached_property
-    def _attribute_classifier(self):
-        from fdistill.metrics.attributes import load_attribute_classifier
-
-        return load_attribute_classifier()
-
-    def _compositional(self, pixels: torch.Tensor, combos) -> dict:
-        from fdistill.metrics.attributes import compositional_accuracy
-
-        scores = compositional_accuracy(self._attribute_classifier, pixels.float() / 127.5 - 1, combos)
-        return {"compositional_accuracy": scores["accuracy"],
-                **{f"{key}_accuracy": scores[key] for key in ("colour", "shape", "position")}}
+        guidance = {"guidance_scale": tc.guidance_scale, "negative_prompt": tc.negative_prompt}
+        judge = TextJudge(self.prompt_sets(), self.parts, self.clip(nets.device), self.features, nets.device,
+                          guidance, ec.batch_size)
+        return evaluate_samplers(nets, ec, judge, run_dir, progress)
 
     @torch.no_grad()
     def preview(self, nets: Networks, path: Path) -> None:
@@ -269,17 +192,6 @@ class TextToImageTask(Task):
         from fdistill.pipelines.export import export_pipeline
 
         return export_pipeline(student, out_dir, metadata, self.parts)
-
-
-class RowsOf:
-    """The conditions of samples ``index``, one row of ``table`` (one embedding per distinct prompt) each,
-    gathered only for the rows a sampler asks for, so that a large evaluation never holds one per sample."""
-
-    def __init__(self, table: torch.Tensor, index: torch.Tensor):
-        self.table, self.index = table, index
-
-    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.table[self.index[rows]]
 
 
 def _stream(size: int, conditions: torch.Tensor, latents: torch.Tensor | None = None):
@@ -303,31 +215,3 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
     except FileNotFoundError:
         raise ConfigError(f"image {path} named in the prompt file does not exist; fix the path") from None
 
-
-def write_prompt_grid(student, teacher, num_prompts: int, path: Path) -> None:
-    """Rows of up to ``GRID_PROMPTS`` prompts spread over the set, each written at the left, with ``GRID_SEEDS`` student
-    samples and then ``GRID_SEEDS`` teacher samples; ``student``/``teacher`` are (uint8 images, prompts, title)
-    with prompt ``i % num_prompts`` for image ``i``."""
-    from PIL import Image, ImageDraw
-
-    rows = min(num_prompts, GRID_PROMPTS)
-    shown = [row * num_prompts // rows for row in range(rows)]  # prompts spread over the set
-    scale, text_width, header, gap = 2, 240, 16, 12
-    side = student[0].shape[-1] * scale
-    width = text_width + 2 * GRID_SEEDS * side + gap
-    canvas = Image.new("RGB", (width, header + rows * side), "white")
-    draw = ImageDraw.Draw(canvas)
-    for column, (pixels, _, title) in enumerate((student, teacher)):
-        left = text_width + column * (GRID_SEEDS * side + gap)
-        draw.text((left + 2, 2), title, fill="black")
-        for row, prompt in enumerate(shown):
-            for seed in range(GRID_SEEDS):
-                i = prompt + seed * num_prompts
-                if i >= len(pixels):
-                    continue
-                image = Image.fromarray(pixels[i].permute(1, 2, 0).numpy()).resize((side, side), Image.NEAREST)
-                canvas.paste(image, (left + seed * side, header + row * side))
-    for row, prompt in enumerate(shown):
-        draw.text((4, header + row * side + side // 2 - 6), student[1][prompt], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)

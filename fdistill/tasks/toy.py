@@ -7,7 +7,6 @@ exact teacher samples, for the student at each step count and the teacher's ODE 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -15,8 +14,8 @@ import torch
 from fdistill.containers import Networks
 from fdistill.data.toy import TeacherSamples
 from fdistill.errors import ConfigError
-from fdistill.evaluation import student_samples, teacher_samples
-from fdistill.metrics.toy import energy_distance, mode_statistics
+from fdistill.evaluation.loop import evaluate_samplers
+from fdistill.evaluation.toy import ToyJudge
 from fdistill.networks.denoisers import Denoiser, GaussianMixtureDenoiser, MLPDenoiser
 from fdistill.tasks.base import Task
 
@@ -47,28 +46,13 @@ class ToyTask(Task):
                               "use teacher")
         return iter(TeacherSamples(self.teacher, self.cfg.train.batch_size, needs_real_data))
 
-    def _entry(self, samples: torch.Tensor, reference: torch.Tensor) -> dict:
-        teacher = self.teacher
-        stats = mode_statistics(samples, teacher.means, teacher.variances.sqrt(), teacher.weights)
-        return {**stats, "energy_distance": energy_distance(samples, reference)}
-
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
-        ec = self.cfg.eval
-        reference = self.teacher.sample(ec.num_samples, generator=torch.Generator().manual_seed(ec.seed + 1))[0]
-        was_training = nets.student.training
-        nets.student.eval()
-        results = []
-        for steps in [k for k in ec.student_steps if k <= nets.student.max_steps]:
-            start = time.time()
-            x = student_samples(nets, ec.num_samples, steps, ec.seed, ec.renoise)
-            entry = {"model": "student", "nfe": steps, **self._entry(x, reference)}
-            results.append({**entry, "samples_per_second": ec.num_samples / (time.time() - start)})
-        start = time.time()
-        x, nfe = teacher_samples(nets, ec.num_samples, ec.teacher_steps, ec.teacher_sampler, ec.seed)
-        entry = {"model": "teacher", "nfe": nfe, "sampler": ec.teacher_sampler, **self._entry(x, reference)}
-        results.append({**entry, "samples_per_second": ec.num_samples / (time.time() - start)})
-        nets.student.train(was_training)
-        return results
+        """The sampler loop with the toy judge: mode statistics against the mixture, energy distance against
+        exact teacher samples drawn under ``eval.seed + 1``."""
+        ec, teacher = self.cfg.eval, self.teacher
+        reference = teacher.sample(ec.num_samples, generator=torch.Generator().manual_seed(ec.seed + 1))[0]
+        judge = ToyJudge(teacher.means, teacher.variances.sqrt(), teacher.weights, reference)
+        return evaluate_samplers(nets, ec, judge, run_dir, progress)
 
     @torch.no_grad()
     def preview(self, nets: Networks, path: Path) -> None:

@@ -1,0 +1,81 @@
+"""Load a diffusers teacher's denoising network as an x0-denoiser, from a local pipeline directory or a hub id.
+
+The pipeline's spec (:mod:`fdistill.pipelines.specs`, found from ``model_index.json``, else from the network's class)
+names the adapter; the adapter reads the scheduler's config as its noise schedule (``from_pipeline``). The other
+parts of a latent pipeline (VAE, text encoders) are loaded by :class:`fdistill.pipelines.parts.LatentPipelineParts`.
+Offline, a model that is neither a local directory nor cached fails at once with one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import Denoiser
+from fdistill.pipelines.parts import vae_scale_factor
+from fdistill.pipelines.specs import SPECS, spec_named
+
+DEFAULT_VAE_SCALE = 8  # the downsampling of Stable Diffusion's VAE, for a network saved without its VAE
+
+
+def resolve_model_dir(source: str | Path) -> Path:
+    """A local directory for ``source``: the directory itself, or the Hugging Face cache's snapshot of a hub id
+    (downloaded when online). Offline and not cached, it fails at once with one line naming the fix."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+        return Path(snapshot_download(str(source), allow_patterns=patterns))
+    except HFValidationError:
+        raise ConfigError(f"teacher model {str(source)!r} is neither a local directory nor a hub id; "
+                          "give an existing directory written by save_pretrained") from None
+    except Exception as e:  # offline, not cached, unknown repo, no network: all mean the same to the user
+        raise ConfigError(f"teacher model {str(source)!r} is not a local directory and could not be fetched "
+                          f"from the Hugging Face Hub ({type(e).__name__}); download it where there is network "
+                          f"(huggingface-cli download {source} --local-dir DIR) and set teacher.pretrained=DIR"
+                          ) from None
+
+
+def load_diffusers_teacher(source: str | Path, prediction_type: str | None = None, resolution: int | None = None,
+                           embedded_guidance: float | None = None) -> Denoiser:
+    """A diffusers teacher with its noise schedule, from a pipeline directory (``model_index.json`` with
+    ``unet/`` or ``transformer/``, and ``scheduler/``), a UNet directory holding ``scheduler_config.json`` too, or
+    a hub id of either: its spec's adapter around the network, with ``prediction_type`` overriding the
+    scheduler's, latents of ``resolution`` pixels (default: the pipeline's) and Flux's ``embedded_guidance``."""
+    import diffusers
+
+    root = resolve_model_dir(source)
+    net_dir = next((root / name for name in ("unet", "transformer") if (root / name / "config.json").is_file()), root)
+    scheduler_dir = root / "scheduler" if (root / "scheduler").is_dir() else root
+    config_file = net_dir / "config.json"
+    scheduler_file = scheduler_dir / "scheduler_config.json"
+    for needed, what in ((config_file, "a UNet or transformer config"), (scheduler_file, "a scheduler config")):
+        if not needed.is_file():
+            raise ConfigError(f"{root} has no {what} ({needed.relative_to(root)}); give a diffusers pipeline "
+                              "directory (model_index.json, unet/ or transformer/, scheduler/) or a UNet directory "
+                              "with scheduler_config.json")
+    class_name = _read_json(config_file).get("_class_name")
+    served = {name for spec in SPECS.values() for name in spec.denoiser_classes}
+    if class_name not in served:
+        raise ConfigError(f"{config_file} describes a {class_name}; fdistill teachers are {', '.join(sorted(served))}")
+    spec = spec_named(_read_json(root / "model_index.json").get("_class_name"), class_name, str(source))
+    network = getattr(diffusers, class_name).from_pretrained(net_dir, torch_dtype=torch.float32)
+    scheduler_config = dict(diffusers.DDPMScheduler.load_config(scheduler_dir))
+    vae_config = _read_json(root / "vae" / "config.json")
+    vae_scale = vae_scale_factor(vae_config) if vae_config else DEFAULT_VAE_SCALE
+    try:
+        return spec.adapter.from_pipeline(network, scheduler_config, vae_scale, prediction_type, resolution,
+                                          embedded_guidance)
+    except ValueError as e:
+        raise ConfigError(f"teacher {source}: {e}") from None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
