@@ -36,6 +36,7 @@ from fdistill.pipelines.transformers import (
     SD3TransformerDenoiser,
     pack_text_condition,
 )
+from fdistill.pipelines.unets import SDXLUNetDenoiser
 
 CLIP_AND_T5 = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae")
 # the components a Stable Diffusion pipeline is saved with but a student never needs
@@ -131,6 +132,46 @@ def _sana_condition(pipe, prompts: list[str], device, max_sequence_length: int) 
     return pack_text_condition(hidden, mask)
 
 
+def _sdxl_condition(pipe, prompts: list[str], device, max_sequence_length: int | None) -> torch.Tensor:
+    hidden, _, pooled, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+    return pack_text_condition(hidden, pooled)
+
+
+def _sdxl_negative(pipe, prompt: str, device, max_sequence_length: int | None) -> torch.Tensor:
+    """SDXL's unconditional input: zeros (hidden states and pooled embedding) for the empty negative prompt, the
+    pipeline's default when none is given and its ``force_zeros_for_empty_prompt`` is set; else the prompt's
+    encoding."""
+    condition = _sdxl_condition(pipe, [prompt], device, max_sequence_length)
+    return torch.zeros_like(condition) if prompt == "" and pipe.config.force_zeros_for_empty_prompt else condition
+
+
+def _sdxl_latent_statistics(latents: torch.Tensor, vae_config):
+    """The VAE's per-channel ``latents_mean`` and ``latents_std`` as ``[1, C, 1, 1]``, or ``None`` without them."""
+    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(torch.tensor(v).view(1, len(v), 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
+
+
+def sdxl_to_vae_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """``StableDiffusionXLPipeline``'s un-scaling: ``latents * std / scaling_factor + mean`` when the VAE has latent
+    statistics, else ``latents / scaling_factor``."""
+    statistics = _sdxl_latent_statistics(latents, vae_config)
+    if statistics is None:
+        return latents / vae_config.scaling_factor
+    mean, std = statistics
+    return latents * std / vae_config.scaling_factor + mean
+
+
+def sdxl_from_vae_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The inverse of :func:`sdxl_to_vae_latents`, as SDXL's training scripts scale encoded images."""
+    statistics = _sdxl_latent_statistics(latents, vae_config)
+    if statistics is None:
+        return latents * vae_config.scaling_factor
+    mean, std = statistics
+    return (latents - mean) * vae_config.scaling_factor / std
+
+
 def _pixart(name: str, max_sequence_length: int) -> PipelineSpec:
     return PipelineSpec(name, PixArtTransformerDenoiser, "transformer", ("PixArtTransformer2DModel",),
                         ("tokenizer", "text_encoder", "vae"), encode_prompts=_pixart_condition,
@@ -145,6 +186,11 @@ SPECS: dict[str, PipelineSpec] = {spec.name: spec for spec in (
                  ("tokenizer", "text_encoder", "vae"), encode_prompts=_sd_condition,
                  extra_components=NO_SAFETY_CHECKER, lora=True, lora_scale_argument="cross_attention_kwargs",
                  kohya_lora=True),
+    PipelineSpec("StableDiffusionXLPipeline", SDXLUNetDenoiser, "unet", ("UNet2DConditionModel",),
+                 ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae"), encode_prompts=_sdxl_condition,
+                 encode_negative=_sdxl_negative, to_vae_latents=sdxl_to_vae_latents,
+                 from_vae_latents=sdxl_from_vae_latents, sized_call=True, lora=True,
+                 lora_scale_argument="cross_attention_kwargs", kohya_lora=True),
     PipelineSpec("StableDiffusion3Pipeline", SD3TransformerDenoiser, "transformer", ("SD3Transformer2DModel",),
                  CLIP_AND_T5, ("tokenizer_3", "text_encoder_3"), encode_prompts=_sd3_condition,
                  max_sequence_length=256, sized_call=True, lora=True, lora_scale_argument="joint_attention_kwargs"),
