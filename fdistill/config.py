@@ -125,7 +125,7 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     # teacher: exact samples of an analytic teacher | digits | shapes | folder (images at `path`);
-    # text-to-image: captioned_shapes | prompts (a .txt/.csv/.jsonl prompt file at `path`, images optional)
+    # text-to-image: captioned_shapes | prompts (a .txt/.csv/.jsonl/.json prompt file at `path`, images optional)
     kind: str = "teacher"
     path: Optional[str] = None
     # class-labelled image data: draw training images with these class frequencies, one per class in label
