@@ -123,7 +123,18 @@ def randomise_adapters(net, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Exported text-to-image pipelines, served with no fdistill import.
+# Latent text-to-image pipelines, and their exports served with no fdistill import.
+
+
+def text_experiment(pipeline, name, *overrides):
+    """The experiment of objective ``name`` on the text-to-image pipeline directory ``pipeline``: captioned-shapes
+    prompts, teacher guidance 2, batch 4, seeded."""
+    cfg, options = load_config(None, [
+        "teacher.kind=pretrained", f"teacher.pretrained={pipeline}", "data.kind=captioned_shapes",
+        "teacher.guidance_scale=2.0", "train.batch_size=4", f"objective.name={name}",
+        *TRIGFLOW_TIMES.get(name, []), *overrides])
+    torch.manual_seed(0)
+    return cfg, build_experiment(cfg, options)
 
 PROMPTS = ["a red circle at the top left", "a green square at the bottom right"]
 

@@ -1,5 +1,6 @@
 """Each digits recipe builds and takes one critic and one generator step with finite losses
-that reach the networks each step trains (configs/digits_<objective>.yaml, docs/images.md "Recipes for every objective")."""
+that reach the networks each step trains (configs/digits_<objective>.yaml, docs/images.md "Recipes for every
+objective")."""
 
 from pathlib import Path
 

@@ -13,18 +13,16 @@ from fdistill.networks.guidance import GuidedDenoiser
 from fdistill.objectives import OBJECTIVES
 from fdistill.pipelines.specs import SPECS
 from fdistill.pipelines.unets import SDXLUNetDenoiser
-from fdistill.recipes import load_config
-from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
 from scripts.word_tokenizers import word_tokenizer
 from tests.helpers import (
     PROMPTS,
-    TRIGFLOW_TIMES,
     check_one_critic_and_one_generator_step,
     exported_samples,
     randomise_adapters,
     served_by_the_teacher_with_lora,
     student_images,
+    text_experiment,
 )
 
 POOLED = 16  # the second text encoder's projection width
@@ -69,15 +67,6 @@ def tiny_sdxl(tmp_path_factory):
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
-def sdxl_experiment(pipeline, name, *overrides):
-    cfg, options = load_config(None, [
-        "teacher.kind=pretrained", f"teacher.pretrained={pipeline}", "data.kind=captioned_shapes",
-        "teacher.guidance_scale=2.0", "train.batch_size=4", f"objective.name={name}",
-        *TRIGFLOW_TIMES.get(name, []), *overrides])
-    torch.manual_seed(0)
-    return cfg, build_experiment(cfg, options)
-
-
 def test_the_spec_says_what_the_stock_class_does():
     """The spec's LoRA flag is the stock class's own, and a spec names a diffusers pipeline class."""
     import diffusers
@@ -90,7 +79,7 @@ def test_the_spec_says_what_the_stock_class_does():
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_one_critic_and_one_generator_step_on_a_tiny_sdxl(tiny_sdxl, name):
-    cfg, (nets, objective, task) = sdxl_experiment(tiny_sdxl, name)
+    cfg, (nets, objective, task) = text_experiment(tiny_sdxl, name)
     assert isinstance(nets.teacher.net, SDXLUNetDenoiser)
     assert any(isinstance(module, SDXLUNetDenoiser) for module in nets.student.modules())
     trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, progress=False)
@@ -102,7 +91,7 @@ def test_the_unet_reads_the_pooled_embedding_and_the_pipelines_micro_conditions(
     the stock UNet call with SDXL's added_cond_kwargs, and changes with the pooled row alone."""
     from diffusers import StableDiffusionXLPipeline
 
-    _, (nets, _, task) = sdxl_experiment(tiny_sdxl, "dmd")
+    _, (nets, _, task) = text_experiment(tiny_sdxl, "dmd")
     cond = task.parts.embed(PROMPTS)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     hidden, _, pooled, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
@@ -123,7 +112,7 @@ def test_the_unet_reads_the_pooled_embedding_and_the_pipelines_micro_conditions(
 
 
 def test_guidance_reaches_the_teachers_pooled_embeddings_and_never_the_students(tiny_sdxl):
-    _, (nets, _, task) = sdxl_experiment(tiny_sdxl, "dmd")
+    _, (nets, _, task) = text_experiment(tiny_sdxl, "dmd")
     assert isinstance(nets.teacher, GuidedDenoiser) and not isinstance(nets.student.net, GuidedDenoiser)
     # the empty negative prompt is the pipeline's default: zero hidden states and pooled embedding
     assert torch.equal(task.negative, torch.zeros_like(task.negative))
@@ -136,7 +125,7 @@ def test_guidance_reaches_the_teachers_pooled_embeddings_and_never_the_students(
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(nets.fake_score(x, t, cond), conditional)
         # a negative prompt's pooled embedding moves the guided teacher, and not the student
-        _, (other, _, other_task) = sdxl_experiment(tiny_sdxl, "dmd", "teacher.negative_prompt=blurry")
+        _, (other, _, other_task) = text_experiment(tiny_sdxl, "dmd", "teacher.negative_prompt=blurry")
         negative = other_task.negative
         assert negative[0, -1, :POOLED].abs().sum() > 0
         torch.testing.assert_close(negative, other_task.parts.embed(["blurry"]))
@@ -149,7 +138,7 @@ def test_latent_statistics_scale_as_the_pipeline_does(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     root = save_tiny_sdxl(tmp_path / "sdxl", latents_mean=[0.1, -0.2, 0.3, 0.0])
-    _, (_, _, task) = sdxl_experiment(root, "dmd")
+    _, (_, _, task) = text_experiment(root, "dmd")
     latents = torch.randn(2, 4, 8, 8)
     vae = StableDiffusionXLPipeline.from_pretrained(root).vae
     mean = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1)
@@ -162,7 +151,7 @@ def test_latent_statistics_scale_as_the_pipeline_does(tmp_path):
 @pytest.mark.slow
 def test_export_is_a_stock_sdxl_pipeline_that_reproduces_the_student(tmp_path):
     root = save_tiny_sdxl(tmp_path / "sdxl", latents_mean=[0.1, -0.2, 0.3, 0.0])
-    _, (nets, _, task) = sdxl_experiment(root, "dmd", "generator.times=[999,499]")
+    _, (nets, _, task) = text_experiment(root, "dmd", "generator.times=[999,499]")
     with torch.no_grad():  # move the student away from the teacher so that a wrong UNet would show
         for p in nets.student.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -177,7 +166,7 @@ def test_export_is_a_stock_sdxl_pipeline_that_reproduces_the_student(tmp_path):
 
 @pytest.mark.slow
 def test_sdxl_pipeline_loads_the_lora_export_in_both_formats(tiny_sdxl, tmp_path):
-    _, (nets, _, task) = sdxl_experiment(tiny_sdxl, "dmd", "student.lora.rank=2", "student.lora.alpha=1")
+    _, (nets, _, task) = text_experiment(tiny_sdxl, "dmd", "student.lora.rank=2", "student.lora.alpha=1")
     randomise_adapters(nets.student)
     out = task.export(nets.student, tmp_path / "pipeline", {"objective": "dmd"})
     info = json.loads((out / "fdistill.json").read_text())

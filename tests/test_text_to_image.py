@@ -18,10 +18,10 @@ from fdistill.run import build_experiment
 from fdistill.training.trainer import Trainer
 from scripts.word_tokenizers import word_tokenizer
 from tests.helpers import (
-    TRIGFLOW_TIMES,
     check_one_critic_and_one_generator_step,
     randomise_adapters,
     served_by_the_teacher_with_lora,
+    text_experiment,
 )
 
 
@@ -55,15 +55,6 @@ def save_tiny_pipeline(root, prediction_type="v_prediction"):
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_t2i"))
-
-
-def text_experiment(pipeline, name, *overrides):
-    cfg, options = load_config(None, [
-        "teacher.kind=pretrained", f"teacher.pretrained={pipeline}", "data.kind=captioned_shapes",
-        "teacher.guidance_scale=2.0", "train.batch_size=4", f"objective.name={name}",
-        *TRIGFLOW_TIMES.get(name, []), *overrides])
-    torch.manual_seed(0)
-    return cfg, build_experiment(cfg, options)
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
