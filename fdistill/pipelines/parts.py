@@ -43,7 +43,7 @@ class LatentPipelineParts:
     ``force_zeros_for_empty_prompt``), which the encoding pipeline and the student's export keep.
     """
 
-    def __init__(self, parts: dict, spec: PipelineSpec, source: str, denoiser=None,
+    def __init__(self, parts: dict, spec: PipelineSpec, source: str, denoiser,
                  max_sequence_length: int | None = None, scheduler=None, config: dict | None = None):
         self.parts, self.spec, self.source = parts, spec, source
         self.config = dict(config or {})
@@ -64,16 +64,14 @@ class LatentPipelineParts:
         return pipeline_class(**{self.spec.denoiser_role: denoiser}, scheduler=scheduler, **components)
 
     @classmethod
-    def load(cls, root: Path, source: str, denoiser=None,
-             max_sequence_length: int | None = None) -> LatentPipelineParts:
+    def load(cls, root: Path, source: str, denoiser, max_sequence_length: int | None = None) -> LatentPipelineParts:
         """The parts of the diffusers pipeline directory ``root`` around its ``denoiser``; a missing one is a
         one-line error."""
         import diffusers
         import transformers
 
         index = _model_index(root)
-        spec = spec_named(index.get("_class_name"), type(denoiser).__name__ if denoiser is not None
-                          else _network_class(root), source)
+        spec = spec_named(index.get("_class_name"), type(denoiser).__name__, source)
         missing = [part for part in spec.parts if not (root / part).is_dir()]
         if missing:
             raise ConfigError(f"{source} has a latent denoiser but no {', '.join(p + '/' for p in missing)}; "
@@ -175,15 +173,6 @@ def _model_index(root: Path) -> dict:
         return json.loads(index_file.read_text())
     return {"tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
             "vae": ["diffusers", "AutoencoderKL"]}
-
-
-def _network_class(root: Path) -> str | None:
-    """The class of the pipeline's denoising network, from its config."""
-    for role in ("unet", "transformer"):
-        config = root / role / "config.json"
-        if config.is_file():
-            return json.loads(config.read_text()).get("_class_name")
-    return None
 
 
 def _is_component(value) -> bool:

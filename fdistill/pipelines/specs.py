@@ -155,10 +155,10 @@ def _sdxl_latent_statistics(latents: torch.Tensor, vae_config):
 
 def sdxl_to_vae_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """``StableDiffusionXLPipeline``'s un-scaling: ``latents * std / scaling_factor + mean`` when the VAE has latent
-    statistics, else ``latents / scaling_factor``."""
+    statistics, else :func:`divide_by_scaling` (SDXL's VAE has no shift)."""
     statistics = _sdxl_latent_statistics(latents, vae_config)
     if statistics is None:
-        return latents / vae_config.scaling_factor
+        return divide_by_scaling(latents, vae_config)
     mean, std = statistics
     return latents * std / vae_config.scaling_factor + mean
 
@@ -167,7 +167,7 @@ def sdxl_from_vae_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """The inverse of :func:`sdxl_to_vae_latents`, as SDXL's training scripts scale encoded images."""
     statistics = _sdxl_latent_statistics(latents, vae_config)
     if statistics is None:
-        return latents * vae_config.scaling_factor
+        return scale_for_denoiser(latents, vae_config)
     mean, std = statistics
     return (latents - mean) * vae_config.scaling_factor / std
 
