@@ -49,6 +49,9 @@ class TeacherConfig:
     max_sequence_length: Optional[int] = None
     resolution: Optional[int] = None  # transformer teachers: image side in pixels (null: the pipeline's default)
     embedded_guidance: Optional[float] = None  # Flux with guidance_embeds: its guidance input (null: 3.5)
+    # bf16 | fp16 | fp32: the frozen weights (the teacher or the base LoRA networks share, the VAE and the text
+    # encoders); null: the compute dtype of train.mixed_precision, else fp32. Trained weights stay float32.
+    dtype: Optional[str] = None
     unet: Dict[str, Any] = field(default_factory=dict)  # UNet2DModel config for kind=unet
 
 
@@ -79,26 +82,34 @@ LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters on the teacher's frozen UNet weights (peft); only the adapters train."""
+    """Low-rank adapters on the teacher's frozen weights (peft); only the adapters train. Every LoRA network of a
+    run is an adapter of the teacher's own network, which holds the frozen weights once."""
 
     rank: int = 8
     alpha: Optional[float] = None  # the adapters' output is scaled by alpha / rank (default: rank, scale 1)
     # names (or name endings) of the UNet layers that get adapters; names a UNet lacks are skipped
     target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
-    fake_score: bool = False  # the fake score too is the teacher plus adapters (default: a full copy)
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise ConfigError(f"student.lora.rank={self.rank} must be a positive integer, e.g. 8")
+            raise ConfigError(f"lora.rank={self.rank} (student.lora or fake_score.lora) must be a positive integer, "
+                              "e.g. 8")
         if self.alpha is not None and self.alpha <= 0:
-            raise ConfigError(f"student.lora.alpha={self.alpha} must be positive; leave it null for alpha = rank")
+            raise ConfigError(f"lora.alpha={self.alpha} (student.lora or fake_score.lora) must be positive; leave it "
+                              "null for alpha = rank")
         if not self.target_modules:
-            raise ConfigError("student.lora.target_modules is empty; name the UNet layers to adapt, e.g. [to_q, to_k]")
+            raise ConfigError("lora.target_modules (student.lora or fake_score.lora) is empty; name the layers to "
+                              "adapt, e.g. [to_q, to_k]")
 
 
 @dataclass
 class StudentConfig:
-    lora: Optional[LoraConfig] = None  # null: the student (and fake score) train all of a copy of the teacher
+    lora: Optional[LoraConfig] = None  # null: the student trains all of a copy of the teacher
+
+
+@dataclass
+class FakeScoreConfig:
+    lora: Optional[LoraConfig] = None  # null: the fake score trains all of a copy of the teacher
 
 
 LR_DECAYS = ("constant", "cosine", "linear")
@@ -162,6 +173,8 @@ class TrainConfig:
     device_batch_size: Optional[int] = None  # default: batch_size / processes (no accumulation)
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU; loss scaling)
     fsdp: bool = False  # shard the trainable networks, their gradients and optimizer states (FSDP2)
+    # diffusers models recompute their blocks' activations in the backward pass instead of keeping them
+    gradient_checkpointing: bool = False
     max_nonfinite_in_a_row: int = 20  # NaN/inf steps are skipped; this many in a row abort the run
 
 
@@ -227,6 +240,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    fake_score: FakeScoreConfig = field(default_factory=FakeScoreConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: Dict[str, Any] = field(default_factory=lambda: {"name": "dmd"})
     student_optim: OptimConfig = field(default_factory=OptimConfig)
@@ -337,7 +351,8 @@ def _check_list_path(user: DictConfig, key: str) -> None:
 
 
 _LIST_SECTIONS = {"ema.averages": EMASpec}  # lists of typed items, checked one by one for precise errors
-_CHOICES = {"train.mixed_precision": ("no", "bf16", "fp16"), "ema.update": ("generator", "every"),
+_CHOICES = {"train.mixed_precision": ("no", "bf16", "fp16"), "teacher.dtype": (None, "bf16", "fp16", "fp32"),
+            "ema.update": ("generator", "every"),
             "eval.teacher_sampler": ("euler", "heun"), "eval.renoise": (None, "sde", "ode")}
 
 

@@ -27,18 +27,25 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from fdistill.config import Config, LoraConfig, dump_config
+from fdistill.config import Config, dump_config
 from fdistill.containers import Networks
 from fdistill.errors import ConfigError
 from fdistill.networks.denoisers import Denoiser
 from fdistill.networks.discriminator import discriminator_for
 from fdistill.networks.generator import student_times
-from fdistill.networks.lora import add_lora, load_student_file, student_file_weights
+from fdistill.networks.lora import (
+    FAKE_SCORE_ADAPTER,
+    STUDENT_ADAPTER,
+    SharedBase,
+    load_student_file,
+    lora_network,
+    student_file_weights,
+)
 from fdistill.objectives import Objective, build_objective
 from fdistill.pipelines.export import portable_path
 from fdistill.recipes import load_config
 from fdistill.tasks import Task, build_task
-from fdistill.teachers import build_teacher, teacher_name, with_guidance
+from fdistill.teachers import build_teacher, frozen_dtype, teacher_name, with_guidance
 from fdistill.training import checkpoint as checkpoints
 from fdistill.training.trainer import Trainer
 
@@ -110,29 +117,38 @@ def changed_keys(old_yaml: str, cfg: Config) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-def trainable_network(task: Task, lora: LoraConfig | None, role: str = "student") -> Denoiser:
-    """A trainable copy of the task's network: all of it, or with ``lora`` only adapters on its frozen weights."""
-    net = task.trainable_copy()
-    return net if lora is None else add_lora(net, lora, role)
-
-
 def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: Task) -> Networks:
     """Student (and fake score / discriminator when the objective uses them) for the unguided ``teacher``; the
-    networks' teacher is the one objectives read, guided when ``teacher.guidance_scale`` asks for it."""
+    networks' teacher is the one objectives read, guided when ``teacher.guidance_scale`` asks for it.
+
+    A network is a full trainable copy of the teacher, or with ``student.lora`` / ``fake_score.lora`` an adapter
+    on the teacher's own network, which then holds the frozen weights of all three
+    (:class:`fdistill.networks.lora.SharedBase`). Full copies are made before the teacher's weights are cast to
+    their frozen dtype (``teacher.dtype``)."""
     times = student_times(teacher, cfg.generator.times, cfg.generator.noise_level)
-    lora = cfg.student.lora
+    if cfg.fake_score.lora is not None and not objective.needs_fake_score:
+        raise ConfigError(f"fake_score.lora: objective {objective.name} trains no fake score; remove it")
+    student_net = task.trainable_copy() if cfg.student.lora is None else None
+    fake_score = task.trainable_copy() if objective.needs_fake_score and cfg.fake_score.lora is None else None
+    if hasattr(teacher, "keep_weights_in"):
+        teacher.keep_weights_in(frozen_dtype(cfg))
+    base = None
+    if cfg.student.lora is not None or cfg.fake_score.lora is not None:
+        base = SharedBase(teacher, "student.lora" if cfg.student.lora is not None else "fake_score.lora")
+    if student_net is None:
+        student_net = lora_network(base, STUDENT_ADAPTER, cfg.student.lora, "student.lora")
+    if objective.needs_fake_score and fake_score is None:
+        fake_score = lora_network(base, FAKE_SCORE_ADAPTER, cfg.fake_score.lora, "fake_score.lora")
+    if cfg.train.gradient_checkpointing:
+        checkpoint_activations([teacher, student_net, fake_score], base)
     try:
-        student = objective.build_student(trainable_network(task, lora), times)
+        student = objective.build_student(student_net, times)
         served = student.servable()  # e.g. an sCM student's times matched to the teacher's timesteps
     except ValueError as e:
         raise ConfigError(f"generator.times={times}: {str(e).splitlines()[0]}") from None
     if served.stock is not None and cfg.eval.renoise not in (None, served.renoise_mode):
         raise ConfigError(f"eval.renoise={cfg.eval.renoise}: this student re-noises as its exported pipeline's "
                           f"scheduler does ({served.renoise_mode}); remove eval.renoise")
-    if lora is not None and lora.fake_score and not objective.needs_fake_score:
-        raise ConfigError(f"student.lora.fake_score: objective {objective.name} trains no fake score; remove it")
-    fake_lora = lora if lora is not None and lora.fake_score else None
-    fake_score = trainable_network(task, fake_lora, "fake score") if objective.needs_fake_score else None
     discriminator = None
     if objective.discriminator_features is not None:
         if not objective.needs_discriminator:
@@ -150,6 +166,21 @@ def build_networks(cfg: Config, teacher: Denoiser, objective: Objective, task: T
         discriminator = discriminator_for(features)
     return Networks(teacher=with_guidance(teacher, cfg, task.unconditional), student=student, fake_score=fake_score,
                     discriminator=discriminator)
+
+
+def checkpoint_activations(nets: list[Denoiser | None], base: SharedBase | None) -> None:
+    """``train.gradient_checkpointing``: every diffusers model among ``nets`` recomputes its blocks' activations in
+    the backward pass; the shared base with the adapter each block first ran with."""
+    models = {id(net.network): net.network for net in nets if getattr(net, "network", None) is not None}
+    if not models:
+        raise ConfigError("train.gradient_checkpointing acts on diffusers UNets and transformers, and this run has "
+                          "none; remove it")
+    for model in models.values():
+        if not getattr(model, "_supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: diffusers' {type(model).__name__} does not support it; "
+                              "remove it")
+        shared = base is not None and model is base.model
+        model.enable_gradient_checkpointing(base.checkpoint if shared else None)
 
 
 def build_experiment(cfg: Config, options) -> tuple[Networks, Objective, Task]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from fdistill.config import Config, TeacherConfig
 from fdistill.errors import ConfigError
 from fdistill.networks.denoisers import (
@@ -130,6 +132,23 @@ def mixture_teacher(cfg: Config) -> Denoiser:
     return GaussianMixtureDenoiser(**gaussian_mixture(tc.means, tc.stds, tc.weights), schedule=schedule)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def frozen_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of the frozen weights (teacher or shared base, VAE, text encoders): ``teacher.dtype``, else the
+    compute dtype of ``train.mixed_precision``, else float32."""
+    precision = cfg.train.mixed_precision if cfg.train.mixed_precision in DTYPES else "fp32"
+    return DTYPES[cfg.teacher.dtype or precision]
+
+
+def loading_dtype(cfg: Config) -> torch.dtype:
+    """The dtype a diffusers teacher loads in: its frozen dtype when only LoRA networks are trained on it, else
+    float32, so that full copies of it start from its weights as stored (the teacher is cast afterwards)."""
+    only_lora = cfg.student.lora is not None and cfg.fake_score.lora is not None
+    return frozen_dtype(cfg) if only_lora else torch.float32
+
+
 def unet_teacher(cfg: Config) -> Denoiser:
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -142,12 +161,14 @@ def pretrained_teacher(cfg: Config) -> Denoiser:
     tc = cfg.teacher
     if tc.pretrained is None:
         raise ConfigError("teacher.kind=pretrained needs teacher.pretrained=<hub id or local directory>")
-    return load_diffusers_teacher(tc.pretrained, tc.prediction_type, tc.resolution, tc.embedded_guidance)
+    return load_diffusers_teacher(tc.pretrained, tc.prediction_type, tc.resolution, tc.embedded_guidance,
+                                  loading_dtype(cfg))
 
 
 def shipped_teacher(cfg: Config) -> Denoiser:
     """A shipped pipeline (``fdistill/assets/``), read as its kind says."""
-    return load_diffusers_teacher(TEACHER_KINDS[cfg.teacher.kind].directory, cfg.teacher.prediction_type)
+    return load_diffusers_teacher(TEACHER_KINDS[cfg.teacher.kind].directory, cfg.teacher.prediction_type,
+                                  dtype=loading_dtype(cfg))
 
 
 @dataclass(frozen=True)
@@ -170,16 +191,16 @@ def _kind(build, *keys: str, **shipped) -> TeacherKind:
 TEACHER_KINDS: dict[str, TeacherKind] = {
     "ring": _kind(ring_teacher, "schedule", "num_modes", "radius", "std", "weights"),
     "mixture": _kind(mixture_teacher, "schedule", "means", "stds", "weights"),
-    "unet": _kind(unet_teacher, "unet", "prediction_type"),
+    "unet": _kind(unet_teacher, "unet", "prediction_type", "dtype"),
     "pretrained": _kind(pretrained_teacher, "pretrained", "prediction_type", "negative_prompt", "max_sequence_length",
-                        "resolution", "embedded_guidance"),
-    "embedded": _kind(shipped_teacher, "prediction_type", directory=EMBEDDED_TEACHER_DIR,
+                        "resolution", "embedded_guidance", "dtype"),
+    "embedded": _kind(shipped_teacher, "prediction_type", "dtype", directory=EMBEDDED_TEACHER_DIR,
                       name="fdistill digits teacher"),
-    "embedded_imbalanced": _kind(shipped_teacher, "prediction_type", directory=EMBEDDED_IMBALANCED_TEACHER_DIR,
+    "embedded_imbalanced": _kind(shipped_teacher, "prediction_type", "dtype", directory=EMBEDDED_IMBALANCED_TEACHER_DIR,
                                  name="fdistill class-imbalanced digits teacher"),
-    "embedded_t2i": _kind(shipped_teacher, "prediction_type", "negative_prompt", directory=EMBEDDED_T2I_TEACHER_DIR,
-                          name="fdistill captioned-shapes text-to-image teacher"),
-    "embedded_t2i_flow": _kind(shipped_teacher, "negative_prompt", "max_sequence_length",
+    "embedded_t2i": _kind(shipped_teacher, "prediction_type", "negative_prompt", "dtype",
+                          directory=EMBEDDED_T2I_TEACHER_DIR, name="fdistill captioned-shapes text-to-image teacher"),
+    "embedded_t2i_flow": _kind(shipped_teacher, "negative_prompt", "max_sequence_length", "dtype",
                                directory=EMBEDDED_FLOW_TEACHER_DIR,
                                name="fdistill captioned-shapes flow-matching teacher", max_sequence_length=8),
 }

@@ -11,17 +11,16 @@ from safetensors.torch import load_file
 
 import train
 from fdistill.config import EMASpec
-from fdistill.containers import Batch, Networks
-from fdistill.networks.denoisers import MLPDenoiser, freeze
-from fdistill.objectives import build_objective
+from fdistill.containers import Batch
 from fdistill.objectives.f_distill import FDistill
 from fdistill.recipes import load_config
 from fdistill.run import load_run, make_accelerator, run_experiment
-from fdistill.schedules import SCHEDULES
 from fdistill.tasks import ToyTask
 from fdistill.training import checkpoint
 from fdistill.training.ema import EMA, power_exponent
 from fdistill.training.trainer import Trainer, step_seed
+from tests.helpers import batches as helper_batches
+from tests.helpers import tiny_unet_experiment
 
 TINY = str(Path(__file__).parents[1] / "configs" / "ring_tiny.yaml")
 
@@ -194,18 +193,16 @@ def test_scatter_preview_for_2d_data(tmp_path):
     assert (tmp_path / "p" / "x.png").stat().st_size > 1000
 
 
-def test_bf16_casts_the_frozen_teacher_and_keeps_trainable_weights_fp32(tmp_path):
-    cfg, options = _cfg(None, "train.mixed_precision=bf16", "objective.name=dmd", "objective.gan_weight=0",
-                        "log.tensorboard=false", "train.steps=4")
-    schedule = SCHEDULES["edm"]()
-    objective = build_objective(options, schedule)
-    teacher = freeze(MLPDenoiser(2, schedule, hidden=16, depth=2))
-    nets = Networks(teacher=teacher, student=objective.build_student(MLPDenoiser(2, schedule, 16, 2), [80.0]),
-                    fake_score=MLPDenoiser(2, schedule, 16, 2))
-    batches = iter(lambda: Batch(size=64), None)
-    trainer = Trainer(nets, objective, batches, cfg, progress=False)
-    summary = trainer.fit()
-    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+def test_bf16_casts_the_frozen_teacher_and_keeps_trainable_weights_fp32():
+    """Under ``train.mixed_precision=bf16`` the teacher's weights are bfloat16 (``teacher.dtype`` unset) and the full
+    copies trained from it float32, made from its weights before the cast."""
+    cfg, (nets, objective) = tiny_unet_experiment("dmd", "train.mixed_precision=bf16", "log.tensorboard=false",
+                                                  "train.steps=5", "train.batch_size=4")
+    _, (fp32, _) = tiny_unet_experiment("dmd")
+    assert {p.dtype for p in nets.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in nets.student.parameters()} == {torch.float32}
+    assert all(torch.equal(p, q) for p, q in zip(nets.student.parameters(), fp32.teacher.parameters(), strict=True))
+    summary = Trainer(nets, objective, helper_batches(), cfg, progress=False).fit()
     assert {p.dtype for p in nets.student.parameters()} == {torch.float32}
     assert summary.nonfinite_steps == 0 and math.isfinite(summary.last_logs["generator/loss"])
 

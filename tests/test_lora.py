@@ -50,7 +50,7 @@ def student_output(student, seed=3):
 
 def test_gradients_reach_only_the_adapters_and_only_they_change():
     AcceleratorState._reset_state(True)
-    cfg, _, nets, objective = tiny_experiment("student.lora.fake_score=true")
+    cfg, _, nets, objective = tiny_experiment("fake_score.lora.rank=2")
     trainer = Trainer(nets, objective, batches(), cfg, progress=False)
     for kind in ("generator", "critic"):
         trained = [p for g in trainer.optimizers[kind].param_groups for p in g["params"]]
@@ -63,7 +63,7 @@ def test_gradients_reach_only_the_adapters_and_only_they_change():
         for name, p in network.named_parameters():
             assert is_adapter_weight(name) or p.grad is None or not p.grad.any(), (kind, name)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters(network).values()), kind
-        assert all(p.grad is None for p in nets.teacher.parameters())
+        assert all(p.grad is None for n, p in nets.teacher.named_parameters() if not is_adapter_weight(n))
     changed = {name for name, p in nets.student.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(is_adapter_weight(name) for name in changed)
     AcceleratorState._reset_state(True)
@@ -75,8 +75,10 @@ def test_only_the_adapters_train_on_the_digits_teacher():
     student = nets.student
     trainable = [p for p in student.parameters() if p.requires_grad]
     assert count(trainable) == count(adapters(student).values()) > 0
-    assert count(trainable) < 0.25 * count(student.parameters())
-    assert count(p for p in nets.fake_score.parameters() if p.requires_grad) == count(nets.teacher.parameters())
+    assert count(trainable) == count(student.parameters())  # the frozen base is the teacher's, not the student's
+    base = count(p for n, p in nets.teacher.named_parameters() if not is_adapter_weight(n))
+    assert count(trainable) < 0.25 * base
+    assert count(p for p in nets.fake_score.parameters() if p.requires_grad) == base  # a full copy
     with torch.no_grad():  # the adapters start at zero: the student starts as the teacher
         x, t, cond = torch.randn(2, 1, 16, 16), torch.tensor([500.0, 900.0]), torch.tensor([3, 7])
         assert torch.equal(student.net(x, t, cond), nets.teacher(x, t, cond))
@@ -95,13 +97,12 @@ def test_student_file_reloads_exactly_and_merged_equals_unmerged(tmp_path):
     assert torch.equal(student_output(loaded.student), expected)
     assert not torch.equal(student_output(build_experiment(cfg, options)[0].student), expected)
 
-    unet = student.net.unet
-    merged = merged_network(unet)
-    assert merged.state_dict().keys() == nets.teacher.unet.state_dict().keys()
+    merged = merged_network(student.net)
+    assert merged.state_dict().keys() == UNet2DModel(**TINY_UNET).state_dict().keys()
     assert torch.equal(student_output(student), expected)  # merging works on a copy
     x, t, cond = torch.randn(4, 1, 8, 8), torch.tensor([999.0, 700.0, 300.0, 20.0]), torch.tensor(LABELS)
     with torch.no_grad():
-        assert torch.allclose(merged(x, t, class_labels=cond).sample, unet(x, t, class_labels=cond).sample,
+        assert torch.allclose(merged(x, t, class_labels=cond).sample, student.net.network_output(x, t, cond),
                               atol=1e-5, rtol=1e-5)
 
     other, _ = load_config(None, [*LORA, "student.lora.rank=3"])
@@ -116,7 +117,7 @@ def test_exported_pipeline_samples_like_the_lora_student(tmp_path):
     randomise_adapters(student)
     out = export_pipeline(student, tmp_path / "pipe", {"objective": "dmd"})
     unet = UNet2DModel.from_pretrained(out / "unet")
-    assert unet.state_dict().keys() == nets.teacher.unet.state_dict().keys()
+    assert unet.state_dict().keys() == UNet2DModel(**TINY_UNET).state_dict().keys()
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     for steps in (1, 2):
@@ -152,7 +153,7 @@ def test_checkpoint_with_ema_resumes_and_exports_the_lora_student(tmp_path):
 
     out = export_run(run_dir, tmp_path / "export", checkpoint="latest", ema="ema")
     with trainer.ema.swapped("ema"):
-        expected = merged_network(nets.student.net.unet).state_dict()
+        expected = merged_network(nets.student.net).state_dict()
     exported = UNet2DModel.from_pretrained(out / "unet").state_dict()
     assert exported.keys() == expected.keys()
     assert all(torch.allclose(exported[k], v) for k, v in expected.items())
@@ -176,7 +177,7 @@ def test_bad_lora_settings_are_one_line_config_errors(override, fragment):
 @pytest.mark.parametrize("overrides, fragment", [
     (["teacher.kind=ring", "student.lora={}"], "remove student.lora"),
     ([*LORA, "student.lora.target_modules=[no_such_layer]"], "target_modules"),
-    (["teacher.kind=unet", "objective.name=scm", "generator.times=[1.5]", "student.lora.fake_score=true"],
+    (["teacher.kind=unet", "objective.name=scm", "generator.times=[1.5]", "fake_score.lora={}"],
      "trains no fake score"),
 ])
 def test_lora_that_cannot_apply_is_a_one_line_config_error(overrides, fragment):

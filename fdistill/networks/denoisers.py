@@ -140,6 +140,30 @@ class DiffusersDenoiser(Denoiser):
                 self._features[name] = self.feature_of(output)
         return capture
 
+    def keep_weights_in(self, dtype: torch.dtype) -> None:
+        """Cast the frozen model's weights to ``dtype`` and, on every call, its floating inputs of two or more
+        dimensions (latents, embeddings) too; times and other per-sample scalars keep their precision, so that a
+        timestep such as 999 is not rounded to bfloat16's 1000."""
+        if dtype == torch.float32:
+            return
+        model = self.network
+        nn.Module.to(model, dtype)  # diffusers' own `to` warns on every cast; its fp32 modules are restored below
+        for name in getattr(model, "_keep_in_fp32_modules", None) or []:
+            for module_name, module in model.named_modules():
+                if name in module_name.split("."):
+                    module.float()
+
+        def cast(value):
+            if isinstance(value, dict):
+                return {k: cast(v) for k, v in value.items()}
+            if isinstance(value, (tuple, list)):
+                return type(value)(cast(v) for v in value)
+            if torch.is_tensor(value) and value.is_floating_point() and value.dim() >= 2:
+                return value.to(dtype)
+            return value
+
+        model.register_forward_pre_hook(lambda _module, args, kwargs: (cast(args), cast(kwargs)), with_kwargs=True)
+
     def forward_with_features(self, x_t, t, cond=None):
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
         self._features = {}

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from fdistill.errors import ConfigError
 from fdistill.networks.generator import Generator
-from fdistill.networks.lora import has_adapters, merged_network
+from fdistill.networks.lora import adapter_config, adapter_state_dict, has_adapters, merged_network
 from fdistill.pipelines.specs import PIXEL_SPEC, SPECS, PipelineSpec
 from fdistill.samplers.flow import FlowMatchSampling
 
@@ -280,7 +280,7 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
         "load": load_snippet(times, class_embeds, serving, spec),
         **(metadata or {}),
     }
-    lora = net.text_conditioned and has_adapters(net.network) and spec.lora
+    lora = net.text_conditioned and has_adapters(net) and spec.lora
     if lora:
         info["load_lora"] = lora_snippet(parts.source, type(scheduler).__name__, serving, spec.lora_scale_argument)
         if spec.kohya_lora:
@@ -306,14 +306,11 @@ def save_lora(net, spec: PipelineSpec, scheduler, out: Path) -> None:
     pipeline with ``load_lora_weights``, and ``scheduler`` (the stock scheduler that samples the student) in
     ``out/scheduler``. Where the spec says the kohya format applies (Stable Diffusion 1.x/2.x and SDXL UNets), the
     same adapters are also written in it (:func:`save_kohya_lora`)."""
-    from peft.utils import get_peft_model_state_dict
-
-    model, role = net.network, spec.denoiser_role
-    layers = get_peft_model_state_dict(model)
+    role, layers, config = spec.denoiser_role, adapter_state_dict(net), adapter_config(net)
     spec.pipeline_class().save_lora_weights(
-        out, **{f"{role}_lora_layers": layers, f"{role}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+        out, **{f"{role}_lora_layers": layers, f"{role}_lora_adapter_metadata": config.to_dict()})
     if spec.kohya_lora:
-        save_kohya_lora(layers, model.peft_config["default"], role, out / KOHYA_LORA_FILE)
+        save_kohya_lora(layers, config, role, out / KOHYA_LORA_FILE)
     scheduler.save_pretrained(out / "scheduler")
 
 
@@ -350,7 +347,7 @@ def stock_pipeline(net, scheduler, parts=None):
     """The stock diffusers pipeline that samples ``net``'s diffusers model with ``scheduler``: a
     ``ConsistencyModelPipeline`` for a pixel UNet, else the teacher's pipeline class with ``parts``'s
     components. A LoRA model's adapters are merged into its weights (:func:`fdistill.networks.lora.merged_network`)."""
-    model = merged_network(net.network)
+    model = merged_network(net)
     if parts is None:
         return PIXEL_SPEC.pipeline_class()(**{PIXEL_SPEC.denoiser_role: model}, scheduler=scheduler)
     return parts.pipeline(model, scheduler)

@@ -64,9 +64,10 @@ class LatentPipelineParts:
         return pipeline_class(**{self.spec.denoiser_role: denoiser}, scheduler=scheduler, **components)
 
     @classmethod
-    def load(cls, root: Path, source: str, denoiser, max_sequence_length: int | None = None) -> LatentPipelineParts:
-        """The parts of the diffusers pipeline directory ``root`` around its ``denoiser``; a missing one is a
-        one-line error."""
+    def load(cls, root: Path, source: str, denoiser, max_sequence_length: int | None = None,
+             dtype: torch.dtype = torch.float32) -> LatentPipelineParts:
+        """The parts of the diffusers pipeline directory ``root`` around its ``denoiser``, their weights in
+        ``dtype``; a missing one is a one-line error."""
         import diffusers
         import transformers
 
@@ -90,9 +91,9 @@ class LatentPipelineParts:
                 elif part.startswith("tokenizer"):
                     parts[part] = getattr(transformers, class_name).from_pretrained(root / part)
                 elif library == "transformers":
-                    parts[part] = getattr(transformers, class_name).from_pretrained(root / part, dtype=torch.float32)
+                    parts[part] = getattr(transformers, class_name).from_pretrained(root / part, dtype=dtype)
                 else:
-                    parts[part] = getattr(diffusers, class_name).from_pretrained(root / part, torch_dtype=torch.float32)
+                    parts[part] = getattr(diffusers, class_name).from_pretrained(root / part, torch_dtype=dtype)
             scheduler_class = (index.get("scheduler") or (None, "DDPMScheduler"))[1]
             scheduler = getattr(diffusers, scheduler_class).from_pretrained(root / "scheduler") if spec.text else None
         except (OSError, ValueError, AttributeError) as e:
@@ -127,10 +128,10 @@ class LatentPipelineParts:
         """The condition tensors of ``prompts`` on the parts' device, as the stock pipeline encodes them: the text
         encoder's last hidden states ``[N, L, D]`` (Stable Diffusion, no CLIP skip), or a transformer pipeline's
         hidden states packed with their pooled embedding or attention mask into ``[N, L + 1, D]``; cached per
-        prompt in CPU memory."""
+        prompt in CPU memory, in float32 whatever the text encoders' dtype."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
         if new:
-            for prompt, condition in zip(new, self._encode(new).cpu(), strict=True):
+            for prompt, condition in zip(new, self._encode(new).float().cpu(), strict=True):
                 self._embeddings[prompt] = condition
         return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
 
@@ -143,14 +144,14 @@ class LatentPipelineParts:
         stock pipeline computes it (SDXL's is zeros for an empty one)."""
         if self.spec.encode_negative is None:
             return self.embed([prompt])
-        return self.spec.encode_negative(self._encoder, prompt, self.device, self.max_sequence_length)
+        return self.spec.encode_negative(self._encoder, prompt, self.device, self.max_sequence_length).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (unclamped) of latents in the denoiser's (scaled, shifted) space, un-scaled in the
-        pipeline's own arithmetic."""
+        pipeline's own arithmetic, in float32."""
         latents = latents.to(self.device, self.vae.dtype)
-        return self.vae.decode(self.spec.to_vae_latents(latents, self.vae.config)).sample
+        return self.vae.decode(self.spec.to_vae_latents(latents, self.vae.config)).sample.float()
 
     def encode_all(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """:meth:`encode` of a whole image set, a chunk at a time, as CPU latents."""
@@ -159,10 +160,10 @@ class LatentPipelineParts:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled (and shifted) latents of images in [-1, 1], drawn from the VAE's posterior (as the teacher was
-        trained; a deterministic autoencoder such as Sana's gives its one latent)."""
-        encoded = self.vae.encode(images.to(self.device))
+        trained; a deterministic autoencoder such as Sana's gives its one latent), in float32."""
+        encoded = self.vae.encode(images.to(self.device, self.vae.dtype))
         latents = encoded.latent_dist.sample(generator=generator) if hasattr(encoded, "latent_dist") else encoded.latent
-        return self.spec.from_vae_latents(latents, self.vae.config)
+        return self.spec.from_vae_latents(latents, self.vae.config).float()
 
 
 def _model_index(root: Path) -> dict:

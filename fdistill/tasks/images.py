@@ -35,7 +35,7 @@ from fdistill.evaluation.sampling import student_samples
 from fdistill.networks.denoisers import Denoiser, UNetDenoiser
 from fdistill.pipelines.parts import LatentPipelineParts
 from fdistill.tasks.base import Task
-from fdistill.teachers import teacher_directory
+from fdistill.teachers import frozen_dtype, teacher_directory
 
 PREVIEW_ROWS = 4
 DECODE_BATCH = 64  # latents decoded at a time
@@ -54,7 +54,7 @@ class ImageTask(Task):
         located = teacher_directory(cfg)
         self.parts = None  # the VAE of a latent teacher's pipeline
         if located is not None and (located[0] / "vae").is_dir():
-            self.parts = LatentPipelineParts.load(*located, teacher.network)
+            self.parts = LatentPipelineParts.load(*located, teacher.network, dtype=frozen_dtype(cfg))
 
     def trainable_copy(self) -> Denoiser:
         return self.teacher.copy_network().train().requires_grad_(True)

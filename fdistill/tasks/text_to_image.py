@@ -37,7 +37,7 @@ from fdistill.networks.denoisers import Denoiser, UNetDenoiser
 from fdistill.pipelines.parts import LatentPipelineParts
 from fdistill.pipelines.transformers import TransformerDenoiser
 from fdistill.tasks.base import Task
-from fdistill.teachers import prompt_length, teacher_directory
+from fdistill.teachers import frozen_dtype, prompt_length, teacher_directory
 
 TEXT_DATA = ("captioned_shapes", "prompts")
 REAL_IMAGES = 4000  # captioned-shapes images encoded for the objectives that read real data
@@ -66,7 +66,7 @@ class TextToImageTask(Task):
         self.records = _prompt_records(cfg.data.path) if cfg.data.kind == "prompts" else []
         root, source = located
         self.parts = LatentPipelineParts.load(root, source, teacher.network,
-                                              prompt_length(root, cfg.teacher.max_sequence_length))
+                                              prompt_length(root, cfg.teacher.max_sequence_length), frozen_dtype(cfg))
         self.negative = self.parts.embed_negative(cfg.teacher.negative_prompt)
         self._clip = None  # the CLIP score's model, loaded at the first evaluation
 

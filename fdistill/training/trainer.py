@@ -46,8 +46,6 @@ from fdistill.training import checkpoint
 from fdistill.training.ema import EMASet
 from fdistill.training.logging import RunLogger
 
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class NonFiniteTraining(RuntimeError):
     """Too many NaN/inf steps in a row."""
@@ -150,13 +148,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- set-up
     def _place(self) -> None:
-        """Move everything to the device; cast the frozen teacher's weights to the compute dtype; shard."""
+        """Move everything to the device and shard."""
         nets = self.nets.to(self.acc.device)
         self.objective.to(self.acc.device)
-        dtype = COMPUTE_DTYPES.get(self.cfg.train.mixed_precision)
-        if dtype is not None:
-            for p in nets.teacher.parameters():
-                p.data = p.data.to(dtype)
         if self.cfg.train.fsdp and self.acc.num_processes > 1:
             for net in nets.trainable().values():
                 _shard(net)
