@@ -43,6 +43,7 @@ from fdistill.networks.lora import (
 )
 from fdistill.objectives import Objective, build_objective
 from fdistill.pipelines.export import portable_path
+from fdistill.preflight import check_fits, estimate_memory
 from fdistill.recipes import load_config
 from fdistill.tasks import Task, build_task
 from fdistill.teachers import build_teacher, frozen_dtype, teacher_name, with_guidance
@@ -215,6 +216,11 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.run.dir)
     start = prepare_run_dir(run_dir, accelerator, resume, overwrite)
+    estimate = estimate_memory(cfg, options, accelerator.num_processes)  # before any weight loads
+    if estimate is not None:
+        if accelerator.is_main_process and progress:
+            print(estimate.table())
+        check_fits(cfg, options, estimate, accelerator.device, accelerator.num_processes)
     nets, objective, task = build_experiment(cfg, options)
     trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, accelerator, run_dir, progress,
                       preview=task.preview, metrics=task.training_metrics)

@@ -50,6 +50,29 @@ def test_the_default_features_are_the_mid_block():
     torch.testing.assert_close(features[0], block_outputs(copy.deepcopy(nets.teacher.unet), X, T)["mid"])
 
 
+@pytest.mark.parametrize("blocks", [["mid"], ["up.0", "down.0"], ["up.1"]])
+def test_a_features_only_pass_stops_at_the_last_feature_block(blocks):
+    """Without gradient recording, ``features`` gives what ``forward_with_features`` does and runs no block after
+    the last feature block (a guided teacher reads the conditional pass alone)."""
+    _, (nets, _) = tiny_unet_experiment("dmd", "objective.gan_weight=0.01",
+                                        f"objective.discriminator_features=[{','.join(blocks)}]")
+    teacher, ran = nets.teacher, []
+    order = list(unet_blocks(teacher.unet))
+    handles = [block.register_forward_pre_hook(lambda *_, name=name: ran.append(name))
+               for name, block in unet_blocks(teacher.unet).items()]
+    with torch.no_grad():
+        expected = teacher.forward_with_features(X, T)[1]
+        ran.clear()
+        got = teacher.features(X, T)
+    for h in handles:
+        h.remove()
+    last = max(order.index(name) for name in blocks)
+    assert ran == order[:last + 1]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert teacher._features is None and not teacher._stop_at_features
+
+
 def test_a_copy_of_a_reading_unet_feeds_only_itself():
     _, (nets, _) = tiny_unet_experiment("dmd", "objective.gan_weight=0.01",
                                         "objective.discriminator_features=[down.0,up.0]")
@@ -128,9 +151,8 @@ def test_the_discriminator_trains_on_its_own_time_law(monkeypatch, law):
 
     monkeypatch.setattr(dmd, "sample_time", recording_sample_time)
     seen = []
-    forward = nets.teacher.forward_with_features
-    monkeypatch.setattr(nets.teacher, "forward_with_features",
-                        lambda x, t, cond=None: seen.append(t) or forward(x, t, cond))
+    features = nets.teacher.features
+    monkeypatch.setattr(nets.teacher, "features", lambda x, t, cond=None: seen.append(t) or features(x, t, cond))
     objective.critic_loss(next(batches()), nets, 0)
     expected = law or "polynomial"
     assert [kind for kind, _ in drawn] == (["polynomial"] if law is None else ["polynomial", law]) + [expected]

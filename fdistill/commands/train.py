@@ -14,6 +14,7 @@ from accelerate import PartialState
 
 from fdistill.cli import user_errors
 from fdistill.config import dump_config
+from fdistill.preflight import estimate_memory
 from fdistill.recipes import load_config
 from fdistill.run import run_experiment
 from fdistill.training.checkpoint import CheckpointWriteError
@@ -24,7 +25,8 @@ def main(argv=None):
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--config", required=True, help="experiment YAML file")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the memory pre-flight's estimate, and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--resume", action="store_const", const="latest",
                         help="continue run.dir from its newest checkpoint (a fresh start if it has none)")
@@ -37,6 +39,9 @@ def main(argv=None):
         cfg, options = load_config(args.config, args.overrides)
         if args.dry_run:
             print(dump_config(cfg), end="")
+            estimate = estimate_memory(cfg, options, PartialState().num_processes)
+            if estimate is not None:
+                print(estimate.table())
             return
         try:
             metrics = run_experiment(cfg, options, not args.no_progress, args.resume, args.overwrite)

@@ -47,12 +47,18 @@ class Denoiser(nn.Module):
     prediction_type = "sample"
     num_class_embeds: int | None = None
     conditional = False
+    adapter: str | None = None  # the LoRA adapter of a shared base this network runs with (None: a full network)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         return self.forward_with_features(x_t, t, cond)[0]
 
     def forward_with_features(self, x_t, t, cond=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         raise NotImplementedError
+
+    def features(self, x_t, t, cond=None) -> list[torch.Tensor]:
+        """The features of :meth:`forward_with_features` alone (networks with blocks stop the pass at the last
+        feature block when no gradient is recorded)."""
+        return self.forward_with_features(x_t, t, cond)[1]
 
     def noise_level_features(self, t: torch.Tensor) -> torch.Tensor:
         """``c_noise = log(sigma/alpha)/4`` per sample (EDM's noise conditioning, any schedule), float32."""
@@ -86,6 +92,10 @@ def x0_from_network_output(out: torch.Tensor, prediction_type: str, x_t: torch.T
     return to_x0(out, DIFFUSERS_PREDICTION[prediction_type], x_t, alpha, sigma).to(x_t.dtype)
 
 
+class _FeaturesReady(Exception):
+    """Raised by the last feature block's hook to end a features-only pass."""
+
+
 class DiffusersDenoiser(Denoiser):
     """A diffusers model (``network``) read as an x0-denoiser: its raw output (:meth:`network_output`, of
     ``prediction_type``) converted to x0, and the outputs of named blocks (:meth:`blocks`) kept by forward hooks as
@@ -93,6 +103,7 @@ class DiffusersDenoiser(Denoiser):
 
     block_kind = "model"  # how errors name the blocks
     _features: dict[str, torch.Tensor] | None = None  # a dict only while forward_with_features runs
+    _stop_at_features = False  # whether the pass ends once every feature block has run (features)
 
     @property
     def network(self) -> nn.Module:
@@ -138,7 +149,24 @@ class DiffusersDenoiser(Denoiser):
         def capture(_module, _inputs, output):
             if self._features is not None:
                 self._features[name] = self.feature_of(output)
+                if self._stop_at_features and len(self._features) == len(self.feature_blocks):
+                    raise _FeaturesReady
         return capture
+
+    def features(self, x_t, t, cond=None) -> list[torch.Tensor]:
+        """The feature blocks' outputs; without gradient recording, the pass ends at the last of them (a
+        discriminator reading a UNet's ``mid`` block skips its whole up path)."""
+        if torch.is_grad_enabled():
+            return super().features(x_t, t, cond)
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        self._features, self._stop_at_features = {}, True
+        try:
+            self.network_output(x_t, t, cond)
+        except _FeaturesReady:
+            pass
+        finally:
+            features, self._features, self._stop_at_features = self._features, None, False
+        return [features[name] for name in self.feature_blocks]
 
     def keep_weights_in(self, dtype: torch.dtype) -> None:
         """Cast the frozen model's weights to ``dtype`` and, on every call, its floating inputs of two or more

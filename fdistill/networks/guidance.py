@@ -49,5 +49,8 @@ class GuidedDenoiser(Denoiser):
             guided = torch.where(per_sample(inside, x0).bool(), guided, x0)
         return guided, features
 
+    def features(self, x_t, t, cond=None):
+        return self.net.features(x_t, t, cond)  # those of the conditional pass, as forward_with_features gives
+
     def null_condition(self, cond):
         return self.unconditional(cond)

@@ -153,6 +153,10 @@ class AdapterDenoiser(Denoiser):
         with self.base.active(self.adapter):
             return self.base.denoiser.forward_with_features(x_t, t, cond)
 
+    def features(self, x_t, t, cond=None):
+        with self.base.active(self.adapter):
+            return self.base.denoiser.features(x_t, t, cond)
+
     def network_output(self, x_t, t, cond=None):
         with self.base.active(self.adapter):
             return self.base.denoiser.network_output(x_t, t, cond)
@@ -173,9 +177,9 @@ def lora_network(base: SharedBase, adapter: str, lora: LoraConfig, section: str)
     return AdapterDenoiser(base, adapter).train()
 
 
-def has_adapters(net: nn.Module) -> bool:
+def has_adapters(net: Denoiser) -> bool:
     """Whether the denoiser ``net`` is a LoRA network."""
-    return isinstance(net, AdapterDenoiser)
+    return net.adapter is not None
 
 
 def student_file_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -68,6 +68,12 @@ class Objective(nn.Module):
     def generator_loss(self, batch: Batch, nets: Networks, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def kept_passes(self, kind: str) -> tuple[str, ...]:
+        """The network passes whose activations a step of ``kind`` keeps for its backward pass, one
+        :class:`Networks` field name per pass (the memory pre-flight counts them): the fake score's denoising pass
+        in a critic step, the student's pass in a generator step."""
+        return ("fake_score",) if kind == "critic" else ("student",)
+
     def build_student(self, net: Denoiser, times: list[float]) -> Generator:
         """The student generator around a trainable copy of the teacher (objectives may wrap ``net``)."""
         return Generator(net, times)

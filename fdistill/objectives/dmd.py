@@ -106,6 +106,10 @@ class DMD(Objective):
     def needs_real_data(self) -> bool:
         return self.options.gan_weight > 0
 
+    def kept_passes(self, kind: str) -> tuple[str, ...]:
+        gan = ("teacher",) if kind == "generator" and self.options.gan_weight > 0 else ()
+        return super().kept_passes(kind) + gan
+
     def _times(self, n: int, device, distribution: str | None = None) -> torch.Tensor:
         o = self.options
         bounds = {} if o.time_range is None else {"t_lo": o.time_range[0], "t_hi": o.time_range[1]}
@@ -124,9 +128,9 @@ class DMD(Objective):
             t_real = self._times(batch.size, x_g.device, law)
             with torch.no_grad():
                 x_fake_t = common.diffuse(self.schedule, x_g, t_fake)[0]
-                _, feat_fake = nets.teacher.forward_with_features(x_fake_t, t_fake, batch.cond)
+                feat_fake = nets.teacher.features(x_fake_t, t_fake, batch.cond)
                 x_real_t = common.diffuse(self.schedule, batch.real, t_real)[0]
-                _, feat_real = nets.teacher.forward_with_features(x_real_t, t_real, batch.cond)
+                feat_real = nets.teacher.features(x_real_t, t_real, batch.cond)
             logits_real, logits_fake = nets.discriminator(feat_real), nets.discriminator(feat_fake)
             loss_disc = common.gan_discriminator_loss(logits_real, logits_fake)
             loss = loss + self.options.discriminator_weight * loss_disc
@@ -141,8 +145,10 @@ class DMD(Objective):
         x_g = common.student_samples(batch, nets, step, self.options)
         t = self._times(batch.size, x_g.device)
         x_t, _ = common.diffuse(self.schedule, x_g, t)
-        # The teacher sees x_t with its input gradient kept: the GAN term backpropagates through its features.
-        x0_teacher, features = nets.teacher.forward_with_features(x_t, t, batch.cond)
+        # Only the GAN term backpropagates through the teacher's features, and so needs its input gradient.
+        gan = self.options.gan_weight > 0
+        with torch.set_grad_enabled(gan and torch.is_grad_enabled()):
+            x0_teacher, features = nets.teacher.forward_with_features(x_t if gan else x_t.detach(), t, batch.cond)
         with torch.no_grad():
             x0_fake = nets.fake_score(x_t.detach(), t, batch.cond)
         logits = nets.discriminator(features) if self.needs_discriminator else None

@@ -107,6 +107,9 @@ class RCM(SCM):
             grad = common.zero_nonfinite_samples(grad)
         return (x_g.double() - (x_g.detach().double() - grad)).pow(2).flatten(1).sum(1).mean()
 
+    def kept_passes(self, kind: str) -> tuple[str, ...]:
+        return ("student", "student") if kind == "generator" else super().kept_passes(kind)  # sCM's and DMD's
+
     def generator_loss(self, batch: Batch, nets: Networks, step: int):
         _, F_theta, target, tangent_rms = self.consistency_target(batch, nets, step)
         loss_scm = (F_theta.double() - target).pow(2).flatten(1).sum(1).mean()

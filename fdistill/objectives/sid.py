@@ -119,6 +119,12 @@ class ScoreIdentity(Objective):
     def build_student(self, net, times):
         return Generator(net, common.student_input_times(self.schedule, times, self.options.init_sigma))
 
+    def kept_passes(self, kind: str) -> tuple[str, ...]:
+        if kind == "generator":  # the gradient flows through the teacher's and the fake score's input
+            return ("student", "teacher", "fake_score")
+        shared = self.uses_discriminator and self.options.discriminator == "shared"
+        return ("fake_score",) * (2 if shared else 1)
+
     def step_kind(self, step: int) -> str:
         warmup = self.options.critic_warmup_steps
         return "critic" if step < warmup else super().step_kind(step - warmup)
@@ -149,9 +155,9 @@ class ScoreIdentity(Objective):
                 feat_real = nets.fake_score.forward_with_features(x_real_t, t, batch.cond)[1]
             else:
                 with torch.no_grad():
-                    feat_real = nets.teacher.forward_with_features(x_real_t, t, batch.cond)[1]
+                    feat_real = nets.teacher.features(x_real_t, t, batch.cond)
                     x_t = schedule.diffuse(x_g, t, eps)  # the fake score's input, rebuilt from its noise
-                    feat_fake = nets.teacher.forward_with_features(x_t, t, batch.cond)[1]
+                    feat_fake = nets.teacher.features(x_t, t, batch.cond)
             logits_real, logits_fake = (self.logits(nets, f, f) for f in (feat_real, feat_fake))
             loss_disc = common.gan_discriminator_loss(logits_real, logits_fake)
             loss = loss + o.discriminator_weight * loss_disc

@@ -15,7 +15,7 @@ import torch
 
 from fdistill.errors import ConfigError
 from fdistill.networks.denoisers import Denoiser
-from fdistill.pipelines.parts import vae_scale_factor
+from fdistill.pipelines.parts import on_meta_device, vae_scale_factor
 from fdistill.pipelines.specs import SPECS, spec_named
 
 DEFAULT_VAE_SCALE = 8  # the downsampling of Stable Diffusion's VAE, for a network saved without its VAE
@@ -44,12 +44,14 @@ def resolve_model_dir(source: str | Path) -> Path:
 
 
 def load_diffusers_teacher(source: str | Path, prediction_type: str | None = None, resolution: int | None = None,
-                           embedded_guidance: float | None = None, dtype: torch.dtype = torch.float32) -> Denoiser:
+                           embedded_guidance: float | None = None, dtype: torch.dtype = torch.float32,
+                           on_meta: bool = False) -> Denoiser:
     """A diffusers teacher with its noise schedule, from a pipeline directory (``model_index.json`` with
     ``unet/`` or ``transformer/``, and ``scheduler/``), a UNet directory holding ``scheduler_config.json`` too, or
     a hub id of either: its spec's adapter around the network, with ``prediction_type`` overriding the
     scheduler's, latents of ``resolution`` pixels (default: the pipeline's) and Flux's ``embedded_guidance``; the
-    network's weights are loaded in ``dtype``."""
+    network's weights are loaded in ``dtype``. ``on_meta`` builds the network from its config on the meta device
+    instead, with no weight loaded and no memory taken (the memory pre-flight's probe)."""
     import diffusers
 
     root = resolve_model_dir(source)
@@ -67,7 +69,8 @@ def load_diffusers_teacher(source: str | Path, prediction_type: str | None = Non
     if class_name not in served:
         raise ConfigError(f"{config_file} describes a {class_name}; fdistill teachers are {', '.join(sorted(served))}")
     spec = spec_named(_read_json(root / "model_index.json").get("_class_name"), class_name, str(source))
-    network = getattr(diffusers, class_name).from_pretrained(net_dir, torch_dtype=dtype)
+    model = getattr(diffusers, class_name)
+    network = on_meta_device(model, net_dir) if on_meta else model.from_pretrained(net_dir, torch_dtype=dtype)
     scheduler_config = dict(diffusers.DDPMScheduler.load_config(scheduler_dir))
     vae_config = _read_json(root / "vae" / "config.json")
     vae_scale = vae_scale_factor(vae_config) if vae_config else DEFAULT_VAE_SCALE

@@ -23,6 +23,18 @@ from fdistill.pipelines.specs import SPECS, PipelineSpec, spec_named
 ENCODE_BATCH = 250  # images VAE-encoded at a time
 
 
+def on_meta_device(model_class, directory: Path):
+    """A diffusers or transformers model built from the config in ``directory`` on the meta device."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        if hasattr(model_class, "load_config"):  # diffusers
+            return model_class.from_config(model_class.load_config(directory))
+        import transformers
+
+        return model_class._from_config(transformers.AutoConfig.from_pretrained(directory))
+
+
 def vae_scale_factor(vae_config) -> int:
     """The VAE's downsampling factor, as pipelines compute it: ``2 ** (len(block_out_channels) - 1)``
     (``encoder_block_out_channels`` for Sana's ``AutoencoderDC``)."""
@@ -65,9 +77,10 @@ class LatentPipelineParts:
 
     @classmethod
     def load(cls, root: Path, source: str, denoiser, max_sequence_length: int | None = None,
-             dtype: torch.dtype = torch.float32) -> LatentPipelineParts:
+             dtype: torch.dtype = torch.float32, on_meta: bool = False) -> LatentPipelineParts:
         """The parts of the diffusers pipeline directory ``root`` around its ``denoiser``, their weights in
-        ``dtype``; a missing one is a one-line error."""
+        ``dtype`` (``on_meta``: built from their configs on the meta device, nothing loaded); a missing one is a
+        one-line error."""
         import diffusers
         import transformers
 
@@ -90,6 +103,9 @@ class LatentPipelineParts:
                     parts[part] = None
                 elif part.startswith("tokenizer"):
                     parts[part] = getattr(transformers, class_name).from_pretrained(root / part)
+                elif on_meta:
+                    parts[part] = on_meta_device(getattr(transformers if library == "transformers" else diffusers,
+                                                         class_name), root / part)
                 elif library == "transformers":
                     parts[part] = getattr(transformers, class_name).from_pretrained(root / part, dtype=dtype)
                 else:
@@ -131,11 +147,12 @@ class LatentPipelineParts:
         prompt in CPU memory, in float32 whatever the text encoders' dtype."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
         if new:
-            for prompt, condition in zip(new, self._encode(new).float().cpu(), strict=True):
+            for prompt, condition in zip(new, self.encode_prompts(new).float().cpu(), strict=True):
                 self._embeddings[prompt] = condition
         return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """The conditions of ``prompts`` on the parts' device, in the text encoders' dtype, not cached."""
         return self.spec.encode_prompts(self._encoder, prompts, self.device, self.max_sequence_length)
 
     @torch.no_grad()

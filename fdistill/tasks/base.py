@@ -63,3 +63,17 @@ class Task:
     def export(self, student, out_dir: Path, metadata: dict) -> Path | None:
         """Write the student as a diffusers pipeline; ``None`` when this task's students have no such form."""
         return None
+
+
+def check_sample_counts(cfg, features: str, fd_during_training: bool = True) -> None:
+    """An FD needs more images than its features have dimensions: refuse too few before training (the FDs of
+    ``log.fd_every`` too, where the task reads it)."""
+    from fdistill.metrics.fid import FEATURE_DIMS
+
+    dim = FEATURE_DIMS.get(features)
+    counts = {"eval.num_samples": cfg.eval.num_samples,
+              "log.fd_samples": cfg.log.fd_samples if cfg.log.fd_every and fd_during_training else None}
+    for key, n in counts.items():
+        if dim is not None and n is not None and n <= dim:
+            raise ConfigError(f"{key}={n} is too few images for an FD in {dim}-d {features} features; use "
+                              f"at least {dim + 1}")

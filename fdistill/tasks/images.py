@@ -34,7 +34,7 @@ from fdistill.evaluation.loop import evaluate_samplers
 from fdistill.evaluation.sampling import student_samples
 from fdistill.networks.denoisers import Denoiser, UNetDenoiser
 from fdistill.pipelines.parts import LatentPipelineParts
-from fdistill.tasks.base import Task
+from fdistill.tasks.base import Task, check_sample_counts
 from fdistill.teachers import frozen_dtype, teacher_directory
 
 PREVIEW_ROWS = 4
@@ -149,24 +149,10 @@ class ImageTask(Task):
 
     @property
     def features(self) -> str:
-        """The feature network of the FD: ``eval.features``, by default the digits classifier on the digits."""
-        return self.cfg.eval.features or ("fdistill-digits" if self.cfg.data.kind == "digits" else "inception")
-
-    def check_sample_counts(self) -> None:
-        """An FD needs more images than its features have dimensions: refuse too few before training."""
-        from fdistill.metrics.fid import FEATURE_DIMS
-
-        cfg, features = self.cfg, self.features
-        dim = FEATURE_DIMS.get(features)
-        counts = {"eval.num_samples": cfg.eval.num_samples, "log.fd_samples": cfg.log.fd_samples if cfg.log.fd_every
-                  else None}
-        for key, n in counts.items():
-            if dim is not None and n is not None and n <= dim:
-                raise ConfigError(f"{key}={n} is too few images for an FD in {dim}-d {features} features; use "
-                                  f"at least {dim + 1}")
+        return fd_features(self.cfg)
 
     def batches(self, needs_real_data: bool):
-        self.check_sample_counts()
+        check_sample_counts(self.cfg, self.features)
         conditional = self.teacher.num_class_embeds is not None
         frequencies = None if self.cfg.data.class_frequencies is None else self.data_class_frequencies
         data = self.dataset if self.parts is None or not needs_real_data else self.latent_dataset
@@ -266,3 +252,8 @@ class LatentImages:
 
     def __getitem__(self, i: int):
         return self.images[i], int(self.labels[i])
+
+
+def fd_features(cfg) -> str:
+    """The feature network of the FD: ``eval.features``, by default the digits classifier on the digits."""
+    return cfg.eval.features or ("fdistill-digits" if cfg.data.kind == "digits" else "inception")

@@ -36,7 +36,7 @@ from fdistill.evaluation.text import GRID_PROMPTS, GRID_SEEDS, PromptSet, TextJu
 from fdistill.networks.denoisers import Denoiser, UNetDenoiser
 from fdistill.pipelines.parts import LatentPipelineParts
 from fdistill.pipelines.transformers import TransformerDenoiser
-from fdistill.tasks.base import Task
+from fdistill.tasks.base import Task, check_sample_counts
 from fdistill.teachers import frozen_dtype, prompt_length, teacher_directory
 
 TEXT_DATA = ("captioned_shapes", "prompts")
@@ -58,11 +58,7 @@ class TextToImageTask(Task):
         if located is None:
             raise ConfigError(f"teacher.kind={cfg.teacher.kind} builds no text-to-image pipeline; use "
                               "teacher.kind=pretrained with a pipeline directory, or embedded_t2i")
-        if cfg.data.kind not in TEXT_DATA:
-            raise ConfigError(f"data.kind={cfg.data.kind!r} has no prompts; a text-to-image teacher takes "
-                              f"{' or '.join(TEXT_DATA)}")
-        if (cfg.data.kind == "prompts") != bool(cfg.data.path):
-            raise ConfigError("data.path (a prompt file) is read with data.kind=prompts, and only then")
+        check_inputs(cfg, needs_real_data=False)
         self.records = _prompt_records(cfg.data.path) if cfg.data.kind == "prompts" else []
         root, source = located
         self.parts = LatentPipelineParts.load(root, source, teacher.network,
@@ -86,9 +82,7 @@ class TextToImageTask(Task):
 
     @cached_property
     def training_prompts(self) -> list[str]:
-        if self.cfg.data.kind == "captioned_shapes":
-            return CaptionedShapes(split="train").prompts
-        return list(dict.fromkeys(r.prompt for r in self.records))
+        return training_prompts(self.cfg, self.records)
 
     @cached_property
     def real_data(self) -> tuple[torch.Tensor, list[str]]:
@@ -142,8 +136,7 @@ class TextToImageTask(Task):
 
     @property
     def features(self) -> str:
-        return self.cfg.eval.features or ("fdistill-shapes" if self.cfg.data.kind == "captioned_shapes"
-                                          else "inception")
+        return fd_features(self.cfg)
 
     def clip(self, device):
         """The CLIP model of the score, on ``device`` (loaded once)."""
@@ -198,6 +191,40 @@ def _stream(size: int, conditions: torch.Tensor, latents: torch.Tensor | None = 
     while True:
         index = torch.randint(len(conditions), (size,))
         yield Batch(size=size, real=None if latents is None else latents[index], cond=conditions[index])
+
+
+def fd_features(cfg) -> str:
+    """The feature network of the FD: ``eval.features``, by default the shapes classifier on the captioned shapes."""
+    return cfg.eval.features or ("fdistill-shapes" if cfg.data.kind == "captioned_shapes" else "inception")
+
+
+def check_inputs(cfg, needs_real_data: bool) -> None:
+    """What the configuration and the data files decide, checked before any weight loads: the prompt file, real
+    images for an objective that reads them, and enough evaluation images for an FD."""
+    if cfg.data.kind not in TEXT_DATA:
+        raise ConfigError(f"data.kind={cfg.data.kind!r} has no prompts; a text-to-image teacher takes "
+                          f"{' or '.join(TEXT_DATA)}")
+    if (cfg.data.kind == "prompts") != bool(cfg.data.path):
+        raise ConfigError("data.path (a prompt file) is read with data.kind=prompts, and only then")
+    if needs_real_data and real_image_count(cfg) == 0:
+        raise ConfigError(f"this objective reads real images but {cfg.data.path} names none; add an 'image' column "
+                          "or choose an objective without real-data terms")
+    check_sample_counts(cfg, fd_features(cfg), fd_during_training=False)
+
+
+def training_prompts(cfg, records=None) -> list[str]:
+    """The distinct training prompts of ``data`` (``records``: the prompt file's, when already read)."""
+    if cfg.data.kind == "captioned_shapes":
+        return CaptionedShapes(split="train").prompts
+    return list(dict.fromkeys(r.prompt for r in (records or _prompt_records(cfg.data.path))))
+
+
+def real_image_count(cfg) -> int:
+    """How many real images the objectives that read them get: the captioned shapes drawn, or the prompt file's
+    records that name an image."""
+    if cfg.data.kind == "captioned_shapes":
+        return REAL_IMAGES
+    return sum(r.image is not None for r in _prompt_records(cfg.data.path))
 
 
 def _prompt_records(path: str):

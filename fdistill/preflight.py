@@ -1,0 +1,393 @@
+"""The memory pre-flight: a run's peak memory per process, estimated by component before any weight loads, and a
+one-line refusal, naming the levers that would make it fit, when the device cannot hold it.
+
+Nothing is loaded to estimate. The teacher's pipeline is built from its configs on the meta device, where tensors
+have shapes and no storage: that gives each network's exact parameter count and the size of the configured LoRA
+adapters (injected as the run injects them). One pass of each kind of network on meta tensors, under
+:func:`torch.autograd.graph.saved_tensors_hooks`, measures the activations autograd keeps for the backward pass at
+the run's device batch: a full trainable copy, a LoRA network on the frozen base, the frozen teacher with its
+input gradient. With ``train.gradient_checkpointing`` a checkpointed block keeps only its inputs, and its own
+activations come back for one block at a time during the backward pass. The objective says which passes a step
+keeps (:meth:`fdistill.objectives.base.Objective.kept_passes`).
+
+Components: the frozen weights (teacher or shared base, in ``teacher.dtype``), the text encoders and the VAE, the
+trained weights in float32, their gradients (one step kind's at a time: the trainer frees the others), AdamW's two
+moments, the EMAs, the cached prompt embeddings and real latents, the activations, and the process itself (on a CPU
+its resident memory now, with Python and the libraries loaded). The run's peak is the larger of loading (a teacher
+that full copies start from loads in float32) and training.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from fdistill.config import Config, batch_layout
+from fdistill.errors import ConfigError
+from fdistill.networks.denoisers import Denoiser, UNetDenoiser, freeze
+from fdistill.networks.lora import FAKE_SCORE_ADAPTER, STUDENT_ADAPTER, SharedBase, lora_network
+from fdistill.objectives import OBJECTIVES, build_objective
+from fdistill.pipelines.loading import load_diffusers_teacher
+from fdistill.pipelines.parts import LatentPipelineParts
+from fdistill.tasks import check_inputs
+from fdistill.teachers import frozen_dtype, prompt_length, teacher_directory
+
+GIB = 1024**3
+ADAMW_MOMENTS = 2
+FLOAT32 = 4
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated bytes per process by component, with a short account of each."""
+
+    rows: dict[str, tuple[float, str]] = field(default_factory=dict)
+    loading: float = 0.0  # the peak while loading, before training starts
+
+    def add(self, component: str, size: float, account: str) -> None:
+        self.rows[component] = (float(size), account)
+
+    @property
+    def training(self) -> float:
+        return sum(size for size, _ in self.rows.values())
+
+    @property
+    def total(self) -> float:
+        return max(self.training, self.loading)
+
+    def table(self) -> str:
+        lines = ["memory pre-flight, estimated peak per process:"]
+        lines += [f"  {name:<22} {size / GIB:8.2f} GiB  {account}" for name, (size, account) in self.rows.items()]
+        lines.append(f"  {'peak':<22} {self.total / GIB:8.2f} GiB  "
+                     f"(training {self.training / GIB:.2f}, loading {self.loading / GIB:.2f})")
+        return "\n".join(lines)
+
+
+def parameter_count(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def parameter_bytes(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------------- meta probes
+class ActivationMeter:
+    """Bytes of the tensors autograd saves for the backward pass (parameters excluded, each tensor once); with
+    activation checkpointing, a checkpointed block's inputs count, and its own saved tensors only as the largest
+    block's (recomputed one block at a time)."""
+
+    def __init__(self, parameters):
+        self.parameters = {id(p) for p in parameters}
+        self.seen: set[int] = set()
+        self.kept = self.block = self.largest_block = 0
+        self.in_block = False
+
+    def pack(self, tensor):
+        key = id(tensor._base if tensor._base is not None else tensor)
+        if id(tensor) not in self.parameters and key not in self.seen:
+            self.seen.add(key)
+            size = tensor.numel() * tensor.element_size()
+            if self.in_block:
+                self.block += size
+            else:
+                self.kept += size
+        return tensor
+
+    def checkpointed(self, block, *args):
+        """Stands in for diffusers' checkpointing function on the meta model."""
+        self.kept += sum(a.numel() * a.element_size() for a in args if torch.is_tensor(a))
+        self.in_block, self.block = True, 0
+        try:
+            return block(*args)
+        finally:
+            self.in_block, self.largest_block = False, max(self.largest_block, self.block)
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.largest_block
+
+
+def kept_activations(net: Denoiser, model: torch.nn.Module, x, t, cond, checkpointing: bool,
+                     input_gradient: bool) -> int:
+    """Bytes one training pass of ``net`` (around the meta ``model``) keeps for the backward pass."""
+    meter = ActivationMeter(model.parameters())
+    if checkpointing:
+        model.enable_gradient_checkpointing(meter.checkpointed)
+    x = x.detach().requires_grad_(input_gradient)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor):
+            net.network_output(x, t, cond)
+    finally:
+        if checkpointing:
+            model.disable_gradient_checkpointing()
+    return meter.total
+
+
+@dataclass
+class MetaPipeline:
+    """The teacher's pipeline built on the meta device: its denoiser and parts, and a condition probe."""
+
+    teacher: Denoiser
+    parts: LatentPipelineParts | None
+    probe_condition: torch.Tensor | None  # one prompt's condition (meta), or None without text
+
+    @property
+    def encoders_and_vae(self) -> list[torch.nn.Module]:
+        if self.parts is None:
+            return []
+        return [p for p in self.parts.parts.values() if isinstance(p, torch.nn.Module)]
+
+
+def meta_pipeline(cfg: Config) -> MetaPipeline | None:
+    """The run's teacher built on the meta device, or ``None`` for a teacher with no diffusers network (the analytic
+    ones, whose memory is negligible)."""
+    tc = cfg.teacher
+    if tc.kind == "unet":
+        from accelerate import init_empty_weights
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        from fdistill.schedules import DiscreteVPSchedule
+
+        with init_empty_weights():
+            unet = UNet2DModel(**tc.unet)
+        schedule = DiscreteVPSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000))
+        return MetaPipeline(UNetDenoiser(unet, schedule, tc.prediction_type or "epsilon"), None, None)
+    located = teacher_directory(cfg)
+    if located is None:
+        return None
+    root, source = located
+    options = (tc.prediction_type, tc.resolution, tc.embedded_guidance) if tc.kind == "pretrained" else \
+        (tc.prediction_type, None, None)
+    teacher = load_diffusers_teacher(root, *options, on_meta=True)
+    if not (Path(root) / "vae").is_dir():
+        return MetaPipeline(teacher, None, None)
+    parts = LatentPipelineParts.load(Path(root), source, teacher.network, prompt_length(root, tc.max_sequence_length),
+                                     on_meta=True)
+    condition = None
+    if parts.text:
+        with torch.no_grad():
+            condition = parts.encode_prompts([""])
+    return MetaPipeline(teacher, parts, condition)
+
+
+# --------------------------------------------------------------------------------------------------- estimate
+def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory: float | None = None,
+                    pipeline: MetaPipeline | None = None) -> MemoryEstimate | None:
+    """The run's estimated peak memory per process (``None`` for an analytic teacher), after the checks of what the
+    configuration and the data files decide (:func:`fdistill.tasks.check_inputs`). ``process_memory`` is the
+    process's own memory before loading (default: this process's resident memory)."""
+    pipeline = pipeline or meta_pipeline(cfg)
+    if pipeline is None:
+        return None
+    teacher = freeze(pipeline.teacher)
+    try:
+        objective = build_objective(options, teacher.schedule)
+    except ValueError as e:
+        raise ConfigError(f"objective {options.name}: {str(e).splitlines()[0]}") from None
+    check_inputs(cfg, teacher, objective.needs_real_data)
+    frozen = frozen_dtype(cfg)
+    frozen_size = torch.finfo(frozen).bits // 8
+    denoiser_params = parameter_count(teacher.network)
+    encoder_params = sum(parameter_count(m) for m in pipeline.encoders_and_vae)
+    student_lora, fake_lora = cfg.student.lora, cfg.fake_score.lora if objective.needs_fake_score else None
+
+    base = SharedBase(teacher, "student.lora") if student_lora or fake_lora else None
+    adapters = {}
+    for adapter, lora, section in ((STUDENT_ADAPTER, student_lora, "student.lora"),
+                                   (FAKE_SCORE_ADAPTER, fake_lora, "fake_score.lora")):
+        if lora is not None:
+            adapters[adapter] = lora_network(base, adapter, lora, section)
+    student = parameter_count(adapters.get(STUDENT_ADAPTER)) if student_lora else denoiser_params
+    fake = 0 if not objective.needs_fake_score else \
+        parameter_count(adapters.get(FAKE_SCORE_ADAPTER)) if fake_lora else denoiser_params
+    full_copies = int(student_lora is None) + int(objective.needs_fake_score and fake_lora is None)
+
+    estimate = MemoryEstimate()
+    estimate.add("frozen weights", denoiser_params * frozen_size,
+                 f"{_millions(denoiser_params)} {_name(frozen)} (teacher{' and shared base' if base else ''})")
+    estimate.add("text encoders, VAE", encoder_params * frozen_size, f"{_millions(encoder_params)} {_name(frozen)}")
+    estimate.add("trained weights", (student + fake) * FLOAT32,
+                 f"student {_millions(student)}{' LoRA' if student_lora else ''}, fake score {_millions(fake)}"
+                 f"{' LoRA' if fake_lora else ''}, float32")
+    estimate.add("gradients", max(student, fake) * FLOAT32, "one step kind's at a time")
+    estimate.add("optimizer states", ADAMW_MOMENTS * (student + fake) * FLOAT32, "AdamW's two moments")
+    if cfg.ema.averages:
+        estimate.add("EMAs", len(cfg.ema.averages) * student * FLOAT32, f"{len(cfg.ema.averages)} x the student's")
+    estimate.add("caches", _cache_bytes(cfg, objective, pipeline), "prompt embeddings, real latents")
+
+    device_batch = batch_layout(cfg.train, num_processes)[0]
+    passes = _activation_bytes(cfg, objective, pipeline, base, adapters, device_batch)
+    estimate.add("activations", max(passes.values()),
+                 "; ".join(f"{kind} step {size / GIB:.2f} GiB" for kind, size in passes.items())
+                 + f" (batch {device_batch}{', checkpointed' if cfg.train.gradient_checkpointing else ''})")
+    process = _resident_memory() if process_memory is None else process_memory
+    estimate.add("process", process, "Python, torch and the libraries, as now")
+    loading_size = frozen_size if full_copies == 0 else FLOAT32
+    estimate.loading = process + (denoiser_params * (1 + full_copies) * loading_size
+                                  + encoder_params * frozen_size)
+    return estimate
+
+
+def _activation_bytes(cfg, objective, pipeline: MetaPipeline, base, adapters, batch: int) -> dict[str, int]:
+    """Activation bytes each step kind keeps, from its passes (:meth:`Objective.kept_passes`)."""
+    teacher = pipeline.teacher
+    x = torch.zeros(batch, *teacher.sample_shape, device="meta")
+    t = torch.full((batch,), float(teacher.schedule.t_max) / 2, device="meta")
+    if pipeline.probe_condition is not None:
+        cond = pipeline.probe_condition.expand(batch, *pipeline.probe_condition.shape[1:])
+    else:  # a class-conditional network's labels, or none
+        cond = torch.zeros(batch, dtype=torch.long, device="meta") if teacher.num_class_embeds else None
+    model = teacher.network
+    checkpointing = cfg.train.gradient_checkpointing
+    frozen = frozen_dtype(cfg)
+    if frozen != torch.float32:
+        teacher.keep_weights_in(frozen)  # the meta passes compute in the frozen dtype, as the run's do
+    frozen_size = torch.finfo(frozen).bits // 8
+    compute_size = 2 if cfg.train.mixed_precision in ("bf16", "fp16") else FLOAT32
+
+    def network_pass(name: str) -> float:
+        """One pass's kept bytes, measured in the frozen dtype and scaled to the pass's compute dtype."""
+        if name == "teacher":
+            size = kept_activations(teacher, model, x, t, cond, checkpointing, input_gradient=True)
+            return size * min(frozen_size, compute_size) / frozen_size
+        adapter = {"student": STUDENT_ADAPTER, "fake_score": FAKE_SCORE_ADAPTER}[name]
+        if adapter in adapters:
+            size = kept_activations(adapters[adapter], model, x, t, cond, checkpointing, input_gradient=False)
+            return size * min(frozen_size, compute_size) / frozen_size
+        model.requires_grad_(True)  # a full copy: every weight trains, in float32 (or the mixed precision)
+        try:
+            with base.active(None) if base is not None else nullcontext():
+                size = kept_activations(teacher, model, x, t, cond, checkpointing, input_gradient=False)
+        finally:
+            model.requires_grad_(False)
+            for net in adapters.values():
+                net.requires_grad_(True)
+        return size * compute_size / frozen_size
+
+    measured: dict[str, int] = {}
+    guided = cfg.teacher.guidance_scale != 1.0
+    result = {}
+    for kind in sorted({objective.step_kind(step) for step in range(min(cfg.train.steps, 16))}):
+        total = 0
+        for name in objective.kept_passes(kind):
+            if name not in measured:
+                measured[name] = network_pass(name)
+            total += measured[name] * (2 if name == "teacher" and guided else 1)
+        result[kind] = total
+    return result
+
+
+def _cache_bytes(cfg: Config, objective, pipeline: MetaPipeline) -> int:
+    """The prompt embeddings of the training prompts and the latents of the real images, held in memory."""
+    from fdistill.tasks.text_to_image import real_image_count, training_prompts
+
+    if pipeline.probe_condition is None:
+        return 0
+    condition = pipeline.probe_condition[0].numel() * FLOAT32
+    if not objective.needs_real_data:
+        return len(training_prompts(cfg)) * condition
+    latent = torch.Size(pipeline.teacher.sample_shape).numel() * FLOAT32
+    return real_image_count(cfg) * (condition + latent)  # one condition per real image
+
+
+def _resident_memory() -> float:
+    """This process's resident memory in bytes (Linux), else 0."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def available_memory(device: torch.device) -> tuple[float, str]:
+    """Bytes this process may still take on ``device``, and what limits it: the card's free memory on CUDA; on a
+    CPU the available RAM, a cgroup's memory limit or the address-space limit (``ulimit -v``), the smallest."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free), f"free memory of {torch.cuda.get_device_name(device)}"
+    limits = []
+    meminfo = _read_fields("/proc/meminfo")
+    if "MemAvailable" in meminfo:
+        limits.append((meminfo["MemAvailable"] * 1024, "available RAM"))
+    cgroup = Path("/sys/fs/cgroup/memory.max")
+    if cgroup.is_file() and cgroup.read_text().strip() != "max":
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        limits.append((int(cgroup.read_text()) - used, "the cgroup's memory limit"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = _read_fields("/proc/self/status").get("VmSize", 0) * 1024
+        limits.append((soft - used, "the address-space limit (ulimit -v)"))
+    return min(limits) if limits else (float("inf"), "no known limit")
+
+
+def _read_fields(path: str) -> dict[str, int]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if value.split() and value.split()[0].isdigit():
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+LEVERS = ("student.lora", "fake_score.lora", "teacher.dtype=bf16", "train.gradient_checkpointing=true")
+
+
+def with_lever(cfg: Config, lever: str) -> Config | None:
+    """``cfg`` with the memory lever ``lever`` (one of :data:`LEVERS`) applied, or ``None`` when it is already."""
+    from fdistill.config import LoraConfig
+
+    section, _, key = lever.partition("=")[0].partition(".")
+    current = getattr(getattr(cfg, section), key)
+    if key == "lora":
+        value = LoraConfig(rank=32)
+    elif key == "dtype":
+        current, value = frozen_dtype(cfg) != torch.float32, "bf16"
+    else:
+        value = True
+    return None if current else replace(cfg, **{section: replace(getattr(cfg, section), **{key: value})})
+
+
+def check_fits(cfg: Config, options, estimate: MemoryEstimate, device: torch.device, num_processes: int = 1) -> None:
+    """Refuse, in one line naming the levers that would make it fit, a run whose estimate exceeds what the device
+    can still give this process."""
+    available, limit = available_memory(device)
+    current = _resident_memory() if device.type == "cpu" else 0.0
+    needed = estimate.total - current
+    if needed <= available:
+        return
+    levers, fitting = [], []
+    trial = cfg
+    for lever in LEVERS:
+        changed = with_lever(trial, lever)
+        if changed is None or (lever == "fake_score.lora" and not OBJECTIVES[options.name][0].needs_fake_score):
+            continue
+        trial = changed
+        levers.append(lever if lever.endswith(("true", "bf16")) else f"{lever}={{rank: 32}}")
+        smaller = estimate_memory(trial, options, num_processes, estimate.rows["process"][0])
+        if smaller is not None and smaller.total - current <= available:
+            fitting = list(levers)
+            break
+    advice = (f"it fits with {', '.join(fitting)}" if fitting else
+              f"even {', '.join(levers) or 'every memory lever'} would not make it fit; lower train.device_batch_size "
+              "or use a device with more memory")
+    raise ConfigError(f"the run needs about {estimate.total / GIB:.1f} GiB per process (--dry-run shows the parts) "
+                      f"and {limit} leaves {(available + current) / GIB:.1f} GiB; {advice}")
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e9:.2f}B params" if count >= 1e9 else f"{count / 1e6:.1f}M params"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
