@@ -307,6 +307,43 @@ def analytic_section(quality: dict) -> list[str]:
     return lines + [""]
 
 
+def scale_section(scale: dict, _plots) -> tuple[list[str], list[str]]:
+    """Peak memory per process at real size: the pre-flight's estimates (DMD2; the other objectives are in the
+    JSON) and the measured runs beside their estimates."""
+    lines = ["## Memory at real size", "",
+             "Estimated peak memory per process of one-step DMD2 (with its GAN term) on published architectures with "
+             "random weights, by the run's own pre-flight: weights and adapters counted on the meta device, "
+             "activations measured there for the objective's kept passes, attention as a fused kernel keeps it, "
+             "`train.mixed_precision=bf16`, text encoders and VAE resident, 4000 real latents cached, no EMA, the "
+             "process itself left out (`python bench/scale.py`; f-distill and rCM are in `bench/results/scale.json`, "
+             "within 5% of these). Every number in this table is an estimate.", "",
+             "| architecture | params | px | batch | full/full fp32 | full/LoRA bf16 ckpt | LoRA/LoRA bf16 ckpt |",
+             "|---|---|---|---|---|---|---|"]
+    rows: dict[str, dict] = {}
+    for row in scale["estimates"]:
+        if row["objective"] == "DMD2":
+            rows.setdefault(row["architecture"], row)[row["levers"]] = row["estimated_peak_gib"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['parameters'] / 1e9:.2f}B | {row['resolution']} | {row['batch']} | "
+                     + " | ".join(f"{row[lever]:.1f} GiB" for lever in
+                                  ("full/full fp32", "full/LoRA bf16 ckpt", "LoRA/LoRA bf16 ckpt")) + " |")
+    lines += [""]
+    if scale["measured"]:
+        lines += ["Measured (peak resident memory of training on a CPU, or the CUDA allocator's peak), beside the "
+                  "pre-flight's estimate of the same run:", "",
+                  "| run | device | s/step | measured peak | estimate | estimate / measured |",
+                  "|---|---|---|---|---|---|"]
+        for run in scale["measured"]:
+            lines.append(f"| {run['label']} | {run['device']} | {run['wall_seconds'] / run['steps']:.1f} | "
+                         f"{run['measured_peak_gib']:.2f} GiB | {run['estimated_peak_gib']:.2f} GiB | "
+                         f"{run['estimate_over_measured']:.2f} |")
+        lines += [""]
+    sdxl = rows.get("sdxl", {})
+    head = [f"| SDXL 1024 px, batch 2, one-step DMD2, LoRA/LoRA on one bf16 base, checkpointed (estimate) | "
+            f"{sdxl['LoRA/LoRA bf16 ckpt']:.1f} GiB |"] if sdxl else []
+    return lines, head
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
@@ -319,7 +356,8 @@ def main(argv=None) -> int:
     sections = [("quality_digits.json", digits_section), ("quickstart_long_gpu.json", lambda d, _: long_run_section(d)),
                 ("digits_gpu.json", lambda d, _: gpu_runs_section(d)),
                 ("quality_imbalanced.json", imbalanced_section),
-                ("quality_ring_divergences.json", ring_divergences_section), ("speed.json", speed_section)]
+                ("quality_ring_divergences.json", ring_divergences_section), ("speed.json", speed_section),
+                ("scale.json", scale_section)]
     for name, section in sections:
         data = load(args.results, name)
         if data is None:

@@ -117,6 +117,9 @@ LR_DECAYS = ("constant", "cosine", "linear")
 
 @dataclass
 class OptimConfig:
+    # adamw (torch) | adamw8bit (bitsandbytes' 8-bit AdamW: its two moments in 2 bytes per weight instead of 8; needs
+    # bitsandbytes and a CUDA device)
+    optimizer: str = "adamw"
     lr: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0
@@ -352,7 +355,8 @@ def _check_list_path(user: DictConfig, key: str) -> None:
 
 _LIST_SECTIONS = {"ema.averages": EMASpec}  # lists of typed items, checked one by one for precise errors
 _CHOICES = {"train.mixed_precision": ("no", "bf16", "fp16"), "teacher.dtype": (None, "bf16", "fp16", "fp32"),
-            "ema.update": ("generator", "every"),
+            "ema.update": ("generator", "every"), "student_optim.optimizer": ("adamw", "adamw8bit"),
+            "critic_optim.optimizer": ("adamw", "adamw8bit"),
             "eval.teacher_sampler": ("euler", "heun"), "eval.renoise": (None, "sde", "ode")}
 
 

@@ -113,17 +113,46 @@ class ActivationMeter:
         return self.kept + self.largest_block
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for ``scaled_dot_product_attention`` on meta tensors, where PyTorch would pick the math kernel and
+    keep the ``L x L`` attention matrix: the output and the tensors a fused (flash) kernel saves, the query, key,
+    value, output and per-row log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+
+def _fused_attention(query, key, value, *args, **kwargs):
+    if query.device.type != "meta":
+        return _sdpa(query, key, value, *args, **kwargs)
+    return _FusedAttention.apply(query, key, value)
+
+
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
 def kept_activations(net: Denoiser, model: torch.nn.Module, x, t, cond, checkpointing: bool,
                      input_gradient: bool) -> int:
-    """Bytes one training pass of ``net`` (around the meta ``model``) keeps for the backward pass."""
+    """Bytes one training pass of ``net`` (around the meta ``model``) keeps for the backward pass, attention
+    counted as a fused kernel keeps it."""
     meter = ActivationMeter(model.parameters())
     if checkpointing:
         model.enable_gradient_checkpointing(meter.checkpointed)
     x = x.detach().requires_grad_(input_gradient)
+    torch.nn.functional.scaled_dot_product_attention = _fused_attention
     try:
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor):
             net.network_output(x, t, cond)
     finally:
+        torch.nn.functional.scaled_dot_product_attention = _sdpa
         if checkpointing:
             model.disable_gradient_checkpointing()
     return meter.total
@@ -136,6 +165,8 @@ class MetaPipeline:
     teacher: Denoiser
     parts: LatentPipelineParts | None
     probe_condition: torch.Tensor | None  # one prompt's condition (meta), or None without text
+    denoiser_file_bytes: int = 0  # the denoiser's weight files, read (memory-mapped) while it loads
+    parts_file_bytes: int = 0  # the text encoders' and the VAE's
 
     @property
     def encoders_and_vae(self) -> list[torch.nn.Module]:
@@ -165,15 +196,29 @@ def meta_pipeline(cfg: Config) -> MetaPipeline | None:
     options = (tc.prediction_type, tc.resolution, tc.embedded_guidance) if tc.kind == "pretrained" else \
         (tc.prediction_type, None, None)
     teacher = load_diffusers_teacher(root, *options, on_meta=True)
-    if not (Path(root) / "vae").is_dir():
-        return MetaPipeline(teacher, None, None)
-    parts = LatentPipelineParts.load(Path(root), source, teacher.network, prompt_length(root, tc.max_sequence_length),
+    root = Path(root)
+    denoiser_dir = next((root / name for name in ("unet", "transformer") if (root / name).is_dir()), root)
+    denoiser_files = _weight_file_bytes(denoiser_dir)
+    if not (root / "vae").is_dir():
+        return MetaPipeline(teacher, None, None, denoiser_files)
+    parts = LatentPipelineParts.load(root, source, teacher.network, prompt_length(root, tc.max_sequence_length),
                                      on_meta=True)
     condition = None
     if parts.text:
         with torch.no_grad():
             condition = parts.encode_prompts([""])
-    return MetaPipeline(teacher, parts, condition)
+    part_files = sum(_weight_file_bytes(root / name) for name, part in parts.parts.items()
+                     if isinstance(part, torch.nn.Module))
+    return MetaPipeline(teacher, parts, condition, denoiser_files, part_files)
+
+
+def _weight_file_bytes(directory: Path) -> int:
+    """Bytes of the weight files in ``directory`` (safetensors, else PyTorch's), without a variant's duplicates."""
+    for pattern in ("*.safetensors", "*.bin"):
+        files = [f for f in directory.glob(pattern) if len(f.name.split(".")) == 2]  # no "model.fp16.safetensors"
+        if files:
+            return sum(f.stat().st_size for f in files)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------- estimate
@@ -216,7 +261,9 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
                  f"student {_millions(student)}{' LoRA' if student_lora else ''}, fake score {_millions(fake)}"
                  f"{' LoRA' if fake_lora else ''}, float32")
     estimate.add("gradients", max(student, fake) * FLOAT32, "one step kind's at a time")
-    estimate.add("optimizer states", ADAMW_MOMENTS * (student + fake) * FLOAT32, "AdamW's two moments")
+    moments = {"adamw": ADAMW_MOMENTS * FLOAT32, "adamw8bit": ADAMW_MOMENTS}
+    estimate.add("optimizer states", student * moments[cfg.student_optim.optimizer]
+                 + fake * moments[cfg.critic_optim.optimizer], "AdamW's two moments")
     if cfg.ema.averages:
         estimate.add("EMAs", len(cfg.ema.averages) * student * FLOAT32, f"{len(cfg.ema.averages)} x the student's")
     estimate.add("caches", _cache_bytes(cfg, objective, pipeline), "prompt embeddings, real latents")
@@ -228,9 +275,13 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
                  + f" (batch {device_batch}{', checkpointed' if cfg.train.gradient_checkpointing else ''})")
     process = _resident_memory() if process_memory is None else process_memory
     estimate.add("process", process, "Python, torch and the libraries, as now")
-    loading_size = frozen_size if full_copies == 0 else FLOAT32
-    estimate.loading = process + (denoiser_params * (1 + full_copies) * loading_size
-                                  + encoder_params * frozen_size)
+    # Loading reads each weight file memory-mapped (resident while its model loads), the denoiser first, then the
+    # text encoders and the VAE; full copies are made from a float32 teacher before it is cast.
+    loaded = denoiser_params * (frozen_size if full_copies == 0 else FLOAT32)
+    encoders = encoder_params * frozen_size
+    estimate.loading = process + max(pipeline.denoiser_file_bytes + loaded,
+                                     loaded + pipeline.parts_file_bytes + encoders,
+                                     loaded * (1 + full_copies) + encoders)
     return estimate
 
 
@@ -289,11 +340,10 @@ def _cache_bytes(cfg: Config, objective, pipeline: MetaPipeline) -> int:
 
     if pipeline.probe_condition is None:
         return 0
-    condition = pipeline.probe_condition[0].numel() * FLOAT32
+    conditions = len(training_prompts(cfg)) * pipeline.probe_condition[0].numel() * FLOAT32
     if not objective.needs_real_data:
-        return len(training_prompts(cfg)) * condition
-    latent = torch.Size(pipeline.teacher.sample_shape).numel() * FLOAT32
-    return real_image_count(cfg) * (condition + latent)  # one condition per real image
+        return conditions
+    return conditions + real_image_count(cfg) * torch.Size(pipeline.teacher.sample_shape).numel() * FLOAT32
 
 
 def _resident_memory() -> float:
@@ -355,6 +405,14 @@ def with_lever(cfg: Config, lever: str) -> Config | None:
     else:
         value = True
     return None if current else replace(cfg, **{section: replace(getattr(cfg, section), **{key: value})})
+
+
+def check_device(cfg: Config, device: torch.device) -> None:
+    """What the device decides before any weight loads: bitsandbytes' 8-bit AdamW runs on CUDA only."""
+    for section in ("student_optim", "critic_optim"):
+        if getattr(cfg, section).optimizer == "adamw8bit" and device.type != "cuda":
+            raise ConfigError(f"{section}.optimizer=adamw8bit runs on a CUDA device only; use "
+                              f"{section}.optimizer=adamw on this {device.type} device")
 
 
 def check_fits(cfg: Config, options, estimate: MemoryEstimate, device: torch.device, num_processes: int = 1) -> None:

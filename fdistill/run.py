@@ -43,12 +43,12 @@ from fdistill.networks.lora import (
 )
 from fdistill.objectives import Objective, build_objective
 from fdistill.pipelines.export import portable_path
-from fdistill.preflight import check_fits, estimate_memory
+from fdistill.preflight import GIB, check_device, check_fits, estimate_memory
 from fdistill.recipes import load_config
 from fdistill.tasks import Task, build_task
 from fdistill.teachers import build_teacher, frozen_dtype, teacher_name, with_guidance
 from fdistill.training import checkpoint as checkpoints
-from fdistill.training.trainer import Trainer
+from fdistill.training.trainer import Trainer, TrainSummary
 
 STUDENT_FILE = "student.safetensors"
 
@@ -57,12 +57,15 @@ def student_file(ema: str | None) -> str:
     return STUDENT_FILE if ema is None else f"student_ema_{ema}.safetensors"
 
 
-def save_student_files(run_dir: Path, weights: dict[str | None, dict]) -> None:
-    """Write the student's weights (``Trainer.student_weights``: trained under ``None``, EMAs by name) to their
-    student files; a LoRA student's files hold its adapter weights alone."""
-    for name, state in weights.items():
-        kept = student_file_weights(state)
-        save_file({k: v.contiguous() for k, v in kept.items()}, str(run_dir / student_file(name)))
+def save_student_files(run_dir: Path, weights, write: bool = True) -> None:
+    """Write the student's weights, ``(name, state dict)`` pairs (``Trainer.student_weights``: trained under
+    ``None``, EMAs by name), to their student files; a LoRA student's files hold its adapter weights alone. Every
+    process iterates (gathering sharded weights is collective); those with ``write`` false write nothing."""
+    for name, state in weights:
+        if write:
+            kept = student_file_weights(state)
+            save_file({k: v.contiguous() for k, v in kept.items()}, str(run_dir / student_file(name)))
+        del state
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -216,27 +219,18 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.run.dir)
     start = prepare_run_dir(run_dir, accelerator, resume, overwrite)
-    estimate = estimate_memory(cfg, options, accelerator.num_processes)  # before any weight loads
+    check_device(cfg, accelerator.device)  # before any weight loads
+    estimate = estimate_memory(cfg, options, accelerator.num_processes)
     if estimate is not None:
         if accelerator.is_main_process and progress:
             print(estimate.table())
         check_fits(cfg, options, estimate, accelerator.device, accelerator.num_processes)
-    nets, objective, task = build_experiment(cfg, options)
-    trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, accelerator, run_dir, progress,
-                      preview=task.preview, metrics=task.training_metrics)
-    if start is not None:
-        trainer.load_checkpoint(start)
-    if accelerator.is_main_process:  # only once the experiment builds and resumes: a run dir with a config is a run
-        note = _write_config(run_dir, cfg, resume is not None)
-        if note:
-            print(note)
-    summary = trainer.fit()
-    weights = trainer.student_weights()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    summary = _train(cfg, options, accelerator, run_dir, start, resume is not None, progress)
     if not accelerator.is_main_process:
         return None
-    save_student_files(run_dir, weights)
+    if estimate is not None:
+        print(f"training peak memory {summary.peak_memory / GIB:.2f} GiB per process (pre-flight estimate "
+              f"{estimate.total / GIB:.2f} GiB)")
     _, eval_nets, task = load_run(run_dir, device=accelerator.device)
     metrics = {
         "objective": options.name,
@@ -244,6 +238,8 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
         "wall_seconds": summary.wall_seconds,
         "final_losses": summary.last_logs,
         "nonfinite_steps": summary.nonfinite_steps,
+        "memory": {"training_peak_bytes": summary.peak_memory,
+                   "estimated_peak_bytes": None if estimate is None else estimate.total},
         "protocol": {"num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed, "ema": cfg.eval.ema},
         "environment": environment(accelerator, cfg),
         "results": task.evaluate(eval_nets, run_dir, progress),
@@ -258,6 +254,27 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     except (ValueError, NotImplementedError) as e:
         print(f"no pipeline written: {e}")
     return metrics
+
+
+def _train(cfg: Config, options, accelerator: Accelerator, run_dir: Path, start: Path | None, resuming: bool,
+           progress: bool) -> TrainSummary:
+    """Build and train, and write the student files; the training networks are gone when it returns, before the
+    evaluation builds its own."""
+    nets, objective, task = build_experiment(cfg, options)
+    trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, accelerator, run_dir, progress,
+                      preview=task.preview, metrics=task.training_metrics)
+    if start is not None:
+        trainer.load_checkpoint(start)
+    if accelerator.is_main_process:  # only once the experiment builds and resumes: a run dir with a config is a run
+        note = _write_config(run_dir, cfg, resuming)
+        if note:
+            print(note)
+    summary = trainer.fit()
+    save_student_files(run_dir, trainer.student_weights(), accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    trainer.release()
+    return summary
 
 
 def environment(accelerator: Accelerator, cfg: Config) -> dict:

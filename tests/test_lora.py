@@ -90,7 +90,7 @@ def test_student_file_reloads_exactly_and_merged_equals_unmerged(tmp_path):
     randomise_adapters(student)
     expected = student_output(student)
     (tmp_path / "config.yaml").write_text(dump_config(cfg))
-    save_student_files(tmp_path, {None: student.state_dict()})
+    save_student_files(tmp_path, [(None, student.state_dict())])
     saved = load_file(str(tmp_path / student_file(None)))
     assert saved.keys() == adapters(student).keys()
     _, loaded, _ = load_run(tmp_path, ema=None)

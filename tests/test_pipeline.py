@@ -240,7 +240,7 @@ def image_run(tmp_path_factory):
         trainer.train_step(trainer.step)
         trainer.step += 1
     trainer.save_checkpoint()
-    weights = trainer.student_weights()
+    weights = dict(trainer.student_weights())
     for name, state in weights.items():
         save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / student_file(name)))
     AcceleratorState._reset_state(True)

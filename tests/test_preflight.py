@@ -12,7 +12,8 @@ from fdistill.networks.denoisers import UNetDenoiser
 from fdistill.preflight import ActivationMeter, estimate_memory, kept_activations
 from fdistill.recipes import load_config
 from fdistill.schedules import DiscreteVPSchedule
-from tests.helpers import TINY_UNET
+from fdistill.training.trainer import Trainer
+from tests.helpers import TINY_UNET, batches, tiny_unet_experiment
 
 TINY = ["teacher.kind=unet", "objective.name=dmd", "train.batch_size=4"]
 
@@ -109,3 +110,15 @@ def test_what_the_config_and_data_decide_is_refused_before_any_weight_loads(over
     cfg, options = load_config("configs/quickstart_t2i.yaml", overrides)
     with pytest.raises(ConfigError, match=fragment):
         estimate_memory(cfg, options)
+
+
+def test_the_8bit_optimizer_refuses_a_cpu_in_one_line():
+    cfg, options = tiny_config("student_optim.optimizer=adamw8bit")
+    with pytest.raises(ConfigError, match="adamw8bit runs on a CUDA device only") as e:
+        preflight.check_device(cfg, torch.device("cpu"))
+    assert "\n" not in str(e.value)
+    critic_cfg, (nets, objective) = tiny_unet_experiment("dmd", "critic_optim.optimizer=adamw8bit")
+    with pytest.raises(ConfigError, match="critic_optim.optimizer=adamw8bit"):
+        Trainer(nets, objective, batches(), critic_cfg, progress=False)
+    assert estimate_memory(cfg, options).rows["optimizer states"][0] < \
+        estimate_memory(*tiny_config()).rows["optimizer states"][0]

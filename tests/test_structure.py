@@ -40,6 +40,10 @@ FORBIDDEN = [
     ("fdistill.evaluation", "fdistill.tasks"), ("fdistill.evaluation", "fdistill.run"),
     ("fdistill.evaluation", "fdistill.training"), ("fdistill.evaluation", "fdistill.objectives"),
     ("fdistill.containers", "fdistill."), ("fdistill.errors", "fdistill."),
+    ("fdistill.preflight", "fdistill.run"), ("fdistill.preflight", "fdistill.training"),
+    ("fdistill.tasks", "fdistill.preflight"), ("fdistill.training", "fdistill.preflight"),
+    ("fdistill.objectives", "fdistill.preflight"), ("fdistill.networks", "fdistill.preflight"),
+    ("fdistill.pipelines", "fdistill.preflight"),
 ]
 
 

@@ -6,10 +6,10 @@ Conventions (every metric in ``fdistill.metrics`` follows them):
 - floating arrays or tensors are NCHW in [-1, 1]: what a generator outputs. They are quantised to uint8
   (``round((x + 1) * 127.5)``) exactly as saving them to PNG would, so in-memory and folder evaluation agree.
 
-A source is a folder of images, an ``.npz`` with key ``images``, an in-memory data set (any object with an
-``images`` array/tensor and a ``description``, e.g. ``fdistill.data.images.DigitsDataset``), an array/tensor,
-an iterable of batches, or a callable returning one. Batches are produced one at a time, so a generator is
-never materialised.
+A source is a folder of images, an ``.npz`` with key ``images``, a data set (any object with a ``description``
+whose items are ``(image, label)`` pairs, e.g. ``fdistill.data.images.DigitsDataset``, read a chunk of items at a
+time), an array/tensor, an iterable of batches, or a callable returning one. Batches are produced one at a time,
+so neither a generator nor a rendered data set is ever materialised.
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def _chunks(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield images[i : i + batch_size]
 
 
+def _dataset_batches(dataset, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(dataset), batch_size):
+        items = range(start, min(start + batch_size, len(dataset)))
+        yield to_uint8_nchw(torch.stack([dataset[i][0] for i in items]))
+
+
 def _read_rgb(file: Path) -> np.ndarray:
     with Image.open(file) as image:  # RGB, as clean-fid reads folders; gray images repeat their channel
         return np.asarray(image.convert("RGB"))
@@ -104,9 +110,8 @@ def open_source(source, batch_size: int = 256) -> ImageSource:
             images = to_uint8_nchw(load_npz_images(path))
             return ImageSource(_chunks(images, batch_size), f"npz {path}", len(images))
         raise FileNotFoundError(f"not a folder or an .npz: {source}")
-    if hasattr(source, "images") and hasattr(source, "description"):
-        images = to_uint8_nchw(source.images)
-        return ImageSource(_chunks(images, batch_size), source.description, len(images))
+    if hasattr(source, "description") and hasattr(source, "__getitem__"):
+        return ImageSource(_dataset_batches(source, batch_size), source.description, len(source))
     if isinstance(source, (torch.Tensor, np.ndarray)):
         images = to_uint8_nchw(source)
         return ImageSource(_chunks(images, batch_size), "in-memory images", len(images))

@@ -107,7 +107,10 @@ class TextToImageTask(Task):
         training starts."""
         if needs_real_data:
             latents, prompts = self.real_data
-            return _stream(self.cfg.train.batch_size, self.parts.embed(prompts).cpu(), latents)
+            distinct = list(dict.fromkeys(prompts))  # one embedding per prompt, not per image
+            position = {prompt: i for i, prompt in enumerate(distinct)}
+            prompt_of = torch.tensor([position[p] for p in prompts])
+            return _stream(self.cfg.train.batch_size, self.parts.embed(distinct).cpu(), latents, prompt_of)
         return _stream(self.cfg.train.batch_size, self.parts.embed(self.training_prompts).cpu())
 
     # -- evaluation -------------------------------------------------------------------------------------------
@@ -187,10 +190,16 @@ class TextToImageTask(Task):
         return export_pipeline(student, out_dir, metadata, self.parts)
 
 
-def _stream(size: int, conditions: torch.Tensor, latents: torch.Tensor | None = None):
+def _stream(size: int, conditions: torch.Tensor, latents: torch.Tensor | None = None,
+            prompt_of: torch.Tensor | None = None):
+    """Batches of uniformly drawn prompts, or of real images (``latents``) with their prompts' conditions
+    (``conditions[prompt_of[i]]`` for image ``i``)."""
     while True:
-        index = torch.randint(len(conditions), (size,))
-        yield Batch(size=size, real=None if latents is None else latents[index], cond=conditions[index])
+        if latents is None:
+            yield Batch(size=size, cond=conditions[torch.randint(len(conditions), (size,))])
+        else:
+            index = torch.randint(len(latents), (size,))
+            yield Batch(size=size, real=latents[index], cond=conditions[prompt_of[index]])
 
 
 def fd_features(cfg) -> str:

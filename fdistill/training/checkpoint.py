@@ -161,9 +161,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU; gathers FSDP shards (a collective: call on every process)."""
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+def full_tensor(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """The whole tensor on the CPU; gathers FSDP shards (a collective: call on every process). ``copy=False`` may
+    return ``t`` itself (for state that is written out at once: a checkpoint holds no second copy of the run)."""
+    if isinstance(t, DTensor):
+        return t.full_tensor().detach().cpu()
+    whole = t.detach().cpu()
+    return whole.clone() if copy and t.device.type == "cpu" else whole
 
 
 @torch.no_grad()
@@ -176,8 +180,8 @@ def load_full_(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def full_state_dict(module: torch.nn.Module) -> dict:
-    return {k: full_tensor(v) for k, v in module.state_dict().items()}
+def full_state_dict(module: torch.nn.Module, copy: bool = True) -> dict:
+    return {k: full_tensor(v, copy) for k, v in module.state_dict().items()}
 
 
 def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:
@@ -189,9 +193,9 @@ def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:
         load_full_(v, state[k])
 
 
-def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(opt: torch.optim.Optimizer, copy: bool = True) -> dict:
     state = opt.state_dict()
-    state["state"] = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in s.items()}
+    state["state"] = {i: {k: full_tensor(v, copy) if torch.is_tensor(v) else v for k, v in s.items()}
                       for i, s in state["state"].items()}
     return state
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fdistill.config import EMASpec
-from fdistill.training.checkpoint import full_state_dict, full_tensor, load_full_
+from fdistill.training.checkpoint import full_tensor, load_full_
 
 
 def power_exponent(sigma_rel: float) -> float:
@@ -93,12 +93,14 @@ class EMASet:
             p.copy_(values[k])
 
     def module_state_dict(self, name: str) -> dict:
-        """The module's whole state dict with average ``name`` in place of its parameters (collective)."""
-        with self.swapped(name):
-            return full_state_dict(self.module)
+        """The module's whole state dict with average ``name`` in place of its parameters (collective), made
+        without touching the module: its entries may be the average's and the module's own tensors."""
+        shadow = self.averages[name].shadow
+        return {k: full_tensor(shadow[k] if k in shadow else v, copy=False)
+                for k, v in self.module.state_dict().items()}
 
-    def state_dict(self) -> dict:
-        return {name: {"updates": ema.updates, "shadow": {k: full_tensor(v) for k, v in ema.shadow.items()}}
+    def state_dict(self, copy: bool = True) -> dict:
+        return {name: {"updates": ema.updates, "shadow": {k: full_tensor(v, copy) for k, v in ema.shadow.items()}}
                 for name, ema in self.averages.items()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -65,6 +65,16 @@ class TrainSummary:
     wall_seconds: float
     last_logs: dict
     nonfinite_steps: int
+    peak_memory: float  # bytes: this process's peak resident memory on a CPU, the allocator's peak on CUDA
+
+
+def peak_memory(device: torch.device) -> float:
+    """Peak memory of this process so far: the CUDA allocator's peak on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # kilobytes on Linux
 
 
 def step_seed(seed: int, step: int, stream) -> int:
@@ -74,7 +84,8 @@ def step_seed(seed: int, step: int, stream) -> int:
 
 
 def _adamw(params_by_network: dict[str, list[torch.nn.Parameter]], oc: OptimConfig, section: str):
-    """AdamW with one parameter group per network, at ``oc.lr`` unless ``oc.lr_by_network`` names the network."""
+    """AdamW (``oc.optimizer``: torch's, or bitsandbytes' 8-bit one) with one parameter group per network, at
+    ``oc.lr`` unless ``oc.lr_by_network`` names the network."""
     unknown = sorted(set(oc.lr_by_network) - set(params_by_network))
     if unknown:
         raise ConfigError(f"{section}.lr_by_network names {', '.join(unknown)}, which this optimizer does not "
@@ -83,7 +94,21 @@ def _adamw(params_by_network: dict[str, list[torch.nn.Parameter]], oc: OptimConf
               for name, params in params_by_network.items() if (trainable := [p for p in params if p.requires_grad])]
     if not groups:
         return None
-    return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+    adamw = torch.optim.AdamW if oc.optimizer == "adamw" else _adamw8bit(section, groups)
+    return adamw(groups, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def _adamw8bit(section: str, groups: list[dict]):
+    """bitsandbytes' 8-bit AdamW, or a one-line error saying what it needs."""
+    if not all(p.is_cuda for group in groups for p in group["params"]):
+        raise ConfigError(f"{section}.optimizer=adamw8bit runs on a CUDA device only; use {section}.optimizer=adamw "
+                          "on this device")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(f"{section}.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes); or use "
+                          f"{section}.optimizer=adamw") from None
+    return bitsandbytes.optim.AdamW8bit
 
 
 def _lr_schedule(opt, warmup: int, decay: str, updates: int):
@@ -293,8 +318,11 @@ class Trainer:
                 log.update(self.step, logs)
                 self._periodic(stop)
         self._set_trainable("none")
+        for opt in self.optimizers.values():  # the last step's gradients are no longer needed
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
         log.close()
-        return TrainSummary(self.step, self.wall_seconds, log.last, self.nonfinite_total)
+        return TrainSummary(self.step, self.wall_seconds, log.last, self.nonfinite_total, peak_memory(self.acc.device))
 
     def _periodic(self, stop: bool) -> None:
         step, every = self.step, self.cfg.checkpoint.every
@@ -369,10 +397,10 @@ class Trainer:
             "counters": {"step": self.step, "nonfinite_total": self.nonfinite_total,
                          "nonfinite_run": self.nonfinite_run, "wall_seconds": self.wall_seconds,
                          "micro_batches": self.micro_batches},
-            "modules": {n: checkpoint.full_state_dict(m) for n, m in self._stateful().items()},
-            "optimizers": {k: checkpoint.full_optimizer_state(o) for k, o in self.optimizers.items() if o},
+            "modules": {n: checkpoint.full_state_dict(m, copy=False) for n, m in self._stateful().items()},
+            "optimizers": {k: checkpoint.full_optimizer_state(o, copy=False) for k, o in self.optimizers.items() if o},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "ema": self.ema.state_dict(),
+            "ema": self.ema.state_dict(copy=False),
         }
         checkpoint.assert_finite(state)
         return state
@@ -401,7 +429,14 @@ class Trainer:
             s.load_state_dict(state["schedulers"][k])
         self.ema.load_state_dict(state["ema"])
 
-    def student_weights(self) -> dict[str | None, dict]:
-        """Whole student state dicts: trained weights under ``None``, then each EMA by name (collective)."""
-        weights = {None: checkpoint.full_state_dict(self.nets.student)}
-        return weights | {name: self.ema.module_state_dict(name) for name in self.ema.averages}
+    def release(self) -> None:
+        """Drop the accelerator's reference to this trainer (taken for its checkpoints), so that the networks are
+        freed with the trainer."""
+        self.acc._custom_objects[:] = [obj for obj in self.acc._custom_objects if obj is not self]
+
+    def student_weights(self):
+        """``(name, state dict)`` pairs of the whole student: trained weights under ``None``, then each EMA by name,
+        made one at a time so that one copy at most is held (each a collective: iterate on every process)."""
+        yield None, checkpoint.full_state_dict(self.nets.student, copy=False)  # written before training goes on
+        for name in self.ema.averages:
+            yield name, self.ema.module_state_dict(name)
