@@ -1,8 +1,8 @@
 """Memory at real size: the pre-flight's estimate for published architectures with random weights, and measured
 peaks where this machine can run them.
 
-    python bench/scale.py                      # estimates for every architecture, lever set and objective
-    python bench/scale.py --measure RUN_DIR... # add the measured rows of finished runs (their metrics.json)
+    python bench/scale.py                                  # estimates: every architecture, lever set, objective
+    python bench/random_sd15.py /tmp/sd15 && python bench/scale.py --measure-cpu /tmp/sd15   # and the CPU rows
 
 Nothing is downloaded. Each denoiser is built from its published config (``bench/architectures.py``) on the meta
 device and read by fdistill's own adapter at the listed resolution and batch; the estimate is the run's own
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,8 @@ from fdistill.preflight import GIB, MetaPipeline, estimate_memory  # noqa: E402
 from fdistill.recipes import load_config  # noqa: E402
 from fdistill.schedules import FlowMatchSchedule  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "scale.json"
 
 # Published parameter counts of each pipeline's text encoders and VAE (their model cards and configs).
 ENCODERS = {
@@ -163,35 +166,73 @@ def estimate_rows(names: list[str]) -> list[dict]:
     return rows
 
 
-def measured_row(run_dir: Path) -> dict:
-    """A finished run's measured training peak beside the estimate its pre-flight printed; its label is the run
-    directory's name."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    memory = metrics["memory"]
-    return {"label": run_dir.name, "objective": metrics["objective"], "steps": metrics["steps"],
-            "wall_seconds": metrics["wall_seconds"], "device": metrics["environment"]["device"],
-            "measured_peak_gib": memory["training_peak_bytes"] / GIB,
-            "estimated_peak_gib": memory["estimated_peak_bytes"] / GIB,
-            "estimate_over_measured": memory["estimated_peak_bytes"] / memory["training_peak_bytes"],
-            "kind": "measured"}
+# The CPU rows: an SD 1.5-architecture pipeline with random weights (bench/random_sd15.py) at 256 px, distilled as a
+# user's own pipeline with the text-to-image DMD2 recipe (its GAN term off: no real images), batch 1, 5 steps (the
+# recipe's 4 critic steps and one generator step).
+CPU_RUN = ["--config", "configs/quickstart_t2i.yaml", "--overwrite", "--no-progress", "teacher.kind=pretrained",
+           "train.batch_size=1", "train.steps=5", "objective.gan_weight=0", "eval.num_samples=65",
+           "log.tensorboard=false"]
+CPU_ROWS = {
+    "LoRA/LoRA bf16 ckpt": ["student.lora={rank: 32}", "fake_score.lora={rank: 32}", "teacher.dtype=bf16",
+                            "train.gradient_checkpointing=true"],
+    "full/LoRA bf16 ckpt": ["fake_score.lora={rank: 32}", "teacher.dtype=bf16", "train.gradient_checkpointing=true"],
+    "full/full fp32": ["teacher.dtype=fp32"],
+}
+PEAK_LINE = re.compile(r"training peak memory ([\d.]+) GiB per process \(pre-flight estimate ([\d.]+) GiB\)")
+
+
+def measure_cpu(pipeline: Path, work: Path) -> list[dict]:
+    """Train each CPU row until the run prints its training peak beside its estimate (the evaluation that follows
+    is not part of the measurement), or until the pre-flight refuses it."""
+    import subprocess
+    import time
+
+    rows = []
+    for levers, overrides in CPU_ROWS.items():
+        command = [sys.executable, "train.py", *CPU_RUN, f"teacher.pretrained={pipeline}",
+                   f"run.dir={work / levers.replace('/', '_').replace(' ', '_')}", *overrides]
+        start = time.time()
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        row = {"levers": levers, "command": "python train.py " + " ".join(command[2:]), "kind": "measured",
+               "device": "cpu", "resolution": 256, "batch": 1}
+        for line in process.stdout:
+            if (found := PEAK_LINE.search(line)) or line.startswith("error:"):
+                break
+        process.kill()
+        process.wait()
+        if found:
+            measured, estimated = float(found.group(1)), float(found.group(2))
+            row |= {"measured_peak_gib": measured, "estimated_peak_gib": estimated,
+                    "estimate_over_measured": estimated / measured, "seconds_to_train": time.time() - start}
+        else:
+            row |= {"refused": line.strip()}
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architectures", nargs="*", default=list(SETTINGS))
-    parser.add_argument("--measure", nargs="*", type=Path, default=[], help="finished run directories")
+    parser.add_argument("--measure-cpu", type=Path, metavar="PIPELINE",
+                        help="also measure the CPU rows on this SD 1.5-architecture pipeline (bench/random_sd15.py); "
+                             "without it, the rows measured before are kept")
+    parser.add_argument("--work", type=Path, default=Path("runs/scale"), help="run directories of --measure-cpu")
     args = parser.parse_args(argv)
     rows = estimate_rows(args.architectures)
-    measured = [measured_row(run) for run in args.measure]
+    if args.measure_cpu:
+        measured = measure_cpu(args.measure_cpu, args.work)
+    else:  # keep the rows measured before
+        measured = json.loads(RESULTS.read_text())["measured"] if RESULTS.is_file() else []
     print(f"{'architecture':<16} {'params':>7} {'px':>5} {'batch':>5}  {'levers':<20} {'objective':<10} "
           f"{'peak GiB (estimate)':>20}")
     for r in rows:
         print(f"{r['architecture']:<16} {r['parameters'] / 1e9:6.2f}B {r['resolution']:>5} {r['batch']:>5}  "
               f"{r['levers']:<20} {r['objective']:<10} {r['estimated_peak_gib']:>20.1f}")
     for r in measured:
-        print(f"measured {r['label']}: peak {r['measured_peak_gib']:.2f} GiB, estimate {r['estimated_peak_gib']:.2f} "
-              f"GiB ({r['estimate_over_measured']:.2f}x), {r['wall_seconds'] / r['steps']:.1f} s/step on "
-              f"{r['device']}")
+        outcome = r.get("refused") or (f"peak {r['measured_peak_gib']:.2f} GiB, estimate {r['estimated_peak_gib']:.2f}"
+                                       f" GiB ({r['estimate_over_measured']:.3f}x)")
+        print(f"measured sd15 256 px, batch 1, {r['levers']}: {outcome}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"estimates": rows, "measured": measured}, indent=1) + "\n")
     print(f"wrote {RESULTS}")

@@ -72,8 +72,9 @@ def parameter_count(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def parameter_bytes(module: torch.nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() * p.element_size() for p in module.parameters())
+def weight_count(module: torch.nn.Module) -> int:
+    """Parameters and buffers (SD3's position table is a buffer): what a frozen network holds."""
+    return parameter_count(module) + sum(b.numel() for b in module.buffers())
 
 
 # ------------------------------------------------------------------------------------------------- meta probes
@@ -238,8 +239,9 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
     check_inputs(cfg, teacher, objective.needs_real_data)
     frozen = frozen_dtype(cfg)
     frozen_size = torch.finfo(frozen).bits // 8
-    denoiser_params = parameter_count(teacher.network)
-    encoder_params = sum(parameter_count(m) for m in pipeline.encoders_and_vae)
+    denoiser_params = weight_count(teacher.network)
+    trainable = parameter_count(teacher.network)  # a full copy's trained weights (its buffers are not trained)
+    encoder_params = sum(weight_count(m) for m in pipeline.encoders_and_vae)
     student_lora, fake_lora = cfg.student.lora, cfg.fake_score.lora if objective.needs_fake_score else None
 
     base = SharedBase(teacher, "student.lora") if student_lora or fake_lora else None
@@ -248,9 +250,9 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
                                    (FAKE_SCORE_ADAPTER, fake_lora, "fake_score.lora")):
         if lora is not None:
             adapters[adapter] = lora_network(base, adapter, lora, section)
-    student = parameter_count(adapters.get(STUDENT_ADAPTER)) if student_lora else denoiser_params
+    student = parameter_count(adapters.get(STUDENT_ADAPTER)) if student_lora else trainable
     fake = 0 if not objective.needs_fake_score else \
-        parameter_count(adapters.get(FAKE_SCORE_ADAPTER)) if fake_lora else denoiser_params
+        parameter_count(adapters.get(FAKE_SCORE_ADAPTER)) if fake_lora else trainable
     full_copies = int(student_lora is None) + int(objective.needs_fake_score and fake_lora is None)
 
     estimate = MemoryEstimate()
