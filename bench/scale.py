@@ -144,8 +144,7 @@ def meta_pipeline(name: str) -> MetaPipeline:
     hidden = torch.zeros(1, tokens, width, device="meta")
     condition = hidden if setting.row is None else pack_text_condition(hidden, torch.zeros(1, setting.row,
                                                                                            device="meta"))
-    parts = type("Parts", (), {"parts": {"encoders": Parameters(ENCODERS[name])}})()
-    return MetaPipeline(teacher, parts, condition)
+    return MetaPipeline(teacher, [Parameters(ENCODERS[name])], condition)
 
 
 def estimate_rows(names: list[str]) -> list[dict]:

@@ -29,13 +29,13 @@ import torch
 
 from fdistill.config import Config, batch_layout
 from fdistill.errors import ConfigError
-from fdistill.networks.denoisers import Denoiser, UNetDenoiser, freeze
+from fdistill.networks.denoisers import Denoiser, freeze
 from fdistill.networks.lora import FAKE_SCORE_ADAPTER, STUDENT_ADAPTER, SharedBase, lora_network
 from fdistill.objectives import OBJECTIVES, build_objective
 from fdistill.pipelines.loading import load_diffusers_teacher
 from fdistill.pipelines.parts import LatentPipelineParts
 from fdistill.tasks import check_inputs
-from fdistill.teachers import frozen_dtype, prompt_length, teacher_directory
+from fdistill.teachers import frozen_dtype, prompt_length, teacher_directory, unet_teacher
 
 GIB = 1024**3
 ADAMW_MOMENTS = 2
@@ -161,19 +161,14 @@ def kept_activations(net: Denoiser, model: torch.nn.Module, x, t, cond, checkpoi
 
 @dataclass
 class MetaPipeline:
-    """The teacher's pipeline built on the meta device: its denoiser and parts, and a condition probe."""
+    """The teacher's pipeline built on the meta device: its denoiser, its text encoders and VAE, a condition probe
+    and the sizes of the weight files that loading reads."""
 
     teacher: Denoiser
-    parts: LatentPipelineParts | None
-    probe_condition: torch.Tensor | None  # one prompt's condition (meta), or None without text
+    encoders_and_vae: list[torch.nn.Module] = field(default_factory=list)
+    probe_condition: torch.Tensor | None = None  # one prompt's condition (meta), or None without text
     denoiser_file_bytes: int = 0  # the denoiser's weight files, read (memory-mapped) while it loads
     parts_file_bytes: int = 0  # the text encoders' and the VAE's
-
-    @property
-    def encoders_and_vae(self) -> list[torch.nn.Module]:
-        if self.parts is None:
-            return []
-        return [p for p in self.parts.parts.values() if isinstance(p, torch.nn.Module)]
 
 
 def meta_pipeline(cfg: Config) -> MetaPipeline | None:
@@ -182,14 +177,9 @@ def meta_pipeline(cfg: Config) -> MetaPipeline | None:
     tc = cfg.teacher
     if tc.kind == "unet":
         from accelerate import init_empty_weights
-        from diffusers import DDPMScheduler, UNet2DModel
-
-        from fdistill.schedules import DiscreteVPSchedule
 
         with init_empty_weights():
-            unet = UNet2DModel(**tc.unet)
-        schedule = DiscreteVPSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000))
-        return MetaPipeline(UNetDenoiser(unet, schedule, tc.prediction_type or "epsilon"), None, None)
+            return MetaPipeline(unet_teacher(cfg))
     located = teacher_directory(cfg)
     if located is None:
         return None
@@ -201,16 +191,16 @@ def meta_pipeline(cfg: Config) -> MetaPipeline | None:
     denoiser_dir = next((root / name for name in ("unet", "transformer") if (root / name).is_dir()), root)
     denoiser_files = _weight_file_bytes(denoiser_dir)
     if not (root / "vae").is_dir():
-        return MetaPipeline(teacher, None, None, denoiser_files)
+        return MetaPipeline(teacher, denoiser_file_bytes=denoiser_files)
     parts = LatentPipelineParts.load(root, source, teacher.network, prompt_length(root, tc.max_sequence_length),
                                      on_meta=True)
     condition = None
     if parts.text:
         with torch.no_grad():
             condition = parts.encode_prompts([""])
-    part_files = sum(_weight_file_bytes(root / name) for name, part in parts.parts.items()
-                     if isinstance(part, torch.nn.Module))
-    return MetaPipeline(teacher, parts, condition, denoiser_files, part_files)
+    modules = {name: part for name, part in parts.parts.items() if isinstance(part, torch.nn.Module)}
+    return MetaPipeline(teacher, list(modules.values()), condition, denoiser_files,
+                        sum(_weight_file_bytes(root / name) for name in modules))
 
 
 def _weight_file_bytes(directory: Path) -> int:
