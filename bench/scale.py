@@ -8,7 +8,8 @@ Nothing is downloaded. Each denoiser is built from its published config (``bench
 device and read by fdistill's own adapter at the listed resolution and batch; the estimate is the run's own
 pre-flight (:func:`fdistill.preflight.estimate_memory`): frozen weights, text encoders and VAE, trained weights,
 gradients, AdamW states, one EMA, activations measured on meta tensors, for the objective's kept passes. The text
-encoders and VAE enter with their published parameter counts (``ENCODERS``); the process's own memory is left out
+encoders and VAE enter with their published parameter counts (``TEXT_ENCODERS``, ``VAES``); they are on the GPU
+only between steps, so its peak holds the larger of them and the activations. The process's own memory is left out
 (a CUDA context adds about 0.5 GiB). Wan2.1 has no fdistill adapter yet: its transformer is called directly on
 81-frame latents of a 480x832 video with a flow-matching schedule, as its pipeline does.
 
@@ -46,16 +47,18 @@ from fdistill.schedules import FlowMatchSchedule  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 
-# Published parameter counts of each pipeline's text encoders and VAE (their model cards and configs).
-ENCODERS = {
-    "sd15": 123_060_480 + 83_653_863,  # CLIP ViT-L/14 text model, SD VAE
-    "sdxl": 123_060_480 + 694_659_840 + 83_653_863,  # CLIP ViT-L, OpenCLIP ViT-bigG text model, SDXL VAE
-    "sd35_medium": 123_650_304 + 694_659_840 + 4_762_310_656 + 83_819_683,  # CLIP-L, CLIP-G, T5-XXL encoder, VAE
-    "flux_dev": 123_060_480 + 4_762_310_656 + 83_819_683,  # CLIP-L, T5-XXL encoder, VAE
-    "sana_1600m": 2_614_341_888 + 312_250_275,  # Gemma-2-2B, DC-AE f32c32
-    "pixart_sigma": 4_762_310_656 + 83_653_863,  # T5-XXL encoder, SD VAE
-    "wan21_t2v_1_3b": 5_680_910_336 + 126_892_531,  # UMT5-XXL encoder, Wan VAE
+# Published parameter counts of each pipeline's text encoders, and of its VAE (their model cards and configs).
+TEXT_ENCODERS = {
+    "sd15": 123_060_480,  # CLIP ViT-L/14 text model
+    "sdxl": 123_060_480 + 694_659_840,  # CLIP ViT-L, OpenCLIP ViT-bigG text model
+    "sd35_medium": 123_650_304 + 694_659_840 + 4_762_310_656,  # CLIP-L, CLIP-G, T5-XXL encoder
+    "flux_dev": 123_060_480 + 4_762_310_656,  # CLIP-L, T5-XXL encoder
+    "sana_1600m": 2_614_341_888,  # Gemma-2-2B
+    "pixart_sigma": 4_762_310_656,  # T5-XXL encoder
+    "wan21_t2v_1_3b": 5_680_910_336,  # UMT5-XXL encoder
 }
+VAES = {"sd15": 83_653_863, "sdxl": 83_653_863, "sd35_medium": 83_819_683, "flux_dev": 83_819_683,
+        "sana_1600m": 312_250_275, "pixart_sigma": 83_653_863, "wan21_t2v_1_3b": 126_892_531}
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def meta_pipeline(name: str) -> MetaPipeline:
     hidden = torch.zeros(1, tokens, width, device="meta")
     condition = hidden if setting.row is None else pack_text_condition(hidden, torch.zeros(1, setting.row,
                                                                                            device="meta"))
-    return MetaPipeline(teacher, [Parameters(ENCODERS[name])], condition)
+    return MetaPipeline(teacher, [Parameters(TEXT_ENCODERS[name])], Parameters(VAES[name]), condition)
 
 
 def estimate_rows(names: list[str]) -> list[dict]:
@@ -155,7 +158,8 @@ def estimate_rows(names: list[str]) -> list[dict]:
                 cfg, options = load_config(None, ["data.kind=captioned_shapes", "train.mixed_precision=bf16",
                                                   f"train.batch_size={SETTINGS[name].batch}", "ema.averages=[]",
                                                   *lever_overrides, *objective_overrides])
-                estimate = estimate_memory(cfg, options, process_memory=0, pipeline=meta_pipeline(name))
+                estimate = estimate_memory(cfg, options, process_memory=0, pipeline=meta_pipeline(name),
+                                           device="cuda")
                 rows.append({"architecture": name, "parameters": sum(p.numel() for p in build_on_meta(name)
                                                                      .parameters()),
                              "resolution": SETTINGS[name].resolution, "batch": SETTINGS[name].batch,

@@ -51,7 +51,16 @@ the range (min to max) of the repeats; the JSON keeps every repeat.
    and 1e-4 between them), and a whole sCD training iteration in each mode is timed with ``bench/jvp_cost.py``'s
    :class:`SCMIteration` on the digits teacher.
 
+5. Features-only teacher passes. The discriminator of f-distill and of DMD2 reads the teacher's features (the
+   quickstart's ``discriminator_features``); without gradient recording such a pass ends where the last feature
+   block has run. Each such objective's critic step is timed with those passes stopped early and run whole (as
+   before), alternating, on two trainers from the same seed; the losses of their first 20 steps are compared
+   (equal features give equal losses, so training and its FD are unchanged) and the teacher's passes counted
+   (all / stopped early).
+
 Writes ``bench/results/speed.json`` (or ``--out``) with the environment (device name, threads, versions, commit).
+``--only SECTION`` (repeatable: sampling, training, jvp, features) runs only those sections and keeps the others
+from the file.
 """
 
 from __future__ import annotations
@@ -62,8 +71,9 @@ import json
 import statistics
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -78,6 +88,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from fdistill.config import validate_objective
 from fdistill.evaluation import student_samples, teacher_samples
+from fdistill.networks.denoisers import Denoiser, DiffusersDenoiser
 from fdistill.networks.jvp import time_jvp
 from fdistill.objectives import OBJECTIVES, build_objective, scm
 from fdistill.recipes import load_config
@@ -96,6 +107,7 @@ TRIGFLOW_TIMES = {"scm": "generator.times=[1.5]", "rcm": "generator.times=[1.5]"
 FD_RELATIVE_STEPS = (1e-3, 1e-4, 3e-5)
 NETWORK_LETTERS = {"teacher": "T", "student": "S", "fake_score": "F", "discriminator": "D"}
 MIB = 2**20
+SECTIONS = ("sampling", "training", "jvp", "features")
 
 
 def spread(values: list[float]) -> dict:
@@ -179,6 +191,7 @@ class PassRecord:
     forward_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     forwards: Counter = field(default_factory=Counter)
     with_graph: Counter = field(default_factory=Counter)  # forward passes that keep a graph for backward
+    stopped: Counter = field(default_factory=Counter)  # features-only passes that ended at the last feature block
     backward_ms: float = 0.0
     optimizer_ms: float = 0.0
 
@@ -200,11 +213,13 @@ def recorded_passes(trainer: Trainer):
         return hook
 
     def pass_end(name):
-        def hook(_module, _args, output):
+        def hook(_module, _args, output):  # output None: the pass stopped at the last feature block (an exception)
             synchronize(device)
             record.forward_ms[name] += 1e3 * (time.perf_counter() - started[name])
             record.forwards[name] += 1
-            record.with_graph[name] += torch.is_grad_enabled() and getattr(output, "sample", output).requires_grad
+            record.stopped[name] += output is None
+            record.with_graph[name] += (output is not None and torch.is_grad_enabled()
+                                        and getattr(output, "sample", output).requires_grad)
         return hook
 
     def optimizer_end(*_):
@@ -217,7 +232,8 @@ def recorded_passes(trainer: Trainer):
     handles = []
     for name, net in trainer.nets.present().items():
         model = network_model(net)
-        handles += [model.register_forward_pre_hook(stopwatch_start(name)), model.register_forward_hook(pass_end(name))]
+        handles += [model.register_forward_pre_hook(stopwatch_start(name)),
+                    model.register_forward_hook(pass_end(name), always_call=True)]
     for optimizer in filter(None, trainer.optimizers.values()):
         handles += [optimizer.register_step_pre_hook(stopwatch_start("optimizer")),
                     optimizer.register_step_post_hook(optimizer_end)]
@@ -284,7 +300,8 @@ def overhead_row(plain: list[float], records: list[list[PassRecord]], peak_mib: 
     backward = per_repeat(lambda r: r.backward_ms)
     overhead = [100 * (p - f - b) / p for p, f, b in zip(plain, forward, backward, strict=True)]
     passes = {name: {"forward": sum(r.forwards[name] for r in records[0]),
-                     "with_graph": sum(r.with_graph[name] for r in records[0])}
+                     "with_graph": sum(r.with_graph[name] for r in records[0]),
+                     "stopped": sum(r.stopped[name] for r in records[0])}
               for name in NETWORK_LETTERS if any(r.forwards[name] for r in records[0])}
     return {"step_ms": spread(plain), "instrumented_step_ms": spread(per_repeat(lambda r: r.step_ms)),
             "forward_ms": spread(forward), "backward_ms": spread(backward),
@@ -319,6 +336,68 @@ def training(name: str, args) -> dict:
     return {"objective": name, "options": asdict(options), "step_index": steps,
             "critic_per_generator": critic_per_generator(objective), "batch_size": args.batch_size,
             "seed": cfg.run.seed, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------ features-only passes
+FEATURE_LOSS_STEPS = 20  # training steps whose losses are compared between the two ways of reading features
+
+
+@contextmanager
+def full_feature_passes():
+    """Features read as before the early stop: every features-only pass runs the whole network."""
+    with mock.patch.object(DiffusersDenoiser, "features", Denoiser.features):
+        yield
+
+
+def feature_passes(args) -> list[dict]:
+    """For each objective whose discriminator reads the teacher's features: its critic step with the
+    features-only teacher passes stopped at the last feature block (as fdistill runs) and run whole, on one trainer
+    each from the same seed. The losses of both trainers' first :data:`FEATURE_LOSS_STEPS` steps must be equal (the
+    features are the same tensors, so training, and with it the FD, is unchanged); then critic steps are timed,
+    the two ways alternating."""
+    modes = {"stopped": nullcontext, "whole": full_feature_passes}
+    rows = []
+    for name in sorted(OBJECTIVES):
+        if "discriminator_features" not in quickstart_experiment(name, args.batch_size)[0].objective:
+            continue
+        trainers, losses = {}, {}
+        for mode, context in modes.items():
+            cfg, options, nets, objective, task = quickstart_experiment(name, args.batch_size)
+            trainers[mode] = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg,
+                                     make_accelerator(args.device), progress=False)
+            with context():
+                losses[mode] = [trainers[mode].train_step(step)[1] for step in range(FEATURE_LOSS_STEPS)]
+        step = steady_state_steps(objective)["critic"]
+        plain, records = defaultdict(list), defaultdict(list)
+        for _ in range(args.repeats):
+            for mode, context in modes.items():
+                trainer = trainers[mode]
+                with context():
+                    plain[mode].append(elapsed_ms(partial(trainer.train_step, step), trainer.acc.device))
+                    with recorded_passes(trainer) as record:
+                        record.step_ms = elapsed_ms(partial(trainer.train_step, step), trainer.acc.device)
+                records[mode].append([record])
+        differences = [abs(a[k] - b[k]) for a, b in zip(losses["stopped"], losses["whole"], strict=True) for k in a]
+        rows.append({"objective": name, "discriminator_features": cfg.objective["discriminator_features"],
+                     "critic_step": {mode: overhead_row(plain[mode], records[mode], float("nan")) for mode in modes},
+                     "loss_steps_compared": FEATURE_LOSS_STEPS, "largest_loss_difference": max(differences),
+                     "batch_size": args.batch_size, "seed": cfg.run.seed})
+    return rows
+
+
+def print_feature_passes(rows: list[dict], device: str) -> None:
+    print("\n5. critic steps whose discriminator reads the teacher's features: features-only teacher passes stopped "
+          "at the last feature block (fdistill) or run whole (before); T passes: all / stopped early")
+    print(f"{'objective':13s} {'features':16s} {'passes':8s} {'step ms':>15s} {'T fwd ms':>9s} {'T passes':>9s} "
+          f"{'step / whole':>12s} {'loss diff':>9s} {'batch':>5s} {'seed':>4s} {'device':>7s}")
+    for r in rows:
+        whole = r["critic_step"]["whole"]["step_ms"]["median"]
+        for mode, t in r["critic_step"].items():
+            teacher = t["passes"].get("teacher", {"forward": 0, "stopped": 0})
+            print(f"{r['objective']:13s} {','.join(r['discriminator_features']):16s} {mode:8s} "
+                  f"{shown(t['step_ms']):>15s} {t['forward_ms_by_network'].get('teacher', 0.0):9.1f} "
+                  f"{teacher['forward']:>5d} / {teacher['stopped']:<1d} {t['step_ms']['median'] / whole:12.3f} "
+                  f"{r['largest_loss_difference']:9.1e} {r['batch_size']:5d} {r['seed']:4d} {device:>7s}")
 
 
 # -------------------------------------------------------------------------------------------------- JVP
@@ -419,7 +498,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--teacher-steps", type=int, default=None, help="default: the quickstart's eval.teacher_steps")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     args = parser.parse_args(argv)
+    sections = args.only or SECTIONS
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     start = time.perf_counter()
@@ -428,20 +509,28 @@ def main(argv=None):
     args.teacher_steps = args.teacher_steps or quickstart.eval.teacher_steps
     accelerator = make_accelerator(args.device)
     device = str(accelerator.device)
-    result = {"environment": environment(accelerator, quickstart), "device": device, "repeats": args.repeats,
-              "warmup": WARMUP, "batch_size": args.batch_size, "steady_state_step": STEADY_STATE_STEP}
+    kept = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    result = {**kept, "environment": environment(accelerator, quickstart), "device": device,
+              "repeats": args.repeats, "warmup": WARMUP, "batch_size": args.batch_size,
+              "steady_state_step": STEADY_STATE_STEP}
     env = result["environment"]
     print(f"device: {env['device']}, {env['threads']} threads, torch {env['torch']}; ms and samples/s are "
           f"median ±half-range of {args.repeats} repeats")
-    result["sampling"] = sampling(args, accelerator.device)
-    print_sampling(result["sampling"], device)
-    print_training_header()
-    result["training"] = []
-    for name in sorted(OBJECTIVES):
-        result["training"].append(training(name, args))
-        print_training(result["training"][-1], device)
-    result["jvp"] = jvp_comparison(args, accelerator.device)
-    print_jvp(result["jvp"], device)
+    if "sampling" in sections:
+        result["sampling"] = sampling(args, accelerator.device)
+        print_sampling(result["sampling"], device)
+    if "training" in sections:
+        print_training_header()
+        result["training"] = []
+        for name in sorted(OBJECTIVES):
+            result["training"].append(training(name, args))
+            print_training(result["training"][-1], device)
+    if "jvp" in sections:
+        result["jvp"] = jvp_comparison(args, accelerator.device)
+        print_jvp(result["jvp"], device)
+    if "features" in sections:
+        result["feature_passes"] = feature_passes(args)
+        print_feature_passes(result["feature_passes"], device)
     result["wall_seconds"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

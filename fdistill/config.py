@@ -49,8 +49,8 @@ class TeacherConfig:
     max_sequence_length: Optional[int] = None
     resolution: Optional[int] = None  # transformer teachers: image side in pixels (null: the pipeline's default)
     embedded_guidance: Optional[float] = None  # Flux with guidance_embeds: its guidance input (null: 3.5)
-    # bf16 | fp16 | fp32: the frozen weights (the teacher or the base LoRA networks share, the VAE and the text
-    # encoders); null: the compute dtype of train.mixed_precision, else fp32. Trained weights stay float32.
+    # bf16 | fp16 | fp32: the frozen weights (the teacher or the base LoRA networks share, and the text encoders;
+    # the VAE stays fp32); null: the compute dtype of train.mixed_precision, else fp32. Trained weights stay fp32.
     dtype: Optional[str] = None
     unet: Dict[str, Any] = field(default_factory=dict)  # UNet2DModel config for kind=unet
 
@@ -142,6 +142,9 @@ class DataConfig:
     # text-to-image: captioned_shapes | prompts (a .txt/.csv/.jsonl/.json prompt file at `path`, images optional)
     kind: str = "teacher"
     path: Optional[str] = None
+    # latent pipelines: a directory that keeps the prompt embeddings and the real images' VAE latents (safetensors
+    # shards keyed by the encoder's weights and the prompt or image bytes), read instead of encoding again
+    cache_dir: Optional[str] = None
     # class-labelled image data: draw training images with these class frequencies, one per class in label
     # order, normalised to sum 1 (default: the data's own proportions)
     class_frequencies: Optional[List[float]] = None

@@ -10,7 +10,8 @@ input gradient. With ``train.gradient_checkpointing`` a checkpointed block keeps
 activations come back for one block at a time during the backward pass. The objective says which passes a step
 keeps (:meth:`fdistill.objectives.base.Objective.kept_passes`).
 
-Components: the frozen weights (teacher or shared base, in ``teacher.dtype``), the text encoders and the VAE, the
+Components: the frozen weights (teacher or shared base, in ``teacher.dtype``), the text encoders (also in it) and
+the VAE (always float32), the
 trained weights in float32, their gradients (one step kind's at a time: the trainer frees the others), AdamW's two
 moments, the EMAs, the cached prompt embeddings and real latents, the activations, and the process itself (on a CPU
 its resident memory now, with Python and the libraries loaded). The run's peak is the larger of loading (a teacher
@@ -48,13 +49,16 @@ class MemoryEstimate:
 
     rows: dict[str, tuple[float, str]] = field(default_factory=dict)
     loading: float = 0.0  # the peak while loading, before training starts
+    # rows never resident together (the encoders visit an accelerator between steps, when no activations are kept)
+    exclusive: tuple[str, ...] = ()
 
     def add(self, component: str, size: float, account: str) -> None:
         self.rows[component] = (float(size), account)
 
     @property
     def training(self) -> float:
-        return sum(size for size, _ in self.rows.values())
+        together = sum(size for name, (size, _) in self.rows.items() if name not in self.exclusive)
+        return together + max((self.rows[name][0] for name in self.exclusive), default=0.0)
 
     @property
     def total(self) -> float:
@@ -63,8 +67,9 @@ class MemoryEstimate:
     def table(self) -> str:
         lines = ["memory pre-flight, estimated peak per process:"]
         lines += [f"  {name:<22} {size / GIB:8.2f} GiB  {account}" for name, (size, account) in self.rows.items()]
+        apart = f"; {' and '.join(self.exclusive)} never at once" if self.exclusive else ""
         lines.append(f"  {'peak':<22} {self.total / GIB:8.2f} GiB  "
-                     f"(training {self.training / GIB:.2f}, loading {self.loading / GIB:.2f})")
+                     f"(training {self.training / GIB:.2f}, loading {self.loading / GIB:.2f}{apart})")
         return "\n".join(lines)
 
 
@@ -165,7 +170,8 @@ class MetaPipeline:
     and the sizes of the weight files that loading reads."""
 
     teacher: Denoiser
-    encoders_and_vae: list[torch.nn.Module] = field(default_factory=list)
+    text_encoders: list[torch.nn.Module] = field(default_factory=list)
+    vae: torch.nn.Module | None = None
     probe_condition: torch.Tensor | None = None  # one prompt's condition (meta), or None without text
     denoiser_file_bytes: int = 0  # the denoiser's weight files, read (memory-mapped) while it loads
     parts_file_bytes: int = 0  # the text encoders' and the VAE's
@@ -199,7 +205,8 @@ def meta_pipeline(cfg: Config) -> MetaPipeline | None:
         with torch.no_grad():
             condition = parts.encode_prompts([""])
     modules = {name: part for name, part in parts.parts.items() if isinstance(part, torch.nn.Module)}
-    return MetaPipeline(teacher, list(modules.values()), condition, denoiser_files,
+    text_encoders = [part for name, part in modules.items() if name != "vae"]
+    return MetaPipeline(teacher, text_encoders, parts.vae, condition, denoiser_files,
                         sum(_weight_file_bytes(root / name) for name in modules))
 
 
@@ -214,10 +221,11 @@ def _weight_file_bytes(directory: Path) -> int:
 
 # --------------------------------------------------------------------------------------------------- estimate
 def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory: float | None = None,
-                    pipeline: MetaPipeline | None = None) -> MemoryEstimate | None:
-    """The run's estimated peak memory per process (``None`` for an analytic teacher), after the checks of what the
-    configuration and the data files decide (:func:`fdistill.tasks.check_inputs`). ``process_memory`` is the
-    process's own memory before loading (default: this process's resident memory)."""
+                    pipeline: MetaPipeline | None = None, device: str = "cpu") -> MemoryEstimate | None:
+    """The run's estimated peak memory per process on a ``device`` of that type (``None`` for an analytic teacher),
+    after the checks of what the configuration and the data files decide (:func:`fdistill.tasks.check_inputs`).
+    ``process_memory`` is the process's own memory before loading (default: this process's resident memory). On
+    an accelerator the text encoders and the VAE are there only between steps (previews) and for evaluation."""
     pipeline = pipeline or meta_pipeline(cfg)
     if pipeline is None:
         return None
@@ -231,7 +239,8 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
     frozen_size = torch.finfo(frozen).bits // 8
     denoiser_params = weight_count(teacher.network)
     trainable = parameter_count(teacher.network)  # a full copy's trained weights (its buffers are not trained)
-    encoder_params = sum(weight_count(m) for m in pipeline.encoders_and_vae)
+    text_params = sum(weight_count(m) for m in pipeline.text_encoders)
+    vae_params = weight_count(pipeline.vae) if pipeline.vae is not None else 0
     student_lora, fake_lora = cfg.student.lora, cfg.fake_score.lora if objective.needs_fake_score else None
 
     base = SharedBase(teacher, "student.lora") if student_lora or fake_lora else None
@@ -245,10 +254,14 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
         parameter_count(adapters.get(FAKE_SCORE_ADAPTER)) if fake_lora else trainable
     full_copies = int(student_lora is None) + int(objective.needs_fake_score and fake_lora is None)
 
-    estimate = MemoryEstimate()
+    offloaded = device != "cpu"
+    estimate = MemoryEstimate(exclusive=("text encoders, VAE", "activations") if offloaded else ())
     estimate.add("frozen weights", denoiser_params * frozen_size,
                  f"{_millions(denoiser_params)} {_name(frozen)} (teacher{' and shared base' if base else ''})")
-    estimate.add("text encoders, VAE", encoder_params * frozen_size, f"{_millions(encoder_params)} {_name(frozen)}")
+    encoders = text_params * frozen_size + vae_params * FLOAT32
+    estimate.add("text encoders, VAE", encoders, f"{_millions(text_params)} {_name(frozen)}, VAE "
+                 f"{_millions(vae_params)} fp32" + (", on the device only between steps and for evaluation"
+                                                   if offloaded else ""))
     estimate.add("trained weights", (student + fake) * FLOAT32,
                  f"student {_millions(student)}{' LoRA' if student_lora else ''}, fake score {_millions(fake)}"
                  f"{' LoRA' if fake_lora else ''}, float32")
@@ -270,7 +283,6 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
     # Loading reads each weight file memory-mapped (resident while its model loads), the denoiser first, then the
     # text encoders and the VAE; full copies are made from a float32 teacher before it is cast.
     loaded = denoiser_params * (frozen_size if full_copies == 0 else FLOAT32)
-    encoders = encoder_params * frozen_size
     estimate.loading = process + max(pipeline.denoiser_file_bytes + loaded,
                                      loaded + pipeline.parts_file_bytes + encoders,
                                      loaded * (1 + full_copies) + encoders)
@@ -423,7 +435,7 @@ def check_fits(cfg: Config, options, estimate: MemoryEstimate, device: torch.dev
             continue
         trial = changed
         levers.append(lever if lever.endswith(("true", "bf16")) else f"{lever}={{rank: 32}}")
-        smaller = estimate_memory(trial, options, num_processes, estimate.rows["process"][0])
+        smaller = estimate_memory(trial, options, num_processes, estimate.rows["process"][0], device=device.type)
         if smaller is not None and smaller.total - current <= available:
             fitting = list(levers)
             break

@@ -220,7 +220,7 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     run_dir = Path(cfg.run.dir)
     start = prepare_run_dir(run_dir, accelerator, resume, overwrite)
     check_device(cfg, accelerator.device)  # before any weight loads
-    estimate = estimate_memory(cfg, options, accelerator.num_processes)
+    estimate = estimate_memory(cfg, options, accelerator.num_processes, device=accelerator.device.type)
     if estimate is not None:
         if accelerator.is_main_process and progress:
             print(estimate.table())
@@ -261,7 +261,8 @@ def _train(cfg: Config, options, accelerator: Accelerator, run_dir: Path, start:
     """Build and train, and write the student files; the training networks are gone when it returns, before the
     evaluation builds its own."""
     nets, objective, task = build_experiment(cfg, options)
-    trainer = Trainer(nets, objective, task.batches(objective.needs_real_data), cfg, accelerator, run_dir, progress,
+    batches = task.batches(objective.needs_real_data, accelerator.device)
+    trainer = Trainer(nets, objective, batches, cfg, accelerator, run_dir, progress,
                       preview=task.preview, metrics=task.training_metrics)
     if start is not None:
         trainer.load_checkpoint(start)

@@ -14,6 +14,7 @@ import torch
 from accelerate import debug_launcher
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 import fdistill.run
 from fdistill.errors import ConfigError
@@ -29,6 +30,10 @@ TINY = str(Path(__file__).parents[1] / "configs" / "ring_tiny.yaml")
 # DMD with its GAN term: no all-reduce inside the loss, so 2 processes and 2 micro-batches sum the same terms.
 COMMON = ["objective.name=dmd", "train.steps=12", "checkpoint.every=5", "train.device_batch_size=32",
           "eval.num_samples=128"]
+# The digits quickstart (f-distill with a discriminator on the teacher's features), a few small steps.
+DIGITS = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
+DIGITS_LORA = ["train.steps=4", "train.batch_size=8", "checkpoint.every=100", "eval.num_samples=100",
+               "eval.teacher_steps=4", "log.tensorboard=false", "log.sample_every=0"]
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +52,15 @@ class _RecordingTrainer(Trainer):
         summary = super().fit(resume_from)
         student = {k: full_tensor(v) for k, v in self.nets.student.state_dict().items()}
         ema = {n: {k: full_tensor(v) for k, v in e.shadow.items()} for n, e in self.ema.averages.items()}
-        torch.save({"student": student, "ema": ema}, self.out / f"rank{self.acc.process_index}.pt")
+        teacher = list(self.nets.teacher.parameters())
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in teacher)
+        record = {"student": student, "ema": ema, "teacher_held": held,
+                  "teacher_numel": sum(p.numel() for p in teacher)}
+        torch.save(record, self.out / f"rank{self.acc.process_index}.pt")
         return summary
 
 
-def _worker(out: Path, overrides: list[str]):
+def _worker(out: Path, config: str, overrides: list[str]):
     AcceleratorState._reset_state(True)  # the forked child must not reuse the parent's single-process state
     rank = torch.distributed.get_rank()  # the launcher's process group; accelerate's state starts in the run
     writes, real_open = [], builtins.open
@@ -66,7 +75,7 @@ def _worker(out: Path, overrides: list[str]):
     _RecordingTrainer.out = out
     fdistill.run.Trainer = _RecordingTrainer
     try:
-        cfg, options = load_config(TINY, overrides)
+        cfg, options = load_config(config, overrides)
         run_experiment(cfg, options, progress=False)
     finally:
         builtins.open = io.open = real_open
@@ -74,12 +83,12 @@ def _worker(out: Path, overrides: list[str]):
     (out / f"writes{rank}.json").write_text(json.dumps(writes))
 
 
-def _launch(tmp_path: Path, name: str, extra: list[str]) -> Path:
+def _launch(tmp_path: Path, name: str, extra: list[str], config: str = TINY, common: list[str] = COMMON) -> Path:
     """Run the debug launcher in a fresh interpreter: forking a process whose OpenMP threads already ran
     (any earlier test) leaves the children hanging in their first parallel region."""
     out = tmp_path / f"{name}_out"
     out.mkdir()
-    args = [sys.executable, __file__, str(out), *COMMON, f"run.dir={tmp_path / name}", *extra]
+    args = [sys.executable, __file__, str(out), config, *common, f"run.dir={tmp_path / name}", *extra]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -145,5 +154,19 @@ def test_fsdp_matches_replicated_training(replicated, tmp_path):
         assert torch.equal(v, fsdp["student"][k]), k
 
 
+
+def test_fsdp_shards_the_shared_base_and_matches_replicated_training(tmp_path):
+    """LoRA student and fake score on the digits teacher's one base: with FSDP each process holds half of the
+    frozen base, and the adapters end where replicated training leaves them."""
+    lora = [*DIGITS_LORA, "student.lora={rank: 4}", "fake_score.lora={rank: 4}"]
+    ddp = torch.load(_launch(tmp_path, "lora_ddp", [], DIGITS, lora) / "rank0.pt")
+    fsdp = torch.load(_launch(tmp_path, "lora_fsdp", ["train.fsdp=true"], DIGITS, lora) / "rank0.pt")
+    assert ddp["teacher_held"] == ddp["teacher_numel"]
+    assert fsdp["teacher_held"] < 0.55 * fsdp["teacher_numel"]
+    assert fsdp["student"].keys() == ddp["student"].keys() and all(".lora_" in k for k in ddp["student"])
+    for k, v in ddp["student"].items():
+        torch.testing.assert_close(fsdp["student"][k], v, rtol=1e-4, atol=1e-5)
+
+
 if __name__ == "__main__":
-    debug_launcher(_worker, args=(Path(sys.argv[1]), sys.argv[2:]), num_processes=2)
+    debug_launcher(_worker, args=(Path(sys.argv[1]), sys.argv[2], sys.argv[3:]), num_processes=2)

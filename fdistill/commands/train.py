@@ -39,7 +39,8 @@ def main(argv=None):
         cfg, options = load_config(args.config, args.overrides)
         if args.dry_run:
             print(dump_config(cfg), end="")
-            estimate = estimate_memory(cfg, options, PartialState().num_processes)
+            state = PartialState()
+            estimate = estimate_memory(cfg, options, state.num_processes, device=state.device.type)
             if estimate is not None:
                 print(estimate.table())
             return

@@ -96,7 +96,7 @@ class TextJudge(Judge):
         return sets
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.parts.decode(chunk).float().cpu() for chunk in x.split(self.batch_size)])
+        return self.parts.decode_all(x, self.batch_size)
 
     def score(self, drawn: Drawn, sample_set: SampleSet) -> dict:
         from fdistill.metrics.clip_score import clip_score_tensors

@@ -6,21 +6,30 @@ that is its spec's (:mod:`fdistill.pipelines.specs`): :meth:`LatentPipelineParts
 ``encode_prompt`` on a pipeline built from these parts around the frozen denoiser, and
 :meth:`LatentPipelineParts.decode` / :meth:`LatentPipelineParts.encode` scale latents as the pipeline does.
 
-Embeddings are cached per prompt: a fixed prompt set is encoded once per run.
+Embeddings are kept per prompt: a fixed prompt set is encoded once per run. With :meth:`LatentPipelineParts.cache_in`
+(``data.cache_dir``) the embeddings and the latents of real images are also kept on disk
+(:mod:`fdistill.pipelines.cache`), and a later run reads them instead of running the encoders. The parts stay where
+they were loaded (the CPU) and visit the accelerator only while they work (:meth:`LatentPipelineParts.on`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
+from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from fdistill.errors import ConfigError
+from fdistill.pipelines.cache import EmbeddingCache, LatentCache, text_digest, weights_digest
 from fdistill.pipelines.specs import SPECS, PipelineSpec, spec_named
 
 ENCODE_BATCH = 250  # images VAE-encoded at a time
+PROMPT_BATCH = 64  # prompts encoded at a time
+DECODE_PIXELS = 16 * 512 * 512  # output pixels decoded at a time (16 images at 512 px, 4 at 1024 px)
 
 
 def on_meta_device(model_class, directory: Path):
@@ -53,6 +62,11 @@ class LatentPipelineParts:
     ``scheduler`` its scheduler, around which a text pipeline is built to encode prompts (SD3 reads its text width
     from the transformer); ``config`` holds the pipeline's own settings from ``model_index.json`` (SDXL's
     ``force_zeros_for_empty_prompt``), which the encoding pipeline and the student's export keep.
+
+    The VAE stays in float32 whatever ``teacher.dtype``: it is small (0.1-0.3B parameters), SDXL's overflows in
+    float16 (its pipeline upcasts it), Wan's pipeline card loads it in float32, and on a CPU without bfloat16
+    arithmetic a bfloat16 VAE would take most of an evaluation's time. Images are decoded a few megapixels at a time
+    (:meth:`decode_all`), so an evaluation batch at 1024 px does not hold every image's decoder activations at once.
     """
 
     def __init__(self, parts: dict, spec: PipelineSpec, source: str, denoiser,
@@ -66,6 +80,8 @@ class LatentPipelineParts:
         self.max_sequence_length = max_sequence_length
         self._encoder = self.pipeline(denoiser, scheduler) if spec.text else None
         self._embeddings: dict[str, torch.Tensor] = {}
+        self._cache_root: Path | None = None
+        self._disk: EmbeddingCache | None = None
 
     def pipeline(self, denoiser, scheduler):
         """The stock pipeline of these parts around ``denoiser``, driven by ``scheduler``."""
@@ -78,9 +94,9 @@ class LatentPipelineParts:
     @classmethod
     def load(cls, root: Path, source: str, denoiser, max_sequence_length: int | None = None,
              dtype: torch.dtype = torch.float32, on_meta: bool = False) -> LatentPipelineParts:
-        """The parts of the diffusers pipeline directory ``root`` around its ``denoiser``, their weights in
-        ``dtype`` (``on_meta``: built from their configs on the meta device, nothing loaded); a missing one is a
-        one-line error."""
+        """The parts of the diffusers pipeline directory ``root`` around its ``denoiser``, the text encoders' weights
+        in ``dtype`` and the VAE's in float32 (``on_meta``: built from their configs on the meta device, nothing
+        loaded); a missing one is a one-line error."""
         import diffusers
         import transformers
 
@@ -108,8 +124,9 @@ class LatentPipelineParts:
                                                          class_name), root / part)
                 elif library == "transformers":
                     parts[part] = getattr(transformers, class_name).from_pretrained(root / part, dtype=dtype)
-                else:
-                    parts[part] = getattr(diffusers, class_name).from_pretrained(root / part, torch_dtype=dtype)
+                else:  # the VAE: float32 whatever ``dtype`` (see the class docstring)
+                    parts[part] = getattr(diffusers, class_name).from_pretrained(root / part,
+                                                                                 torch_dtype=torch.float32)
             scheduler_class = (index.get("scheduler") or (None, "DDPMScheduler"))[1]
             scheduler = getattr(diffusers, scheduler_class).from_pretrained(root / "scheduler") if spec.text else None
         except (OSError, ValueError, AttributeError) as e:
@@ -125,6 +142,34 @@ class LatentPipelineParts:
             if isinstance(part, torch.nn.Module):
                 part.to(device)
         return self
+
+    @contextmanager
+    def on(self, device):
+        """The parts on ``device`` inside the block (``None``: where they are), back where they were after it."""
+        home = self.device
+        self.to(device if device is not None else home)
+        try:
+            yield self
+        finally:
+            self.to(home)
+
+    def cache_in(self, root: str | Path) -> None:
+        """Keep prompt embeddings and real images' latents on disk under ``root`` too, keyed by the weights that
+        compute them (:mod:`fdistill.pipelines.cache`)."""
+        self._cache_root = Path(root)
+        if self.text:
+            encoders = [part for name, part in self.parts.items() if name != "vae" and part is not None]
+            settings = {"pipeline": self.spec.name, "max_sequence_length": self.max_sequence_length,
+                        "config": self.config}
+            self._disk = EmbeddingCache(self._cache_root, weights_digest(encoders, settings),
+                                        {**settings, "source": self.source,
+                                         "text_encoders": {name: type(part).__name__ for name, part in
+                                                           self.parts.items() if isinstance(part, torch.nn.Module)
+                                                           and name != "vae"}})
+
+    @cached_property
+    def _vae_digest(self) -> str:
+        return weights_digest([self.vae], {"pipeline": self.spec.name})
 
     @property
     def text(self) -> bool:
@@ -146,10 +191,23 @@ class LatentPipelineParts:
         hidden states packed with their pooled embedding or attention mask into ``[N, L + 1, D]``; cached per
         prompt in CPU memory, in float32 whatever the text encoders' dtype."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
-        if new:
-            for prompt, condition in zip(new, self.encode_prompts(new).float().cpu(), strict=True):
-                self._embeddings[prompt] = condition
+        self._embeddings.update(self._cached_or_encoded("prompt", new, self.encode_prompts))
         return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
+
+    def _cached_or_encoded(self, kind: str, prompts: list[str], encode) -> dict[str, torch.Tensor]:
+        """float32 CPU conditions of ``prompts`` (distinct) from the disk cache, else from ``encode`` (a chunk at a
+        time), which are then cached; ``kind`` tells entries of different encodings apart."""
+        names = {f"{kind}-{text_digest(p)}": p for p in prompts}
+        found = {names[n]: c for n, c in self._disk.get(list(names)).items()} if self._disk is not None else {}
+        missing = [p for p in prompts if p not in found]
+        encoded = {}
+        for start in range(0, len(missing), PROMPT_BATCH):
+            chunk = missing[start:start + PROMPT_BATCH]
+            encoded.update(zip(chunk, encode(chunk).float().cpu(), strict=True))
+        if encoded and self._disk is not None:
+            by_name = {f"{kind}-{text_digest(p)}": p for p in encoded}
+            self._disk.put({n: encoded[p] for n, p in by_name.items()}, by_name)
+        return {**found, **encoded}
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """The conditions of ``prompts`` on the parts' device, in the text encoders' dtype, not cached."""
@@ -161,7 +219,12 @@ class LatentPipelineParts:
         stock pipeline computes it (SDXL's is zeros for an empty one)."""
         if self.spec.encode_negative is None:
             return self.embed([prompt])
-        return self.spec.encode_negative(self._encoder, prompt, self.device, self.max_sequence_length).float()
+
+        def encode(prompts):
+            return torch.cat([self.spec.encode_negative(self._encoder, p, self.device, self.max_sequence_length)
+                              for p in prompts])
+
+        return self._cached_or_encoded("negative", [prompt], encode)[prompt][None].to(self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -170,9 +233,29 @@ class LatentPipelineParts:
         latents = latents.to(self.device, self.vae.dtype)
         return self.vae.decode(self.spec.to_vae_latents(latents, self.vae.config)).sample.float()
 
+    def decode_all(self, latents: torch.Tensor, most: int | None = None) -> torch.Tensor:
+        """:meth:`decode` of any number of latents, about :data:`DECODE_PIXELS` output pixels (and at most
+        ``most`` samples) at a time, as CPU images."""
+        pixels = latents[0, 0].numel() * self.vae_scale_factor**2  # one sample's latent positions -> its pixels
+        per_chunk = max(1, min(most or len(latents), DECODE_PIXELS // pixels))
+        return torch.cat([self.decode(chunk).cpu() for chunk in latents.split(per_chunk)])
+
     def encode_all(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """:meth:`encode` of a whole image set, a chunk at a time, as CPU latents."""
-        return torch.cat([self.encode(chunk, generator).cpu() for chunk in images.split(ENCODE_BATCH)])
+        """:meth:`encode` of a whole image set, a chunk at a time, as CPU latents; from the disk cache when one is
+        set and holds this set (the same VAE weights, image bytes and generator state)."""
+        cache = None
+        if self._cache_root is not None:
+            images_digest = hashlib.sha256(images.reshape(-1).contiguous().cpu().view(torch.uint8).numpy()).hexdigest()
+            state = None if generator is None else hashlib.sha256(generator.get_state().numpy()).hexdigest()
+            identity = {"images": images_digest, "shape": list(images.shape), "generator": state}
+            cache = LatentCache(self._cache_root, weights_digest([], {"vae": self._vae_digest, **identity}))
+            cached = cache.load()
+            if cached is not None:
+                return cached
+        latents = torch.cat([self.encode(chunk, generator).cpu() for chunk in images.split(ENCODE_BATCH)])
+        if cache is not None:
+            cache.save(latents, {"vae": self._vae_digest, "source": self.source, "images": len(images)})
+        return latents
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -45,8 +45,9 @@ class Task:
         """``n`` valid conditions (any values) for a shape probe of the teacher, or ``None``."""
         return None
 
-    def batches(self, needs_real_data: bool) -> Iterator[Batch]:
-        """An endless iterator of global training batches (real samples only when ``needs_real_data``)."""
+    def batches(self, needs_real_data: bool, device: torch.device | None = None) -> Iterator[Batch]:
+        """An endless iterator of global training batches (real samples only when ``needs_real_data``); frozen
+        encoders that prepare them (a VAE, text encoders) run on ``device`` (default: where they are)."""
         raise NotImplementedError
 
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:

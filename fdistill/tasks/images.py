@@ -15,6 +15,7 @@ judged or shown.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from fdistill.tasks.base import Task, check_sample_counts
 from fdistill.teachers import frozen_dtype, teacher_directory
 
 PREVIEW_ROWS = 4
-DECODE_BATCH = 64  # latents decoded at a time
+DECODE_BATCH = 64  # latents decoded at a time, at most
 
 
 class ImageTask(Task):
@@ -55,6 +56,11 @@ class ImageTask(Task):
         self.parts = None  # the VAE of a latent teacher's pipeline
         if located is not None and (located[0] / "vae").is_dir():
             self.parts = LatentPipelineParts.load(*located, teacher.network, dtype=frozen_dtype(cfg))
+        if cfg.data.cache_dir and self.parts is None:
+            raise ConfigError("data.cache_dir keeps what a latent pipeline's VAE and text encoders compute, and this "
+                              "teacher works on pixels; remove it")
+        if cfg.data.cache_dir:
+            self.parts.cache_in(cfg.data.cache_dir)
 
     def trainable_copy(self) -> Denoiser:
         return self.teacher.copy_network().train().requires_grad_(True)
@@ -71,7 +77,7 @@ class ImageTask(Task):
         """Samples of the networks as images in [-1, 1]: decoded by the VAE for a latent teacher."""
         if self.parts is None:
             return x
-        return torch.cat([self.parts.decode(chunk).float().cpu() for chunk in x.split(DECODE_BATCH)])
+        return self.parts.decode_all(x, DECODE_BATCH)
 
     def condition_probe(self, n: int) -> torch.Tensor | None:
         return None if self.teacher.num_class_embeds is None else torch.zeros(n, dtype=torch.long)
@@ -151,11 +157,17 @@ class ImageTask(Task):
     def features(self) -> str:
         return fd_features(self.cfg)
 
-    def batches(self, needs_real_data: bool):
+    def batches(self, needs_real_data: bool, device=None):
+        """Batches of the data set (a latent teacher's as VAE latents, encoded on ``device``, or read from
+        ``data.cache_dir``)."""
         check_sample_counts(self.cfg, self.features)
         conditional = self.teacher.num_class_embeds is not None
         frequencies = None if self.cfg.data.class_frequencies is None else self.data_class_frequencies
-        data = self.dataset if self.parts is None or not needs_real_data else self.latent_dataset
+        if self.parts is None or not needs_real_data:
+            data = self.dataset
+        else:
+            with self.parts.on(device):
+                data = self.latent_dataset
         try:
             batches = ImageBatches(data, self.cfg.train.batch_size, needs_real_data, conditional,
                                    frequencies, self.null_label)
@@ -194,9 +206,14 @@ class ImageTask(Task):
                           None if self.parts is None else self.to_images,
                           self.data_class_frequencies if unconditional_classes else None, ec.batch_size)
 
+    def decoder_on(self, device):
+        """A latent teacher's VAE on ``device`` inside the block (it is kept off the accelerator otherwise)."""
+        return nullcontext() if self.parts is None else self.parts.on(device)
+
     def evaluate(self, nets: Networks, run_dir: Path, progress: bool = False) -> list[dict]:
         """The sampler loop with the image judge (:meth:`judge`)."""
-        return evaluate_samplers(nets, self.cfg.eval, self.judge(), run_dir, progress)
+        with self.decoder_on(nets.device):
+            return evaluate_samplers(nets, self.cfg.eval, self.judge(), run_dir, progress)
 
     @torch.no_grad()
     def preview(self, nets: Networks, path: Path) -> None:
@@ -211,7 +228,8 @@ class ImageTask(Task):
         if classes:
             cond = (torch.arange(n) % columns if self.null_label is None else self.conditions(n)).to(nets.device)
         student = nets.student.servable()
-        x = self.to_images(student(student.noise(n, generator=g).to(nets.device), cond).float().cpu())
+        with self.decoder_on(nets.device):
+            x = self.to_images(student(student.noise(n, generator=g).to(nets.device), cond).float().cpu())
         save_image(upscaled_grid(x, columns), path)
 
     def training_metrics(self, nets: Networks) -> dict[str, float]:
@@ -222,8 +240,9 @@ class ImageTask(Task):
 
         feature_net, reference = self._training_reference
         n = self.cfg.log.fd_samples
-        x = self.to_images(student_samples(nets, n, 1, self.cfg.eval.seed, cond=self.conditions(n),
-                                           batch_size=self.cfg.eval.batch_size))
+        with self.decoder_on(nets.device):
+            x = self.to_images(student_samples(nets, n, 1, self.cfg.eval.seed, cond=self.conditions(n),
+                                               batch_size=self.cfg.eval.batch_size))
         fd = frechet_distance_to_reference(x.clamp(-1, 1), reference, feature_net, backend="clean")
         return {"eval/fd": fd["value"]}
 

@@ -63,6 +63,8 @@ class TextToImageTask(Task):
         root, source = located
         self.parts = LatentPipelineParts.load(root, source, teacher.network,
                                               prompt_length(root, cfg.teacher.max_sequence_length), frozen_dtype(cfg))
+        if cfg.data.cache_dir:
+            self.parts.cache_in(cfg.data.cache_dir)
         self.negative = self.parts.embed_negative(cfg.teacher.negative_prompt)
         self._clip = None  # the CLIP score's model, loaded at the first evaluation
 
@@ -101,17 +103,19 @@ class TextToImageTask(Task):
         latents = self.parts.encode_all(images, g)
         return latents, prompts
 
-    def batches(self, needs_real_data: bool):
+    def batches(self, needs_real_data: bool, device=None):
         """Prompt embeddings drawn uniformly (with their images' latents when ``needs_real_data``), from torch's
-        global RNG, which the trainer seeds per step. The data are prepared here, so that problems show before
-        training starts."""
-        if needs_real_data:
-            latents, prompts = self.real_data
-            distinct = list(dict.fromkeys(prompts))  # one embedding per prompt, not per image
-            position = {prompt: i for i, prompt in enumerate(distinct)}
-            prompt_of = torch.tensor([position[p] for p in prompts])
-            return _stream(self.cfg.train.batch_size, self.parts.embed(distinct).cpu(), latents, prompt_of)
-        return _stream(self.cfg.train.batch_size, self.parts.embed(self.training_prompts).cpu())
+        global RNG, which the trainer seeds per step. The data are prepared here, with the encoders on ``device``
+        (from ``data.cache_dir`` where it holds them), so that problems show before training starts; the encoders
+        then leave the device."""
+        with self.parts.on(device):
+            if needs_real_data:
+                latents, prompts = self.real_data
+                distinct = list(dict.fromkeys(prompts))  # one embedding per prompt, not per image
+                position = {prompt: i for i, prompt in enumerate(distinct)}
+                prompt_of = torch.tensor([position[p] for p in prompts])
+                return _stream(self.cfg.train.batch_size, self.parts.embed(distinct).cpu(), latents, prompt_of)
+            return _stream(self.cfg.train.batch_size, self.parts.embed(self.training_prompts).cpu())
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
@@ -166,11 +170,11 @@ class TextToImageTask(Task):
         multi-step sampler with the same guidance) on every prompt set, prompt ``i % P`` and seed ``eval.seed``
         for sample ``i``."""
         ec, tc = self.cfg.eval, self.cfg.teacher
-        self.parts.to(nets.device)
         guidance = {"guidance_scale": tc.guidance_scale, "negative_prompt": tc.negative_prompt}
-        judge = TextJudge(self.prompt_sets(), self.parts, self.clip(nets.device), self.features, nets.device,
-                          guidance, ec.batch_size)
-        return evaluate_samplers(nets, ec, judge, run_dir, progress)
+        with self.parts.on(nets.device):
+            judge = TextJudge(self.prompt_sets(), self.parts, self.clip(nets.device), self.features, nets.device,
+                              guidance, ec.batch_size)
+            return evaluate_samplers(nets, ec, judge, run_dir, progress)
 
     @torch.no_grad()
     def preview(self, nets: Networks, path: Path) -> None:
@@ -180,9 +184,11 @@ class TextToImageTask(Task):
         prompts = [p for p in self.training_prompts[:GRID_PROMPTS] for _ in range(GRID_SEEDS)]
         g = torch.Generator().manual_seed(self.cfg.eval.seed)
         student = nets.student.servable()
-        cond = self.parts.to(nets.device).embed(prompts)
-        latents = student(student.noise(len(prompts), generator=g).to(nets.device), cond)
-        save_image(self.parts.decode(latents).float().cpu().clamp(-1, 1) / 2 + 0.5, path, nrow=GRID_SEEDS)
+        with self.parts.on(nets.device) as parts:
+            cond = parts.embed(prompts)
+            latents = student(student.noise(len(prompts), generator=g).to(nets.device), cond)
+            images = parts.decode(latents)
+        save_image(images.cpu().clamp(-1, 1) / 2 + 0.5, path, nrow=GRID_SEEDS)
 
     def export(self, student, out_dir: Path, metadata: dict) -> Path:
         from fdistill.pipelines.export import export_pipeline

@@ -32,15 +32,16 @@ def principal_plane(teacher: GaussianMixtureDenoiser) -> torch.Tensor:
 
 
 class ToyTask(Task):
-    unread = {"data.path": "image folders read it", "eval.reference": "image runs read it",
-              "eval.features": "image runs read it", "log.fd_every": "image runs read it",
+    unread = {"data.path": "image folders read it", "data.cache_dir": "latent pipelines read it",
+              "eval.reference": "image runs read it", "eval.features": "image runs read it",
+              "log.fd_every": "image runs read it",
               **{key: "text-to-image runs read it" for key in ("eval.clip_model", "eval.clip_pretrained")}}
 
     def trainable_copy(self) -> Denoiser:
         m = self.cfg.model
         return MLPDenoiser(self.teacher.sample_shape[0], self.teacher.schedule, m.hidden, m.depth, m.sigma_data)
 
-    def batches(self, needs_real_data: bool):
+    def batches(self, needs_real_data: bool, device=None):
         if self.cfg.data.kind != "teacher":
             raise ConfigError(f"data.kind={self.cfg.data.kind!r} is not available for an analytic teacher; "
                               "use teacher")

@@ -17,8 +17,8 @@ Data parallelism. Objectives call any method of the networks (``student.sample``
 ``fake_score.forward_with_features``), not only ``forward``; a DDP wrapper would silently skip gradient
 synchronisation there. So the networks stay unwrapped and, after the micro-batches, one all-reduce sums the
 gradients, the loss terms and the fault flags of all processes. With ``train.fsdp`` every layer that owns
-weights is sharded with FSDP2's ``fully_shard``, which gathers it around each call whatever the caller and
-reduce-scatters its gradient.
+weights is sharded with FSDP2's ``fully_shard``, the frozen teacher's too, which gathers it around each call
+whatever the caller and reduce-scatters its gradient.
 """
 
 from __future__ import annotations
@@ -126,11 +126,12 @@ def _lr_schedule(opt, warmup: int, decay: str, updates: int):
 
 
 def _shard(module: torch.nn.Module) -> None:
-    """FSDP2 on every submodule that owns parameters: each call, from any method, gathers its weights."""
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2 on every submodule that owns parameters and is not sharded yet (a LoRA network's adapters are also
+    modules of the shared base): each call, from any method, gathers its weights."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for sub in list(module.modules()):
-        if next(sub.parameters(recurse=False), None) is not None:
+        if next(sub.parameters(recurse=False), None) is not None and not isinstance(sub, FSDPModule):
             fully_shard(sub)
 
 
@@ -173,12 +174,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- set-up
     def _place(self) -> None:
-        """Move everything to the device and shard."""
+        """Move everything to the device and shard: the trainable networks, then the frozen teacher (the shared
+        base of LoRA networks), whose weights no step changes but every process would otherwise hold whole."""
         nets = self.nets.to(self.acc.device)
         self.objective.to(self.acc.device)
         if self.cfg.train.fsdp and self.acc.num_processes > 1:
             for net in nets.trainable().values():
                 _shard(net)
+            _shard(nets.teacher)
 
     def _params_by_network(self, names, extra) -> dict[str, list[torch.nn.Parameter]]:
         """The parameters of each named network present (``objective`` for the objective's own), in order."""
