@@ -48,6 +48,7 @@ class TeacherConfig:
     # embedded flow teacher's own, 8)
     max_sequence_length: Optional[int] = None
     resolution: Optional[int] = None  # transformer teachers: image side in pixels (null: the pipeline's default)
+    num_frames: Optional[int] = None  # video teachers (Wan): frames per video (null: the pipeline's default, 81)
     embedded_guidance: Optional[float] = None  # Flux with guidance_embeds: its guidance input (null: 3.5)
     # bf16 | fp16 | fp32: the frozen weights (the teacher or the base LoRA networks share, and the text encoders;
     # the VAE stays fp32); null: the compute dtype of train.mixed_precision, else fp32. Trained weights stay fp32.

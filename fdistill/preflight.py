@@ -192,7 +192,8 @@ def meta_pipeline(cfg: Config) -> MetaPipeline | None:
     root, source = located
     options = (tc.prediction_type, tc.resolution, tc.embedded_guidance) if tc.kind == "pretrained" else \
         (tc.prediction_type, None, None)
-    teacher = load_diffusers_teacher(root, *options, on_meta=True)
+    teacher = load_diffusers_teacher(root, *options, on_meta=True,
+                                     num_frames=tc.num_frames if tc.kind == "pretrained" else None)
     root = Path(root)
     denoiser_dir = next((root / name for name in ("unet", "transformer") if (root / name).is_dir()), root)
     denoiser_files = _weight_file_bytes(denoiser_dir)

@@ -162,7 +162,7 @@ def pretrained_teacher(cfg: Config) -> Denoiser:
     if tc.pretrained is None:
         raise ConfigError("teacher.kind=pretrained needs teacher.pretrained=<hub id or local directory>")
     return load_diffusers_teacher(tc.pretrained, tc.prediction_type, tc.resolution, tc.embedded_guidance,
-                                  loading_dtype(cfg))
+                                  loading_dtype(cfg), num_frames=tc.num_frames)
 
 
 def shipped_teacher(cfg: Config) -> Denoiser:
@@ -193,7 +193,7 @@ TEACHER_KINDS: dict[str, TeacherKind] = {
     "mixture": _kind(mixture_teacher, "schedule", "means", "stds", "weights"),
     "unet": _kind(unet_teacher, "unet", "prediction_type", "dtype"),
     "pretrained": _kind(pretrained_teacher, "pretrained", "prediction_type", "negative_prompt", "max_sequence_length",
-                        "resolution", "embedded_guidance", "dtype"),
+                        "resolution", "num_frames", "embedded_guidance", "dtype"),
     "embedded": _kind(shipped_teacher, "prediction_type", "dtype", directory=EMBEDDED_TEACHER_DIR,
                       name="fdistill digits teacher"),
     "embedded_imbalanced": _kind(shipped_teacher, "prediction_type", "dtype", directory=EMBEDDED_IMBALANCED_TEACHER_DIR,

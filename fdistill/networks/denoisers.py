@@ -228,13 +228,15 @@ class UNetDenoiser(DiffusersDenoiser):
 
     @classmethod
     def from_pipeline(cls, unet: nn.Module, scheduler_config: dict, vae_scale: int, prediction_type: str | None = None,
-                      resolution: int | None = None, embedded_guidance: float | None = None) -> UNetDenoiser:
+                      resolution: int | None = None, embedded_guidance: float | None = None,
+                      num_frames: int | None = None, frame_scale: int = 1) -> UNetDenoiser:
         """The adapter of a UNet loaded with its pipeline's scheduler config: the scheduler's noise table as a
         :class:`DiscreteVPSchedule` and its ``prediction_type`` unless ``prediction_type`` overrides it. A UNet
-        samples at its configured size, and has no embedded guidance."""
+        samples images at its configured size, and has no embedded guidance."""
         from diffusers import DDPMScheduler
 
-        for key, value in (("resolution", resolution), ("embedded_guidance", embedded_guidance)):
+        for key, value in (("resolution", resolution), ("embedded_guidance", embedded_guidance),
+                           ("num_frames", num_frames)):
             if value is not None:
                 raise ValueError(f"teacher.{key} is not read by a {type(unet).__name__} teacher; remove it")
         scheduler = DDPMScheduler.from_config(scheduler_config)

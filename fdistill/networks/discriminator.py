@@ -44,6 +44,15 @@ class ConvHead(nn.Module):
         return self.net(feature).flatten(1)
 
 
+class FrameConvHead(ConvHead):
+    """For video features ``[B, C, F, H, W]``: the :class:`ConvHead` on each of the ``F`` frames' maps (the frames
+    have already attended to each other inside the teacher), its logits averaged into one per video."""
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        frames = feature.transpose(1, 2).flatten(0, 1)  # [B F, C, H, W]
+        return self.net(frames).reshape(len(feature), -1).mean(1, keepdim=True)
+
+
 class MLPHead(nn.Module):
     """For vector data: an MLP on the feature vector (for analytic teachers: ``[x_t, c_noise]``)."""
 
@@ -74,6 +83,15 @@ class Discriminator(nn.Module):
 
 
 def discriminator_for(features: list[torch.Tensor]) -> Discriminator:
-    """Build heads matching example features: conv heads for ``[B, C, H, W]``, MLP heads for ``[B, D]``."""
-    heads = [ConvHead(f.shape[1], f.shape[-1]) if f.dim() == 4 else MLPHead(f.shape[1]) for f in features]
-    return Discriminator(heads)
+    """Build heads matching example features: conv heads for ``[B, C, H, W]``, per-frame conv heads for video's
+    ``[B, C, F, H, W]``, MLP heads for ``[B, D]``."""
+    return Discriminator([head_for(f) for f in features])
+
+
+def head_for(feature: torch.Tensor) -> nn.Module:
+    """The head that reads example ``feature``: by its dimensions, video maps, image maps or vectors."""
+    if feature.dim() == 5:
+        return FrameConvHead(feature.shape[1], feature.shape[-1])
+    if feature.dim() == 4:
+        return ConvHead(feature.shape[1], feature.shape[-1])
+    return MLPHead(feature.shape[1])

@@ -43,15 +43,26 @@ def resolve_model_dir(source: str | Path) -> Path:
                           ) from None
 
 
+def vae_downsampling(vae_config: dict) -> tuple[int, int]:
+    """``(spatial, temporal)``: pixels per latent pixel along a side (:func:`~fdistill.pipelines.parts.
+    vae_scale_factor`), and video frames per latent frame (a video VAE's ``scale_factor_temporal``, 1 for an image
+    VAE); Stable Diffusion's 8 for a network saved without its VAE."""
+    if not vae_config:
+        return DEFAULT_VAE_SCALE, 1
+    return vae_scale_factor(vae_config), vae_config.get("scale_factor_temporal", 1)
+
+
 def load_diffusers_teacher(source: str | Path, prediction_type: str | None = None, resolution: int | None = None,
                            embedded_guidance: float | None = None, dtype: torch.dtype = torch.float32,
-                           on_meta: bool = False) -> Denoiser:
+                           on_meta: bool = False, num_frames: int | None = None) -> Denoiser:
     """A diffusers teacher with its noise schedule, from a pipeline directory (``model_index.json`` with
     ``unet/`` or ``transformer/``, and ``scheduler/``), a UNet directory holding ``scheduler_config.json`` too, or
     a hub id of either: its spec's adapter around the network, with ``prediction_type`` overriding the
-    scheduler's, latents of ``resolution`` pixels (default: the pipeline's) and Flux's ``embedded_guidance``; the
-    network's weights are loaded in ``dtype``. ``on_meta`` builds the network from its config on the meta device
-    instead, with no weight loaded and no memory taken (the memory pre-flight's probe)."""
+    scheduler's, latents of ``resolution`` pixels (default: the pipeline's), a video teacher's ``num_frames``
+    (default: the pipeline's) and Flux's ``embedded_guidance``; the network's weights are loaded in ``dtype``.
+    ``on_meta`` builds the network from its config on the meta device instead, with no weight loaded and no memory
+    taken (the memory pre-flight's probe). A pipeline with a second denoiser (Wan2.2's low-noise
+    ``transformer_2``) is refused: fdistill distils one network."""
     import diffusers
 
     root = resolve_model_dir(source)
@@ -68,15 +79,19 @@ def load_diffusers_teacher(source: str | Path, prediction_type: str | None = Non
     served = {name for spec in SPECS.values() for name in spec.denoiser_classes}
     if class_name not in served:
         raise ConfigError(f"{config_file} describes a {class_name}; fdistill teachers are {', '.join(sorted(served))}")
-    spec = spec_named(_read_json(root / "model_index.json").get("_class_name"), class_name, str(source))
+    index = _read_json(root / "model_index.json")
+    spec = spec_named(index.get("_class_name"), class_name, str(source))
+    second = f"{spec.denoiser_role}_2"
+    if (index.get(second) or [None, None])[1] is not None:
+        raise ConfigError(f"{source} is a {spec.name} with two denoisers ({spec.denoiser_role}/ and {second}/, "
+                          "each for part of the noise levels); fdistill distils a pipeline with one")
     model = getattr(diffusers, class_name)
     network = on_meta_device(model, net_dir) if on_meta else model.from_pretrained(net_dir, torch_dtype=dtype)
     scheduler_config = dict(diffusers.DDPMScheduler.load_config(scheduler_dir))
-    vae_config = _read_json(root / "vae" / "config.json")
-    vae_scale = vae_scale_factor(vae_config) if vae_config else DEFAULT_VAE_SCALE
+    vae_scale, frame_scale = vae_downsampling(_read_json(root / "vae" / "config.json"))
     try:
         return spec.adapter.from_pipeline(network, scheduler_config, vae_scale, prediction_type, resolution,
-                                          embedded_guidance)
+                                          embedded_guidance, num_frames, frame_scale)
     except ValueError as e:
         raise ConfigError(f"teacher {source}: {e}") from None
 

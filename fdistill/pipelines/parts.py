@@ -45,8 +45,11 @@ def on_meta_device(model_class, directory: Path):
 
 
 def vae_scale_factor(vae_config) -> int:
-    """The VAE's downsampling factor, as pipelines compute it: ``2 ** (len(block_out_channels) - 1)``
-    (``encoder_block_out_channels`` for Sana's ``AutoencoderDC``)."""
+    """The VAE's spatial downsampling factor, as pipelines compute it: a video VAE's ``scale_factor_spatial``
+    (``AutoencoderKLWan``), else ``2 ** (len(block_out_channels) - 1)`` (``encoder_block_out_channels`` for Sana's
+    ``AutoencoderDC``)."""
+    if "scale_factor_spatial" in vae_config:
+        return vae_config["scale_factor_spatial"]
     channels = vae_config.get("block_out_channels") or vae_config.get("encoder_block_out_channels")
     return 2 ** (len(channels) - 1)
 

@@ -37,6 +37,7 @@ from fdistill.pipelines.transformers import (
     pack_text_condition,
 )
 from fdistill.pipelines.unets import SDXLUNetDenoiser
+from fdistill.pipelines.video import WanTransformerDenoiser
 
 CLIP_AND_T5 = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae")
 # the components a Stable Diffusion pipeline is saved with but a student never needs
@@ -172,6 +173,35 @@ def sdxl_from_vae_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     return (latents - mean) * vae_config.scaling_factor / std
 
 
+def _wan_condition(pipe, prompts: list[str], device, max_sequence_length: int) -> torch.Tensor:
+    hidden, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                   max_sequence_length=max_sequence_length)
+    return hidden
+
+
+def _wan_latent_statistics(latents: torch.Tensor, vae_config) -> tuple[torch.Tensor, torch.Tensor]:
+    """``WanPipeline``'s ``latents_mean`` and ``latents_std`` (the reciprocal of the VAE's per-channel standard
+    deviation), ``[1, z_dim, 1, 1, 1]`` in ``latents``' dtype, computed as the pipeline computes them."""
+    shape = (1, vae_config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae_config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    std = 1.0 / torch.tensor(vae_config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return mean, std
+
+
+def wan_to_vae_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """``WanPipeline``'s un-normalising before its decode: ``latents / latents_std + latents_mean``, with its
+    ``latents_std`` the reciprocal of the VAE's (so the video latents' per-channel statistics are restored)."""
+    mean, std = _wan_latent_statistics(latents, vae_config)
+    return latents / std + mean
+
+
+def wan_from_vae_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The inverse of :func:`wan_to_vae_latents`, ``(latents - latents_mean) * latents_std``, as
+    ``WanImageToVideoPipeline`` normalises the latents of its encoded frames."""
+    mean, std = _wan_latent_statistics(latents, vae_config)
+    return (latents - mean) * std
+
+
 def _pixart(name: str, max_sequence_length: int) -> PipelineSpec:
     return PipelineSpec(name, PixArtTransformerDenoiser, "transformer", ("PixArtTransformer2DModel",),
                         ("tokenizer", "text_encoder", "vae"), encode_prompts=_pixart_condition,
@@ -203,6 +233,11 @@ SPECS: dict[str, PipelineSpec] = {spec.name: spec for spec in (
                  ("tokenizer", "text_encoder", "vae"), encode_prompts=_sana_condition, max_sequence_length=300,
                  sized_call=True, call_arguments={"use_resolution_binning": False}, lora=True,
                  lora_scale_argument="attention_kwargs"),
+    # text-to-video (Wan2.1): the call takes no timesteps; the adapter gives it the video's size
+    PipelineSpec("WanPipeline", WanTransformerDenoiser, "transformer", ("WanTransformer3DModel",),
+                 ("tokenizer", "text_encoder", "vae"), encode_prompts=_wan_condition, max_sequence_length=512,
+                 to_vae_latents=wan_to_vae_latents, from_vae_latents=wan_from_vae_latents, takes_timesteps=False,
+                 lora=True, lora_scale_argument="attention_kwargs"),
     # class-conditional latents: a VAE and no text; the call takes no timesteps
     PipelineSpec("DiTPipeline", DiTTransformerDenoiser, "transformer", ("DiTTransformer2DModel",), ("vae",),
                  to_vae_latents=multiply_by_reciprocal, takes_timesteps=False),

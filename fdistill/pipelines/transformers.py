@@ -57,8 +57,8 @@ def unpack_text_condition(cond: torch.Tensor, row_width: int) -> tuple[torch.Ten
 
 
 class TransformerDenoiser(DiffusersDenoiser):
-    """A diffusers diffusion transformer (text-to-image, or class-conditional: DiT) read as an x0-denoiser on
-    latents of ``sample_shape``.
+    """A diffusers diffusion transformer (text-to-image, or class-conditional: DiT; text-to-video in
+    :mod:`fdistill.pipelines.video`) read as an x0-denoiser on latents of ``sample_shape``.
 
     ``options`` are the adapter's own settings, passed on to copies (:meth:`copy_network`). Subclasses give
     :meth:`network_output`, :meth:`stock_sampling` and, where they differ from a plain patch-embedding
@@ -101,9 +101,15 @@ class TransformerDenoiser(DiffusersDenoiser):
     @classmethod
     def from_pipeline(cls, transformer: nn.Module, scheduler_config: dict, vae_scale: int,
                       prediction_type: str | None = None, resolution: int | None = None,
-                      embedded_guidance: float | None = None) -> TransformerDenoiser:
+                      embedded_guidance: float | None = None, num_frames: int | None = None,
+                      frame_scale: int = 1) -> TransformerDenoiser:
         """The adapter of a transformer loaded from its pipeline, on square latents of ``resolution`` pixels
-        (default: the pipeline's), with the teacher's settings; a setting that does not fit is a ``ValueError``."""
+        (default: the pipeline's), with the teacher's settings; a setting that does not fit is a ``ValueError``.
+        An image transformer has no frames (``num_frames``, ``frame_scale``: a video VAE's temporal downsampling,
+        read by video adapters)."""
+        if num_frames is not None:
+            raise ValueError(f"teacher.num_frames is read by video teachers; a {type(transformer).__name__} makes "
+                             "images, remove it")
         patch = cls.token_patch(transformer)
         if resolution is None:
             latent_size = cls.default_latent_size(transformer, PIPELINE_DEFAULT_LATENT_SIZE)

@@ -42,7 +42,8 @@ class SDXLUNetDenoiser(UNetDenoiser):
 
     @classmethod
     def from_pipeline(cls, unet: nn.Module, scheduler_config: dict, vae_scale: int, prediction_type: str | None = None,
-                      resolution: int | None = None, embedded_guidance: float | None = None) -> SDXLUNetDenoiser:
+                      resolution: int | None = None, embedded_guidance: float | None = None,
+                      num_frames: int | None = None, frame_scale: int = 1) -> SDXLUNetDenoiser:
         """The adapter on the scheduler's noise table (its ``prediction_type`` unless overridden), at
         ``resolution`` pixels (default: the UNet's ``sample_size`` latents, 1024 pixels for SDXL)."""
         from diffusers import DDPMScheduler
@@ -50,6 +51,8 @@ class SDXLUNetDenoiser(UNetDenoiser):
         if embedded_guidance is not None:
             raise ValueError("SDXL's UNet has no guidance embedding; remove teacher.embedded_guidance "
                              "(teacher.guidance_scale is classifier-free guidance)")
+        if num_frames is not None:
+            raise ValueError("teacher.num_frames is read by video teachers; SDXL makes images, remove it")
         multiple = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
         if resolution is not None and (resolution <= 0 or resolution % multiple):
             raise ValueError(f"teacher.resolution={resolution} must be a positive multiple of {multiple} (the VAE's "
