@@ -16,6 +16,7 @@ evaluate and export.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -226,6 +227,7 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
             print(estimate.table())
         check_fits(cfg, options, estimate, accelerator.device, accelerator.num_processes)
     summary = _train(cfg, options, accelerator, run_dir, start, resume is not None, progress)
+    gc.collect()  # the training networks hold reference cycles (a shared base and its checkpointing function)
     if not accelerator.is_main_process:
         return None
     if estimate is not None:
@@ -250,7 +252,7 @@ def run_experiment(cfg: Config, options, progress: bool = True, resume: str | No
     metadata = export_metadata(cfg, options, summary.steps, cfg.eval.ema, str(run_dir))
     metadata["results"] = metrics["results"]
     try:
-        task.export(eval_nets.student, run_dir / "pipeline", metadata)
+        task.export(eval_nets.student, run_dir / "pipeline", metadata, in_place=True)
     except (ValueError, NotImplementedError) as e:
         print(f"no pipeline written: {e}")
     return metrics
@@ -368,7 +370,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoin
         steps, source = checkpoints.load_student(path, nets.student, ema_name), str(path)
     try:
         out = task.export(nets.student, Path(out_dir or run_dir / "pipeline"),
-                          export_metadata(cfg, options, steps, ema_name, source) | extra)
+                          export_metadata(cfg, options, steps, ema_name, source) | extra, in_place=True)
     except (ValueError, NotImplementedError) as e:
         raise ConfigError(f"cannot export {run_dir}: {e}") from None
     if out is None:

@@ -151,3 +151,19 @@ def test_low_precision_frozen_weights_keep_float32_adapters_and_times():
     for kind in ("critic", "generator"):
         loss, _, grads = step(objective, nets, kind)
         assert torch.isfinite(loss) and grads and all(g.dtype == torch.float32 for g in grads.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_in_place_merge_gives_the_copy_merge_weights_without_a_second_base(dtype):
+    from fdistill.networks.lora import _tuner_layers, merged_network
+
+    _, (nets, _) = lora_experiment("dmd", f"teacher.dtype={dtype}")
+    randomise_adapters(nets.student, 0)
+    student = nets.student.net
+    copied = merged_network(student).state_dict()
+    base = {id(p) for p in student.network.parameters()}
+    in_place = merged_network(student, in_place=True)
+    assert in_place is student.network and not _tuner_layers(in_place)
+    assert {id(p) for p in in_place.parameters()} <= base  # no weight was copied
+    assert in_place.state_dict().keys() == copied.keys()
+    assert all(torch.equal(v, copied[k]) for k, v in in_place.state_dict().items())

@@ -200,12 +200,14 @@ def load_student_file(student: nn.Module, state: dict[str, torch.Tensor]) -> Non
     student.load_state_dict(state, strict=False)
 
 
-def merged_network(net: Denoiser) -> nn.Module:
+def merged_network(net: Denoiser, in_place: bool = False) -> nn.Module:
     """The diffusers model of the denoiser ``net`` as plain diffusers: for a LoRA network, a copy of the base with
-    its adapter merged into the base weights and every adapter removed; else ``net.network`` itself."""
+    its adapter merged into the base weights and every adapter removed; else ``net.network`` itself. ``in_place``
+    merges into the shared base itself instead of a copy, so no second base is held (a 12B base is 24 GB in
+    bfloat16); the base then carries the adapter in its weights and no adapter, and the run's networks are done."""
     if not has_adapters(net):
         return net.network
-    merged = copy.deepcopy(net.network)
+    merged = net.network if in_place else copy.deepcopy(net.network)
     for name, layer in _tuner_layers(merged).items():
         if net.adapter in layer.lora_A:
             layer.merge(adapter_names=[net.adapter])

@@ -57,6 +57,7 @@ from fdistill.samplers.flow import FlowMatchSampling
 METADATA_FILE = "fdistill.json"
 MODEL_CARD = "README.md"
 LORA_DIR = "lora"  # a LoRA student's adapters, for the teacher's pipeline
+SHARD_SIZE = "1GB"  # weight files are split at this size (the serialiser holds one whole file in memory)
 KOHYA_LORA_FILE = "student_lora_kohya.safetensors"  # the same adapters in the kohya format (A1111, ComfyUI)
 
 
@@ -225,7 +226,7 @@ def model_card(info: dict) -> str:
 
 
 def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | None = None,
-                    parts=None) -> Path:
+                    parts=None, in_place: bool = False) -> Path:
     """Write ``student`` (as it is served, :meth:`~fdistill.networks.generator.Generator.servable`) as a diffusers
     ``ConsistencyModelPipeline`` directory (a pixel student), or as its teacher's pipeline class with ``parts``'s
     VAE, text encoders and tokenizers (:class:`~fdistill.pipelines.parts.LatentPipelineParts`) for a latent
@@ -239,7 +240,11 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     next to what the export knows itself (times, prediction type, classes, fdistill version, how to load); its
     keys win, e.g. ``num_classes`` for a UNet whose last class embedding is a real class rather than the null one.
     The directory is written beside ``out_dir`` and renamed into place, so ``out_dir`` never holds a partial
-    export; an existing ``out_dir`` is replaced only if it is an earlier export (or empty).
+    export; an existing ``out_dir`` is replaced only if it is an earlier export (or empty). Weight files are
+    written in shards of at most :data:`SHARD_SIZE`, which bounds the serialisation buffer.
+
+    ``in_place`` (for an export that is the last use of the run's networks): a LoRA student's adapter is merged
+    into the shared base's own weights rather than into a copy (:func:`fdistill.networks.lora.merged_network`).
     """
     student = student.servable()  # an sCM/rCM student: its network at the SNR-matched timesteps
     net = exportable_network(student)
@@ -289,9 +294,9 @@ def export_pipeline(student: Generator, out_dir: str | Path, metadata: dict | No
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stock_pipeline(net, scheduler, parts).save_pretrained(tmp)
-        if lora:
+        if lora:  # before the merge, which an in-place merge ends the adapters with
             save_lora(net, spec, scheduler, tmp / LORA_DIR)
+        stock_pipeline(net, scheduler, parts, in_place).save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MODEL_CARD).write_text(model_card(info))
         _move_into_place(tmp, out)
@@ -343,11 +348,12 @@ def lora_snippet(teacher: str, scheduler_class: str, serving: dict, scale_argume
             f"              generator=torch.Generator().manual_seed(0)).images")
 
 
-def stock_pipeline(net, scheduler, parts=None):
+def stock_pipeline(net, scheduler, parts=None, in_place: bool = False):
     """The stock diffusers pipeline that samples ``net``'s diffusers model with ``scheduler``: a
     ``ConsistencyModelPipeline`` for a pixel UNet, else the teacher's pipeline class with ``parts``'s
-    components. A LoRA model's adapters are merged into its weights (:func:`fdistill.networks.lora.merged_network`)."""
-    model = merged_network(net)
+    components. A LoRA model's adapters are merged into its weights (:func:`fdistill.networks.lora.merged_network`,
+    into the base itself with ``in_place``)."""
+    model = merged_network(net, in_place)
     if parts is None:
         return PIXEL_SPEC.pipeline_class()(**{PIXEL_SPEC.denoiser_role: model}, scheduler=scheduler)
     return parts.pipeline(model, scheduler)

@@ -61,8 +61,10 @@ class Task:
         """Metrics logged during training (the trainer calls it every ``log.fd_every`` steps)."""
         return {}
 
-    def export(self, student, out_dir: Path, metadata: dict) -> Path | None:
-        """Write the student as a diffusers pipeline; ``None`` when this task's students have no such form."""
+    def export(self, student, out_dir: Path, metadata: dict, in_place: bool = False) -> Path | None:
+        """Write the student as a diffusers pipeline; ``None`` when this task's students have no such form.
+        ``in_place``: the export is the last use of the networks, and may merge a LoRA student into the shared
+        base's own weights (no second copy of the base)."""
         return None
 
 

@@ -253,10 +253,10 @@ class ImageTask(Task):
         judge = self.judge()
         return judge.feature_net, judge.reference_statistics
 
-    def export(self, student, out_dir: Path, metadata: dict) -> Path:
+    def export(self, student, out_dir: Path, metadata: dict, in_place: bool = False) -> Path:
         from fdistill.pipelines.export import export_pipeline
 
-        return export_pipeline(student, out_dir, metadata, self.parts)
+        return export_pipeline(student, out_dir, metadata, self.parts, in_place)
 
 
 class LatentImages:

@@ -190,10 +190,10 @@ class TextToImageTask(Task):
             images = parts.decode(latents)
         save_image(images.cpu().clamp(-1, 1) / 2 + 0.5, path, nrow=GRID_SEEDS)
 
-    def export(self, student, out_dir: Path, metadata: dict) -> Path:
+    def export(self, student, out_dir: Path, metadata: dict, in_place: bool = False) -> Path:
         from fdistill.pipelines.export import export_pipeline
 
-        return export_pipeline(student, out_dir, metadata, self.parts)
+        return export_pipeline(student, out_dir, metadata, self.parts, in_place)
 
 
 def _stream(size: int, conditions: torch.Tensor, latents: torch.Tensor | None = None,

@@ -68,6 +68,12 @@ def resolve(run_dir: str | Path, resume: str, note=print) -> Path | None:
     return path
 
 
+def _short_write(error: RuntimeError) -> bool:
+    """Whether ``error`` is PyTorch's zip writer failing to write (a full disk), which it reports from its C++
+    stream as a ``RuntimeError`` rather than an ``OSError``."""
+    return any(mark in str(error) for mark in ("PytorchStreamWriter failed", "inline_container.cc"))
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, say); the earlier checkpoints are intact."""
 
@@ -91,11 +97,15 @@ def save(accelerator, run_dir: str | Path, step: int, keep_last: int) -> Path:
             _fsync_tree(tmp)
             os.replace(tmp, final)
             _fsync_dir(root)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _short_write(e):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         kept = checkpoint_dirs(run_dir)
         intact = f"checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint was touched"
-        raise CheckpointWriteError(f"could not write checkpoint {final.name} ({e.strerror or e}); {intact}; free "
+        reason = (e.strerror or e) if isinstance(e, OSError) else "PyTorch could not finish writing a file; is the "\
+            "disk full?"
+        raise CheckpointWriteError(f"could not write checkpoint {final.name} ({reason}); {intact}; free "
                                    "space and continue with --resume") from None
     if accelerator.is_main_process:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
