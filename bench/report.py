@@ -287,9 +287,37 @@ def speed_section(speed: dict, plots: Path) -> tuple[list[str], list[str]]:
     ax.plot([r["nfe"] for r in rows], [r["samples_per_second"]["median"] for r in rows], marker="o")
     ax.set(xlabel="NFE", ylabel="samples/s", xscale="log", yscale="log")
     lines += saved_plot(fig, plots, "samples_per_second.png", "Samples per second against NFE")
+    lines += feature_passes_section(speed)
     one = next(r for r in rows if r["nfe"] == 1)
     return lines, [f"| sampling speed-up, one step vs 35-step teacher ({speed['device']}) | "
                    f"{one['speedup']['median']:.1f}x |"]
+
+
+def feature_passes_section(speed: dict) -> list[str]:
+    """Critic steps whose discriminator reads the teacher's features, with the features-only teacher passes
+    stopped at the last feature block against run whole (``bench/speed.py`` section 5)."""
+    if not speed.get("feature_passes"):
+        return []
+    lines = ["", "### Features-only teacher passes", "",
+             f"Critic steps of the digits quickstart (batch {speed['batch_size']}, {speed['device']}, median of "
+             f"{speed['repeats']} alternating repeats) whose discriminator reads the teacher's features: the teacher's "
+             "features-only passes stopped at the last feature block (as fdistill runs them) against run whole. The "
+             "losses of both ways' first steps are compared: equal features give equal losses, so training and its FD "
+             "are unchanged.", "",
+             "| objective | features | teacher passes (stopped early) | step ms, stopped | step ms, whole | "
+             "stopped / whole | teacher forward ms, stopped / whole | largest loss difference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in speed["feature_passes"]:
+        stopped, whole = row["critic_step"]["stopped"], row["critic_step"]["whole"]
+        passes = stopped["passes"].get("teacher", {"forward": 0, "stopped": 0})
+        teacher = (stopped["forward_ms_by_network"].get("teacher", 0.0),
+                   whole["forward_ms_by_network"].get("teacher", 0.0))
+        lines.append(f"| {row['objective']} | {', '.join(row['discriminator_features'])} | {passes['forward']} "
+                     f"({passes['stopped']}) | {stopped['step_ms']['median']:.1f} | {whole['step_ms']['median']:.1f} | "
+                     f"{stopped['step_ms']['median'] / whole['step_ms']['median']:.3f} | {teacher[0]:.1f} / "
+                     f"{teacher[1]:.1f} | {row['largest_loss_difference']:.1e} over {row['loss_steps_compared']} "
+                     "steps |")
+    return lines
 
 
 def analytic_section(quality: dict) -> list[str]:
@@ -321,7 +349,8 @@ def scale_section(scale: dict, _plots) -> tuple[list[str], list[str]]:
              "Estimated peak memory per process of one-step DMD2 (with its GAN term) on published architectures with "
              "random weights, by the run's own pre-flight: weights and adapters counted on the meta device, "
              "activations measured there for the objective's kept passes, attention as a fused kernel keeps it, "
-             "`train.mixed_precision=bf16`, text encoders and VAE resident, 4000 real latents cached, no EMA, the "
+             "`train.mixed_precision=bf16`, on a GPU: the text encoders and the VAE there only between steps "
+             "(counted where they outweigh the activations), the cached real latents in CPU memory, no EMA, the "
              "process itself left out (`python bench/scale.py`; f-distill and rCM are in `bench/results/scale.json`, "
              f"within {_largest_deviation(scale):.0%} of these). Every number in this table is an estimate.", "",
              "| architecture | params | px | batch | full/full fp32 | full/LoRA bf16 ckpt | LoRA/LoRA bf16 ckpt |",

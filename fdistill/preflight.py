@@ -51,13 +51,14 @@ class MemoryEstimate:
     loading: float = 0.0  # the peak while loading, before training starts
     # rows never resident together (the encoders visit an accelerator between steps, when no activations are kept)
     exclusive: tuple[str, ...] = ()
+    host: tuple[str, ...] = ()  # rows held in CPU memory while the device is an accelerator: shown, not counted
 
     def add(self, component: str, size: float, account: str) -> None:
         self.rows[component] = (float(size), account)
 
     @property
     def training(self) -> float:
-        together = sum(size for name, (size, _) in self.rows.items() if name not in self.exclusive)
+        together = sum(size for name, (size, _) in self.rows.items() if name not in self.exclusive + self.host)
         return together + max((self.rows[name][0] for name in self.exclusive), default=0.0)
 
     @property
@@ -68,6 +69,7 @@ class MemoryEstimate:
         lines = ["memory pre-flight, estimated peak per process:"]
         lines += [f"  {name:<22} {size / GIB:8.2f} GiB  {account}" for name, (size, account) in self.rows.items()]
         apart = f"; {' and '.join(self.exclusive)} never at once" if self.exclusive else ""
+        apart += f"; {', '.join(self.host)} in CPU memory" if self.host else ""
         lines.append(f"  {'peak':<22} {self.total / GIB:8.2f} GiB  "
                      f"(training {self.training / GIB:.2f}, loading {self.loading / GIB:.2f}{apart})")
         return "\n".join(lines)
@@ -256,7 +258,8 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
     full_copies = int(student_lora is None) + int(objective.needs_fake_score and fake_lora is None)
 
     offloaded = device != "cpu"
-    estimate = MemoryEstimate(exclusive=("text encoders, VAE", "activations") if offloaded else ())
+    estimate = MemoryEstimate(exclusive=("text encoders, VAE", "activations") if offloaded else (),
+                              host=("caches",) if offloaded else ())
     estimate.add("frozen weights", denoiser_params * frozen_size,
                  f"{_millions(denoiser_params)} {_name(frozen)} (teacher{' and shared base' if base else ''})")
     encoders = text_params * frozen_size + vae_params * FLOAT32
@@ -272,7 +275,8 @@ def estimate_memory(cfg: Config, options, num_processes: int = 1, process_memory
                  + fake * moments[cfg.critic_optim.optimizer], "AdamW's two moments")
     if cfg.ema.averages:
         estimate.add("EMAs", len(cfg.ema.averages) * student * FLOAT32, f"{len(cfg.ema.averages)} x the student's")
-    estimate.add("caches", _cache_bytes(cfg, objective, pipeline), "prompt embeddings, real latents")
+    estimate.add("caches", _cache_bytes(cfg, objective, pipeline), "prompt embeddings, real latents"
+                 + (", in CPU memory (a batch at a time on the device)" if offloaded else ""))
 
     device_batch = batch_layout(cfg.train, num_processes)[0]
     passes = _activation_bytes(cfg, objective, pipeline, base, adapters, device_batch)

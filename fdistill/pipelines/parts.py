@@ -29,7 +29,8 @@ from fdistill.pipelines.specs import SPECS, PipelineSpec, spec_named
 
 ENCODE_BATCH = 250  # images VAE-encoded at a time
 PROMPT_BATCH = 64  # prompts encoded at a time
-DECODE_PIXELS = 16 * 512 * 512  # output pixels decoded at a time (16 images at 512 px, 4 at 1024 px)
+DECODE_PIXELS = 512 * 512  # output pixels decoded at a time (one 512 px image; 256 images at 32 px): a VAE
+# decoder keeps several float32 maps of 128 channels at full size, about 0.7 GB per 512 px image
 
 
 def on_meta_device(model_class, directory: Path):
@@ -68,8 +69,9 @@ class LatentPipelineParts:
 
     The VAE stays in float32 whatever ``teacher.dtype``: it is small (0.1-0.3B parameters), SDXL's overflows in
     float16 (its pipeline upcasts it), Wan's pipeline card loads it in float32, and on a CPU without bfloat16
-    arithmetic a bfloat16 VAE would take most of an evaluation's time. Images are decoded a few megapixels at a time
-    (:meth:`decode_all`), so an evaluation batch at 1024 px does not hold every image's decoder activations at once.
+    arithmetic a bfloat16 VAE would take most of an evaluation's time. Images are decoded about one 512 px image's
+    worth at a time (:meth:`decode_all`), so an evaluation batch does not hold every image's decoder activations at
+    once.
     """
 
     def __init__(self, parts: dict, spec: PipelineSpec, source: str, denoiser,
