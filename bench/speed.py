@@ -86,12 +86,11 @@ from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from fdistill.config import validate_objective
 from fdistill.evaluation import student_samples, teacher_samples
 from fdistill.networks.denoisers import Denoiser, DiffusersDenoiser
 from fdistill.networks.jvp import time_jvp
 from fdistill.objectives import OBJECTIVES, build_objective, scm
-from fdistill.recipes import load_config
+from fdistill.recipes import load_config, objective_options
 from fdistill.run import build_experiment, environment
 from fdistill.teachers import build_teacher
 from fdistill.training.trainer import Trainer
@@ -139,9 +138,9 @@ def quickstart_experiment(objective: str, batch_size: int, overrides: tuple[str,
     shipped = OmegaConf.to_container(OmegaConf.load(QUICKSTART).objective)
     accepted = {f.name for f in fields(OBJECTIVES[objective][1])}
     kept = {k: v for k, v in shipped.items() if k in accepted} | {"name": objective}
-    options = validate_objective({k: v for k, v in kept.items() if k not in DISCRIMINATOR_KEYS})
+    options = objective_options({k: v for k, v in kept.items() if k not in DISCRIMINATOR_KEYS})
     if build_objective(options, build_teacher(cfg).schedule).needs_discriminator:
-        options = validate_objective(kept)
+        options = objective_options(kept)
     else:
         cfg.critic_optim.lr_by_network.pop("discriminator", None)
     cfg.objective = asdict(options)
