@@ -377,7 +377,8 @@ def feature_passes(args) -> list[dict]:
                         record.step_ms = elapsed_ms(partial(trainer.train_step, step), trainer.acc.device)
                 records[mode].append([record])
         differences = [abs(a[k] - b[k]) for a, b in zip(losses["stopped"], losses["whole"], strict=True) for k in a]
-        rows.append({"objective": name, "discriminator_features": cfg.objective["discriminator_features"],
+        rows.append({"objective": name,
+                     "discriminator_features": cfg.objective["discriminator_features"] or ["teacher's default"],
                      "critic_step": {mode: overhead_row(plain[mode], records[mode], float("nan")) for mode in modes},
                      "loss_steps_compared": FEATURE_LOSS_STEPS, "largest_loss_difference": max(differences),
                      "batch_size": args.batch_size, "seed": cfg.run.seed})
