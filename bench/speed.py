@@ -357,7 +357,7 @@ def feature_passes(args) -> list[dict]:
     modes = {"stopped": nullcontext, "whole": full_feature_passes}
     rows = []
     for name in sorted(OBJECTIVES):
-        if "discriminator_features" not in quickstart_experiment(name, args.batch_size)[0].objective:
+        if not quickstart_experiment(name, args.batch_size)[3].needs_discriminator:
             continue
         trainers, losses = {}, {}
         for mode, context in modes.items():
