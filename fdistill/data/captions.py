@@ -67,50 +67,77 @@ def render_shape(colour: int, shape: int, position: int, rng: np.random.Generato
     return (mask * rgb) * 2 - 1
 
 
-class CaptionedShapes(Dataset):
+class CaptionedCombinations(Dataset):
+    """``count`` items of ``combinations`` (attribute-index tuples), each equally likely: item ``i`` draws its
+    combination and its jitter from its own generator seeded by ``(seed, i)``, so any item is reproducible alone.
+    Subclasses give :meth:`caption_of` and :meth:`render` (the item's tensor from its combination and generator)."""
+
+    channels = 3
+
+    def __init__(self, count: int, combinations: list[tuple[int, ...]], seed: int):
+        self.count, self.combinations, self.seed = count, combinations, seed
+
+    @staticmethod
+    def caption_of(*combination: int) -> str:
+        raise NotImplementedError
+
+    def render(self, combination: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _draw(self, i: int) -> tuple[tuple[int, ...], np.random.Generator]:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, i])
+        return self.combinations[int(rng.integers(len(self.combinations)))], rng
+
+    def attributes(self, i: int) -> tuple[int, ...]:
+        return self._draw(i)[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        combination, rng = self._draw(i)
+        return self.render(combination, rng), self.caption_of(*combination)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The distinct captions of these combinations."""
+        return [self.caption_of(*c) for c in self.combinations]
+
+    @property
+    def items(self) -> torch.Tensor:
+        """Every item, stacked, rendered on first use and kept."""
+        if not hasattr(self, "_items"):
+            self._items = torch.stack([self[i][0] for i in range(self.count)])
+        return self._items
+
+    @property
+    def captions(self) -> list[str]:
+        """Every item's caption, without rendering the items."""
+        return [self.caption_of(*self.attributes(i)) for i in range(self.count)]
+
+
+class CaptionedShapes(CaptionedCombinations):
     """``num_images`` captioned shapes of ``split``'s combinations, each equally likely.
 
     Items are ``(image [3, size, size] in [-1, 1], caption)``; :meth:`attributes` gives an item's
     (colour, shape, position) indices. ``images`` (rendered on first use) serves in-memory batching.
     """
 
-    channels = 3
-
     def __init__(self, num_images: int = 8000, size: int = 32, split: str = "train", seed: int = 0):
-        self.num_images, self.size, self.split, self.seed = num_images, size, split, seed
-        self.combinations = combinations(split)
+        super().__init__(num_images, combinations(split), seed)
+        self.num_images, self.size, self.split = num_images, size, split
         self.description = f"captioned shapes ({split}, {num_images} images, {size}px, seed {seed})"
 
-    def __len__(self) -> int:
-        return self.num_images
+    caption_of = staticmethod(caption)
 
-    def _draw(self, i: int) -> tuple[tuple[int, int, int], np.random.Generator]:
-        if not 0 <= i < self.num_images:
-            raise IndexError(i)
-        rng = np.random.default_rng([self.seed, i])
-        return self.combinations[int(rng.integers(len(self.combinations)))], rng
-
-    def attributes(self, i: int) -> tuple[int, int, int]:
-        return self._draw(i)[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        combo, rng = self._draw(i)
-        return render_shape(*combo, rng, self.size), caption(*combo)
-
-    @property
-    def prompts(self) -> list[str]:
-        """The distinct captions of this split."""
-        return [caption(*c) for c in self.combinations]
+    def render(self, combination, rng) -> torch.Tensor:
+        return render_shape(*combination, rng, self.size)
 
     @property
     def images(self) -> torch.Tensor:
-        if not hasattr(self, "_images"):
-            self._images = torch.stack([self[i][0] for i in range(self.num_images)])
-        return self._images
-
-    @property
-    def captions(self) -> list[str]:
-        return [caption(*self.attributes(i)) for i in range(self.num_images)]
+        return self.items
 
 
 IMAGE_COLUMNS = ("image", "file")  # the image of a prompt record; both names are read (see read_prompts)

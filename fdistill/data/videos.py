@@ -39,9 +39,8 @@ import itertools
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from fdistill.data.captions import CAPTION_COLOURS, CAPTION_SHAPES, SPLITS
+from fdistill.data.captions import CAPTION_COLOURS, CAPTION_SHAPES, SPLITS, CaptionedCombinations
 from fdistill.data.images import COLOURS, render_mask
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (x, y) unit step; y grows down
@@ -104,7 +103,7 @@ def render_video(colour: int, shape: int, direction: int, rng: np.random.Generat
     return (torch.stack(masks, dim=1) * rgb) * 2 - 1
 
 
-class MovingShapes(Dataset):
+class MovingShapes(CaptionedCombinations):
     """``num_videos`` captioned moving shapes of ``split``'s combinations, each equally likely.
 
     Items are ``(video [3, num_frames, size, size] in [-1, 1], caption)``; :meth:`attributes` gives an item's
@@ -114,45 +113,20 @@ class MovingShapes(Dataset):
     :func:`check_num_frames`).
     """
 
-    channels = 3
-
     def __init__(self, num_videos: int = 2000, size: int = 32, num_frames: int = 9, split: str = "train",
                  seed: int = 0, temporal_factor: int = 4):
         check_num_frames(num_frames, temporal_factor)
-        self.num_videos, self.size, self.num_frames, self.split, self.seed = num_videos, size, num_frames, split, seed
-        self.combinations = video_combinations(split)
+        super().__init__(num_videos, video_combinations(split), seed)
+        self.num_videos, self.size, self.num_frames, self.split = num_videos, size, num_frames, split
         self.description = (f"moving shapes ({split}, {num_videos} videos, {num_frames} frames, {size}px, "
                             f"seed {seed})")
 
-    def __len__(self) -> int:
-        return self.num_videos
+    caption_of = staticmethod(video_caption)
 
-    def _draw(self, i: int) -> tuple[tuple[int, int, int], np.random.Generator]:
-        if not 0 <= i < self.num_videos:
-            raise IndexError(i)
-        rng = np.random.default_rng([self.seed, i])
-        return self.combinations[int(rng.integers(len(self.combinations)))], rng
-
-    def attributes(self, i: int) -> tuple[int, int, int]:
-        return self._draw(i)[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        combo, rng = self._draw(i)
-        return render_video(*combo, rng, self.size, self.num_frames), video_caption(*combo)
-
-    @property
-    def prompts(self) -> list[str]:
-        """The distinct captions of this split."""
-        return [video_caption(*c) for c in self.combinations]
+    def render(self, combination, rng) -> torch.Tensor:
+        return render_video(*combination, rng, self.size, self.num_frames)
 
     @property
     def videos(self) -> torch.Tensor:
         """Every video, ``[num_videos, 3, num_frames, size, size]``, rendered on first use and kept."""
-        if not hasattr(self, "_videos"):
-            self._videos = torch.stack([self[i][0] for i in range(self.num_videos)])
-        return self._videos
-
-    @property
-    def captions(self) -> list[str]:
-        """Every video's caption, without rendering the videos."""
-        return [video_caption(*self.attributes(i)) for i in range(self.num_videos)]
+        return self.items
